@@ -1,0 +1,379 @@
+"""Chunked token-level distillation losses: from logits, or from hidden states and `lm_head` weights.
+
+Both entry points run one chunking driver over the selected (unmasked) positions. For each chunk of rows the driver
+projects to logits (for [`linear_distillation_loss`]), upcasts to float32, and asks
+[`~trl_distill.losses.divergences.kd_chunk`] for the loss terms *and* the gradient with respect to the student logits.
+That gradient is immediately pushed through the projection (`grad_hidden = dz @ W`, `grad_W += dz^T @ h`), so the
+`(N, V)` logits of neither model are ever held at once and nothing is re-projected in backward: per step the cost is
+the floor of three vocabulary GEMMs (teacher logits, student logits, hidden gradient) plus one for the weight gradient
+when the `lm_head` is trained.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, NamedTuple
+
+import torch
+
+from .divergences import KDSpec, kd_chunk
+from .reduction import check_reduction, reduce_loss
+
+
+_TARGET_CHUNK_ELEMENTS = 1 << 22  # ~16 MiB per float32 (rows x vocab) temporary
+
+
+class DistillationLossOutput(NamedTuple):
+    """Loss and its parts, as returned with `return_components=True`.
+
+    Attributes:
+        loss (`torch.Tensor`): the reduced, differentiable `alpha * T^2 * D + (1 - alpha) * CE`.
+        kd_loss (`torch.Tensor`): the reduced `T^2 * D` term, detached.
+        ce_loss (`torch.Tensor`): the reduced CE term, detached (zero when `alpha == 1`).
+        num_tokens (`torch.Tensor`): number of positions in the loss.
+    """
+
+    loss: torch.Tensor
+    kd_loss: torch.Tensor
+    ce_loss: torch.Tensor
+    num_tokens: torch.Tensor
+
+
+def default_chunk_size(vocab_size: int) -> int:
+    """Rows per chunk: a power of two keeping one float32 `(rows, V)` block near 16 MiB, within [16, 1024]."""
+    rows = _TARGET_CHUNK_ELEMENTS / max(vocab_size, 1)
+    return int(min(1024, max(16, 2 ** round(math.log2(max(rows, 1.0))))))
+
+
+def _run_chunks(
+    num_rows: int,
+    chunk_size: int,
+    student_logits_fn: Callable[[slice], torch.Tensor],
+    teacher_logits_fn: Callable[[slice], torch.Tensor],
+    labels: torch.Tensor | None,
+    spec: KDSpec,
+    grad_fn: Callable[[slice, torch.Tensor], None] | None,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The chunking driver: sums of the KD and CE terms; calls `grad_fn(rows, dz)` with each chunk's logit gradient."""
+    kd_sum = torch.zeros((), dtype=torch.float32, device=device)
+    ce_sum = torch.zeros((), dtype=torch.float32, device=device)
+    for start in range(0, num_rows, chunk_size):
+        rows = slice(start, min(start + chunk_size, num_rows))
+        z_s = student_logits_fn(rows).float()
+        z_t = teacher_logits_fn(rows).float()
+        chunk_labels = None if labels is None else labels[rows]
+        kd, ce, dz = kd_chunk(z_s, z_t, chunk_labels, spec, need_grad=grad_fn is not None)
+        del z_s, z_t
+        kd_sum += kd.sum()
+        ce_sum += ce.sum()
+        if grad_fn is not None:
+            grad_fn(rows, dz)
+    return kd_sum, ce_sum
+
+
+def _outputs(ctx, spec: KDSpec, kd_sum: torch.Tensor, ce_sum: torch.Tensor):
+    total = spec.alpha * kd_sum + (1.0 - spec.alpha) * ce_sum
+    ctx.mark_non_differentiable(kd_sum, ce_sum)
+    return total, kd_sum, ce_sum
+
+
+class _LogitsKD(torch.autograd.Function):
+    """Sum of the per-token loss over selected rows of logits; the gradient is computed during forward."""
+
+    @staticmethod
+    def forward(ctx, student_logits, teacher_logits, labels, spec, chunk_size, need_grad):
+        grad = torch.empty_like(student_logits, dtype=torch.float32) if need_grad else None
+
+        def grad_fn(rows, dz):
+            grad[rows] = dz
+
+        kd_sum, ce_sum = _run_chunks(
+            student_logits.shape[0],
+            chunk_size,
+            lambda rows: student_logits[rows],
+            lambda rows: teacher_logits[rows],
+            labels,
+            spec,
+            grad_fn if need_grad else None,
+            student_logits.device,
+        )
+        ctx.save_for_backward(grad)
+        ctx.student_dtype = student_logits.dtype
+        return _outputs(ctx, spec, kd_sum, ce_sum)
+
+    @staticmethod
+    def backward(ctx, grad_total, _grad_kd, _grad_ce):
+        (grad,) = ctx.saved_tensors
+        if grad is None:
+            return (None,) * 6
+        return (grad * grad_total).to(ctx.student_dtype), None, None, None, None, None
+
+
+class _LinearKD(torch.autograd.Function):
+    """Sum of the per-token loss of `h_s @ W_s^T (+ b_s)` against `h_t @ W_t^T (+ b_t)` over the given rows."""
+
+    @staticmethod
+    def forward(ctx, h_s, w_s, b_s, h_t, w_t, b_t, labels, spec, chunk_size, needs):
+        need_h, need_w, need_b = needs
+        # Under autocast, project in the autocast dtype like the model's own `lm_head` would; accumulate in float32.
+        device_type = h_s.device.type
+        if torch.is_autocast_enabled(device_type):
+            compute_dtype = torch.get_autocast_dtype(device_type)
+        else:
+            compute_dtype = torch.promote_types(h_s.dtype, w_s.dtype)
+        with torch.autocast(device_type, enabled=False):
+            w_s_c = w_s.to(compute_dtype)
+            b_s_c = None if b_s is None else b_s.to(compute_dtype)
+            teacher_dtype = torch.promote_types(h_t.dtype, w_t.dtype)
+            w_t_c = w_t.to(teacher_dtype)
+            b_t_c = None if b_t is None else b_t.to(teacher_dtype)
+
+            grad_h = torch.empty(h_s.shape, dtype=torch.float32, device=h_s.device) if need_h else None
+            grad_w = torch.zeros(w_s.shape, dtype=torch.float32, device=w_s.device) if need_w else None
+            grad_b = torch.zeros(w_s.shape[0], dtype=torch.float32, device=w_s.device) if need_b else None
+
+            def student_logits(rows):
+                z = h_s[rows].to(compute_dtype) @ w_s_c.T
+                return z if b_s_c is None else z + b_s_c
+
+            def teacher_logits(rows):
+                z = h_t[rows].to(teacher_dtype) @ w_t_c.T
+                return z if b_t_c is None else z + b_t_c
+
+            def grad_fn(rows, dz):
+                dz_c = dz.to(compute_dtype)
+                if need_h:
+                    grad_h[rows] = dz_c @ w_s_c
+                if need_w:
+                    h = h_s[rows].to(compute_dtype)
+                    if compute_dtype == torch.float32:
+                        grad_w.addmm_(dz_c.T, h)
+                    else:
+                        grad_w.add_((dz_c.T @ h).float())
+                if need_b:
+                    grad_b.add_(dz.sum(0))
+
+            kd_sum, ce_sum = _run_chunks(
+                h_s.shape[0],
+                chunk_size,
+                student_logits,
+                teacher_logits,
+                labels,
+                spec,
+                grad_fn if any(needs) else None,
+                h_s.device,
+            )
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        ctx.dtypes = (h_s.dtype, w_s.dtype, None if b_s is None else b_s.dtype)
+        return _outputs(ctx, spec, kd_sum, ce_sum)
+
+    @staticmethod
+    def backward(ctx, grad_total, _grad_kd, _grad_ce):
+        grads = []
+        for saved, dtype in zip(ctx.saved_tensors, ctx.dtypes):
+            grads.append(None if saved is None else (saved * grad_total).to(dtype))
+        grad_h, grad_w, grad_b = grads
+        return grad_h, grad_w, grad_b, None, None, None, None, None, None, None
+
+
+def _row_selection(
+    leading_shape: torch.Size,
+    labels: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    spec: KDSpec,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Flat indices of the positions in the loss, and their labels."""
+    if mask is not None and tuple(mask.shape) != tuple(leading_shape):
+        raise ValueError(f"`mask` must have shape {tuple(leading_shape)} (the inputs without the last dim), got {tuple(mask.shape)}.")
+    if labels is not None and tuple(labels.shape) != tuple(leading_shape):
+        raise ValueError(f"`labels` must have shape {tuple(leading_shape)}, got {tuple(labels.shape)}.")
+    if spec.needs_ce and labels is None:
+        raise ValueError(
+            f"`alpha={spec.alpha}` mixes in cross-entropy, which needs `labels`; pass `labels` or set `alpha=1.0`."
+        )
+    keep = torch.ones(leading_shape, dtype=torch.bool, device=device) if mask is None else mask.to(device).bool()
+    if labels is not None:
+        # Positions whose label is -100 (prompt, padding) are never in the loss.
+        keep = keep & (labels.to(device) != -100)
+    index = keep.reshape(-1).nonzero().squeeze(-1)
+    flat_labels = None if labels is None else labels.to(device).reshape(-1).index_select(0, index).long()
+    return index, flat_labels
+
+
+def _vocab_width(student_width: int, teacher_width: int, vocab_size: int | None) -> int:
+    if vocab_size is None:
+        if student_width != teacher_width:
+            raise ValueError(
+                f"Student and teacher have {student_width} and {teacher_width} vocabulary rows; pass `vocab_size` (the "
+                "number of real tokens, e.g. `len(tokenizer)`) so that padding rows are excluded from both distributions."
+            )
+        return student_width
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
+        raise ValueError(f"`vocab_size` must be a positive integer, got {vocab_size!r}.")
+    if vocab_size > min(student_width, teacher_width):
+        raise ValueError(
+            f"`vocab_size={vocab_size}` exceeds the vocabulary rows of the student ({student_width}) or the teacher "
+            f"({teacher_width})."
+        )
+    return vocab_size
+
+
+def _chunk_rows(chunk_size: int | None, width: int) -> int:
+    if chunk_size is None:
+        return default_chunk_size(width)
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"`chunk_size` must be None or a positive integer, got {chunk_size!r}.")
+    return chunk_size
+
+
+def _finish(total, kd_sum, ce_sum, count, reduction, num_items_in_batch, return_components):
+    loss = reduce_loss(total, count, reduction=reduction, num_items_in_batch=num_items_in_batch)
+    if not return_components:
+        return loss
+    kd = reduce_loss(kd_sum, count, reduction=reduction, num_items_in_batch=num_items_in_batch)
+    ce = reduce_loss(ce_sum, count, reduction=reduction, num_items_in_batch=num_items_in_batch)
+    return DistillationLossOutput(loss, kd, ce, torch.as_tensor(count, device=loss.device))
+
+
+def distillation_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    labels: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    objective: str = "forward_kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    alpha: float = 1.0,
+    vocab_size: int | None = None,
+    reduction: str = "mean",
+    num_items_in_batch: torch.Tensor | int | None = None,
+    chunk_size: int | None = None,
+    return_components: bool = False,
+) -> torch.Tensor | DistillationLossOutput:
+    r"""Token-level distillation loss between student and teacher logits.
+
+    Per position: `alpha * T^2 * D(teacher_T || student_T) + (1 - alpha) * CE(student, label)`, where `D` is the divergence
+    chosen by `objective` between the temperature-`T` softmaxes (see [`trl_distill.losses.divergences`]). With the default
+    `alpha=1.0` this is the pure divergence `T^2 * D`, the `T^2` factor keeping gradient magnitudes comparable across
+    temperatures (Hinton et al. 2015, https://arxiv.org/abs/1503.02531).
+
+    Args:
+        student_logits (`torch.Tensor` of shape `(..., V_s)`): student logits; gradients flow to them.
+        teacher_logits (`torch.Tensor` of shape `(..., V_t)`): teacher logits; treated as constants (no gradient).
+        labels (`torch.Tensor` of shape `(...)`, *optional*): target ids; positions equal to -100 are excluded. Required
+            when `alpha < 1`.
+        mask (`torch.Tensor` of shape `(...)`, *optional*): boolean, `True` where the position is in the loss.
+        objective (`str`): `"forward_kl"` = KL(teacher || student) (mode-covering), `"reverse_kl"` = KL(student ||
+            teacher) (mode-seeking), `"jsd"` (beta = 0.5) or `"generalized_jsd"` (uses `beta`).
+        beta (`float`): generalized-JSD interpolation, TRL's meaning: 0 forward KL, 1 reverse KL. Only read with
+            `objective="generalized_jsd"`.
+        temperature (`float`): softmax temperature `T` shared by both sides.
+        top_k (`int`, *optional*): keep the teacher's top-k tokens and fold the rest of the vocabulary into one "other"
+            bucket (by logsumexp, on both sides); `None` uses the full vocabulary.
+        alpha (`float`): weight of the KD term; `1 - alpha` weighs the CE on `labels` (at temperature 1).
+        vocab_size (`int`, *optional*): number of real tokens; logits beyond it (embedding padding rows) are dropped on
+            both sides. Required when the two widths differ.
+        reduction (`str`): `"mean"` over the positions in the loss, or `"sum"`.
+        num_items_in_batch (`int` or `torch.Tensor`, *optional*): with `"mean"`, the token count of the full
+            accumulated batch (gradient accumulation gives the gradient of one big batch).
+        chunk_size (`int`, *optional*): rows processed at once; default keeps a float32 `(rows, V)` block near 16 MiB.
+        return_components (`bool`): return a [`DistillationLossOutput`] with the KD and CE parts.
+
+    Returns:
+        `torch.Tensor`: scalar loss (already including `T^2`); zero (with zero gradients) when no position is selected.
+    """
+    spec = KDSpec(objective=objective, beta=beta, temperature=temperature, top_k=top_k, alpha=alpha)
+    check_reduction(reduction)
+    if student_logits.shape[:-1] != teacher_logits.shape[:-1]:
+        raise ValueError(
+            f"`student_logits` {tuple(student_logits.shape)} and `teacher_logits` {tuple(teacher_logits.shape)} must "
+            "agree on every dimension but the last."
+        )
+    width = _vocab_width(student_logits.shape[-1], teacher_logits.shape[-1], vocab_size)
+    index, flat_labels = _row_selection(student_logits.shape[:-1], labels, mask, spec, student_logits.device)
+    s = student_logits.reshape(-1, student_logits.shape[-1])[:, :width].index_select(0, index)
+    t = teacher_logits.detach().reshape(-1, teacher_logits.shape[-1])[:, :width].index_select(0, index)
+    need_grad = torch.is_grad_enabled() and student_logits.requires_grad
+    total, kd_sum, ce_sum = _LogitsKD.apply(
+        s, t, flat_labels, spec, _chunk_rows(chunk_size, width), need_grad
+    )
+    return _finish(total, kd_sum, ce_sum, index.numel(), reduction, num_items_in_batch, return_components)
+
+
+def linear_distillation_loss(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    *,
+    student_bias: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    objective: str = "forward_kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    alpha: float = 1.0,
+    vocab_size: int | None = None,
+    reduction: str = "mean",
+    num_items_in_batch: torch.Tensor | int | None = None,
+    chunk_size: int | None = None,
+    return_components: bool = False,
+) -> torch.Tensor | DistillationLossOutput:
+    r"""[`distillation_loss`] on `student_hidden @ student_weight.T` and `teacher_hidden @ teacher_weight.T`, in chunks.
+
+    Only the selected positions are projected, a chunk of rows at a time, and the gradient with respect to the student's
+    hidden states, `lm_head` weight and bias is computed during the forward pass, so neither model's full `(N, V)`
+    logits are ever materialized and backward does not re-project. Student and teacher may differ in hidden size
+    and in the number of (padded) vocabulary rows.
+
+    Args:
+        student_hidden (`torch.Tensor` of shape `(..., H_s)`): final hidden states of the student, aligned so that
+            position `i` predicts `labels[i]` (shift them before calling). Gradients flow here.
+        student_weight (`torch.Tensor` of shape `(V_s, H_s)`): student `lm_head` weight; gets a gradient if it requires one.
+        teacher_hidden (`torch.Tensor` of shape `(..., H_t)`): teacher hidden states at the same positions (no gradient).
+        teacher_weight (`torch.Tensor` of shape `(V_t, H_t)`): teacher `lm_head` weight (no gradient).
+        student_bias, teacher_bias (`torch.Tensor` of shape `(V,)`, *optional*): `lm_head` biases.
+        chunk_size (`int`, *optional*): positions projected at once; trades peak memory for GEMM efficiency.
+        labels, mask, objective, beta, temperature, top_k, alpha, vocab_size, reduction, num_items_in_batch,
+        return_components: as in [`distillation_loss`].
+
+    Returns:
+        `torch.Tensor`: the same scalar as [`distillation_loss`] on the projected logits.
+    """
+    spec = KDSpec(objective=objective, beta=beta, temperature=temperature, top_k=top_k, alpha=alpha)
+    check_reduction(reduction)
+    if student_hidden.shape[:-1] != teacher_hidden.shape[:-1]:
+        raise ValueError(
+            f"`student_hidden` {tuple(student_hidden.shape)} and `teacher_hidden` {tuple(teacher_hidden.shape)} must "
+            "agree on every dimension but the last (the hidden sizes may differ)."
+        )
+    for name, hidden, weight in (("student", student_hidden, student_weight), ("teacher", teacher_hidden, teacher_weight)):
+        if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+            raise ValueError(
+                f"`{name}_weight` must have shape (vocab, {hidden.shape[-1]}) to match `{name}_hidden`, got "
+                f"{tuple(weight.shape)}."
+            )
+    width = _vocab_width(student_weight.shape[0], teacher_weight.shape[0], vocab_size)
+    index, flat_labels = _row_selection(student_hidden.shape[:-1], labels, mask, spec, student_hidden.device)
+    h_s = student_hidden.reshape(-1, student_hidden.shape[-1]).index_select(0, index)
+    h_t = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1]).index_select(0, index)
+    w_s = student_weight[:width]
+    b_s = None if student_bias is None else student_bias[:width]
+    w_t = teacher_weight.detach()[:width]
+    b_t = None if teacher_bias is None else teacher_bias.detach()[:width]
+    grad_on = torch.is_grad_enabled()
+    needs = (
+        grad_on and h_s.requires_grad,
+        grad_on and w_s.requires_grad,
+        grad_on and b_s is not None and b_s.requires_grad,
+    )
+    total, kd_sum, ce_sum = _LinearKD.apply(
+        h_s, w_s, b_s, h_t, w_t, b_t, flat_labels, spec, _chunk_rows(chunk_size, width), needs
+    )
+    return _finish(total, kd_sum, ce_sum, index.numel(), reduction, num_items_in_batch, return_components)
