@@ -165,7 +165,7 @@ def test_sum_reduction_and_components():
     )
     n = int((labels != -100).sum())
     assert int(out.num_tokens) == n
-    torch.testing.assert_close(out.loss, 0.75 * out.kd_loss + 0.25 * out.ce_loss)
+    torch.testing.assert_close(out.loss, 0.75 * out.kd_loss + 0.25 * out.ce_loss)  # mean reduction: same scale
     total = linear_distillation_loss(h_s, w_s, h_t, w_t, labels=labels, alpha=0.75, temperature=2.0, reduction="sum")
     torch.testing.assert_close(total, out.loss * n)
 

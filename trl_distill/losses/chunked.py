@@ -28,8 +28,9 @@ class DistillationLossOutput(NamedTuple):
 
     Attributes:
         loss (`torch.Tensor`): the reduced, differentiable `alpha * T^2 * D + (1 - alpha) * CE`.
-        kd_loss (`torch.Tensor`): the reduced `T^2 * D` term, detached.
-        ce_loss (`torch.Tensor`): the reduced CE term, detached (zero when `alpha == 1`).
+        kd_loss (`torch.Tensor`): mean of the `T^2 * D` term over the positions of this call, detached.
+        ce_loss (`torch.Tensor`): mean of the CE term over the positions of this call, detached (zero when
+            `alpha == 1`).
         num_tokens (`torch.Tensor`): number of positions in the loss.
     """
 
@@ -232,9 +233,11 @@ def _finish(total, kd_sum, ce_sum, count, reduction, num_items_in_batch, return_
     loss = reduce_loss(total, count, reduction=reduction, num_items_in_batch=num_items_in_batch)
     if not return_components:
         return loss
-    kd = reduce_loss(kd_sum, count, reduction=reduction, num_items_in_batch=num_items_in_batch)
-    ce = reduce_loss(ce_sum, count, reduction=reduction, num_items_in_batch=num_items_in_batch)
-    return DistillationLossOutput(loss, kd, ce, torch.as_tensor(count, device=loss.device))
+    # The parts are per-token means over this call's positions, whatever the reduction: they are for logging.
+    denominator = max(int(count), 1)
+    return DistillationLossOutput(
+        loss, kd_sum / denominator, ce_sum / denominator, torch.as_tensor(count, device=loss.device)
+    )
 
 
 def distillation_loss(

@@ -1,0 +1,7 @@
+"""Distillation modes, one module each, registered by name."""
+
+from .base import DistillMode, available_modes, get_mode, register_mode
+from .token import TokenMode
+
+
+__all__ = ["DistillMode", "TokenMode", "available_modes", "get_mode", "register_mode"]

@@ -1,0 +1,69 @@
+"""Token-level (response) KD: match the teacher's next-token distribution at every response position."""
+
+from __future__ import annotations
+
+import torch
+
+from ..losses import linear_distillation_loss
+from ..teachers.live import check_plain_lm_head, lm_head_and_backbone
+from .base import DistillMode, register_mode
+
+
+# Keys of a collated batch that are not model inputs.
+_NON_MODEL_KEYS = ("labels", "seq_lengths", "completion_mask", "assistant_masks")
+
+
+@register_mode("token")
+class TokenMode(DistillMode):
+    """`alpha * T^2 * D(teacher_T, student_T) + (1 - alpha) * CE` over the response tokens of the dataset.
+
+    Both models run on the same token ids. The loss is computed from the two final hidden states and `lm_head` weights
+    by [`~trl_distill.losses.linear_distillation_loss`], on the positions whose (shifted) label is not -100 only: no
+    `(B, T, V)` logits are built for either model. Gradients flow into the student (its `lm_head` too, unless frozen,
+    e.g. under LoRA); the teacher runs under `torch.no_grad`.
+    """
+
+    def __init__(self, trainer):
+        super().__init__(trainer)
+        check_plain_lm_head(trainer.model, "student")
+        check_plain_lm_head(trainer.teacher_model, "teacher")
+
+    def compute_loss(self, model, inputs, num_items_in_batch):
+        trainer, args = self.trainer, self.trainer.args
+        labels = inputs["labels"]
+        model_inputs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
+        model_inputs["use_cache"] = False
+
+        # The student runs through its (possibly DDP-wrapped) forward so that gradient synchronisation hooks fire;
+        # `logits_to_keep=1` makes its own lm_head project a single position, the chunked loss does the rest.
+        outputs = model(**model_inputs, output_hidden_states=True, logits_to_keep=1)
+        student_hidden = outputs.hidden_states[-1]
+        student_head, _ = lm_head_and_backbone(model)
+
+        teacher_head, teacher_backbone = lm_head_and_backbone(trainer.teacher_model)
+        with torch.no_grad():
+            teacher_hidden = teacher_backbone(**model_inputs).last_hidden_state
+
+        # Position i predicts token i + 1.
+        shift_labels = labels[:, 1:].to(student_hidden.device)
+        result = linear_distillation_loss(
+            student_hidden[:, :-1],
+            student_head.weight,
+            teacher_hidden[:, :-1].to(student_hidden.device),
+            teacher_head.weight.to(student_hidden.device),
+            student_bias=getattr(student_head, "bias", None),
+            teacher_bias=getattr(teacher_head, "bias", None),
+            labels=shift_labels,
+            objective=args.objective,
+            beta=args.beta,
+            temperature=args.kd_temperature,
+            top_k=args.kd_top_k,
+            alpha=args.alpha,
+            vocab_size=trainer.vocab_size,
+            reduction=args.loss_reduction,
+            num_items_in_batch=num_items_in_batch,
+            chunk_size=args.kd_chunk_size,
+            return_components=True,
+        )
+        metrics = {"kd_loss": result.kd_loss, "ce_loss": result.ce_loss, "kd_tokens": result.num_tokens}
+        return result.loss, metrics

@@ -1,0 +1,6 @@
+"""Where teacher distributions come from: a live teacher model (offline stores come later)."""
+
+from .live import load_teacher, lm_head_and_backbone, teacher_tokenizer_source
+
+
+__all__ = ["lm_head_and_backbone", "load_teacher", "teacher_tokenizer_source"]

@@ -1,0 +1,235 @@
+"""`DistillTrainer`: TRL's `SFTTrainer` with a teacher. Wiring only; the math lives in `losses`, the modes in `modes`."""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import torch
+from torch import nn
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, TrainingArguments
+from trl import SFTConfig, SFTTrainer
+
+from .alignment import shared_vocab_size
+from .config import DistillConfig
+from .modes import get_mode
+from .teachers import lm_head_and_backbone, load_teacher, teacher_tokenizer_source
+
+
+logger = logging.getLogger(__name__)
+
+
+class DistillTrainer(SFTTrainer):
+    r"""
+    Distill a teacher language model into a student: a drop-in replacement for [`~trl.SFTTrainer`].
+
+    Everything `SFTTrainer` does is kept (dataset formats: language modeling, prompt-completion and conversational;
+    `completion_only_loss` / `assistant_only_loss`, packing, PEFT, gradient accumulation, checkpoints, `report_to`);
+    the SFT cross-entropy is replaced by the distillation loss of `args.distill_mode` (default `"token"`:
+    `alpha * T^2 * D(teacher_T, student_T) + (1 - alpha) * CE` on the response tokens, computed chunk by chunk from
+    hidden states so that no `(B, T, V)` logits are held).
+
+    Args:
+        model (`str`, [`~transformers.PreTrainedModel`] or `PeftModel`):
+            The student, or its Hub id / local path.
+        teacher_model (`str` or [`~transformers.PreTrainedModel`], *optional*):
+            The teacher, or its Hub id / local path. Defaults to `args.teacher_model_name_or_path`. It runs in eval mode
+            under `torch.no_grad` and is never updated or saved.
+        args ([`DistillConfig`], *optional*):
+            Configuration. An `SFTConfig`/`TrainingArguments` is converted (with the distillation defaults).
+        teacher_processing_class ([`~transformers.PreTrainedTokenizerBase`], *optional*):
+            The teacher's tokenizer, used to check that the vocabularies match. Loaded from the teacher's path when
+            omitted; when the teacher is an in-memory model with no path, it is assumed to share the student's.
+        data_collator, train_dataset, eval_dataset, processing_class, compute_metrics, callbacks, optimizers,
+        optimizer_cls_and_kwargs, preprocess_logits_for_metrics, peft_config, formatting_func:
+            As in [`~trl.SFTTrainer`].
+
+    Raises:
+        ValueError: `teacher and student tokenizers must share a vocabulary for token-level KD` when the tokenizers
+            differ (the message names cross-tokenizer ULD and sequence-level KD as alternatives).
+    """
+
+    _tag_names = ["trl", "sft", "distillation", "trl-distill"]
+    _name = "Distill"
+    _paper = {
+        "title": "Distilling the Knowledge in a Neural Network",
+        "id": "1503.02531",
+        "citation": (
+            "@article{hinton2015distilling,\n    title  = {{Distilling the Knowledge in a Neural Network}},\n"
+            "    author = {Geoffrey Hinton and Oriol Vinyals and Jeff Dean},\n    year   = 2015,\n"
+            "    eprint = {arXiv:1503.02531}\n}"
+        ),
+    }
+    # `compute_loss` already normalizes for gradient accumulation (see `_scale_for_accumulation`).
+    loss_is_scaled_for_ga = True
+
+    def __init__(
+        self,
+        model: "str | nn.Module",
+        teacher_model: "str | nn.Module | None" = None,
+        args: DistillConfig | SFTConfig | TrainingArguments | None = None,
+        data_collator: Callable | None = None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        teacher_processing_class: PreTrainedTokenizerBase | None = None,
+        compute_metrics: Callable | None = None,
+        callbacks: list | None = None,
+        optimizers: tuple = (None, None),
+        optimizer_cls_and_kwargs: tuple | None = None,
+        preprocess_logits_for_metrics: Callable | None = None,
+        peft_config=None,
+        formatting_func: Callable | None = None,
+    ):
+        args = _as_distill_config(args, model)
+        mode_cls = get_mode(args.distill_mode)
+
+        # Teacher first: a wrong teacher or tokenizer should fail before the dataset is tokenized.
+        teacher_model = teacher_model if teacher_model is not None else args.teacher_model_name_or_path
+        if teacher_model is None and mode_cls.requires_teacher:
+            raise ValueError(
+                f"`distill_mode={args.distill_mode!r}` needs a teacher: pass `teacher_model` (a model or a Hub id / "
+                "local path) or set `teacher_model_name_or_path` in the config."
+            )
+        distributed = args.distributed_state.distributed_type in ("MULTI_GPU", "DEEPSPEED")
+        teacher, teacher_source = load_teacher(
+            teacher_model,
+            args.teacher_model_init_kwargs,
+            trust_remote_code=args.trust_remote_code,
+            distributed=distributed,
+        )
+        teacher_tokenizer = teacher_processing_class
+        if teacher_tokenizer is None:
+            teacher_tokenizer = _load_teacher_tokenizer(teacher_source, args, from_string=isinstance(teacher_model, str))
+        if processing_class is not None and teacher_tokenizer is not None:
+            shared_vocab_size(_text_tokenizer(processing_class), _text_tokenizer(teacher_tokenizer))
+
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            compute_metrics=compute_metrics,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
+            preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+            peft_config=peft_config,
+            formatting_func=formatting_func,
+        )
+
+        student_tokenizer = _text_tokenizer(self.processing_class)
+        self.teacher_processing_class = teacher_tokenizer if teacher_tokenizer is not None else student_tokenizer
+        self.vocab_size = shared_vocab_size(student_tokenizer, _text_tokenizer(self.teacher_processing_class))
+        _check_lm_head_rows(self.model, "student", self.vocab_size)
+        _check_lm_head_rows(teacher, "teacher", self.vocab_size)
+        self.teacher_model = self._prepare_teacher(teacher)
+        self.distill_mode = mode_cls(self)
+
+    def _prepare_teacher(self, teacher: nn.Module) -> nn.Module:
+        """Place the teacher like the student, for inference only (no DDP wrapper, no optimizer state)."""
+        if self.is_deepspeed_enabled:
+            from trl.models import prepare_deepspeed
+
+            return prepare_deepspeed(teacher, self.accelerator)
+        return self.accelerator.prepare_model(teacher, evaluation_mode=True)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        mode = "train" if self.model.training else "eval"
+        loss, metrics = self.distill_mode.compute_loss(model, inputs, num_items_in_batch)
+        if self.model.training:
+            loss = self._scale_for_accumulation(loss, num_items_in_batch)
+        self._log_batch_metrics(mode, inputs, metrics)
+        if return_outputs:
+            # Only for `compute_metrics` / `preprocess_logits_for_metrics`, which need the student's full logits.
+            with torch.no_grad():
+                outputs = model(**{k: v for k, v in inputs.items() if k not in ("labels", "seq_lengths")})
+            return loss, outputs
+        return loss
+
+    def _scale_for_accumulation(self, loss: torch.Tensor, num_items_in_batch) -> torch.Tensor:
+        """Make accumulated micro-batches (and DDP's gradient averaging) give the gradient of one big batch."""
+        if self.args.loss_reduction == "sum":
+            # DDP averages gradients over ranks; a sum over the global batch needs them added.
+            return loss * self.accelerator.num_processes
+        if num_items_in_batch is None:
+            # Each micro-batch is a local mean: average them over the accumulation steps.
+            return loss / getattr(self, "current_gradient_accumulation_steps", 1)
+        if self.args.average_tokens_across_devices:
+            # `num_items_in_batch` counts the tokens of every rank, and DDP averages the gradients across ranks.
+            return loss * self.accelerator.num_processes
+        return loss
+
+    def _log_batch_metrics(self, mode: str, inputs: dict, metrics: dict[str, torch.Tensor]) -> None:
+        for name, value in metrics.items():
+            value = torch.as_tensor(value, dtype=torch.float32, device=self.accelerator.device).detach().reshape(1)
+            self._metrics[mode][name].append(self.accelerator.gather_for_metrics(value).mean().item())
+        if mode == "train":
+            if "attention_mask" in inputs:
+                local = inputs["attention_mask"].sum()
+            else:  # padding-free batches carry position ids instead of a mask
+                local = torch.tensor(inputs["input_ids"].numel(), device=inputs["input_ids"].device)
+            self._total_train_tokens += int(self.accelerator.gather_for_metrics(local.reshape(1)).sum().item())
+        self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+
+
+def _as_distill_config(args, model) -> DistillConfig:
+    if args is None:
+        name = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", "") or "model"
+        return DistillConfig(output_dir=f"{name.rstrip('/').split('/')[-1]}-Distill")
+    if isinstance(args, DistillConfig):
+        return args
+    if isinstance(args, TrainingArguments):
+        logger.warning(
+            "`args` is a %s, not a `DistillConfig`: converting it with the default distillation settings "
+            "(objective='forward_kl', kd_temperature=2.0, alpha=0.9).",
+            type(args).__name__,
+        )
+        values = args.to_dict()
+        values["hub_token"] = args.hub_token  # `to_dict` hides it
+        fields = DistillConfig.__dataclass_fields__
+        return DistillConfig(**{k: v for k, v in values.items() if k in fields and fields[k].init})
+    raise TypeError(f"`args` must be a `DistillConfig`, got {type(args).__name__}.")
+
+
+def _text_tokenizer(processing_class):
+    """The tokenizer inside a processor (vision-language models), or the tokenizer itself."""
+    return getattr(processing_class, "tokenizer", processing_class)
+
+
+def _load_teacher_tokenizer(source: str | None, args: DistillConfig, *, from_string: bool):
+    path = teacher_tokenizer_source(source)
+    if path is None:
+        logger.warning(
+            "The teacher has no path to load its tokenizer from; assuming it shares the student's vocabulary. Pass "
+            "`teacher_processing_class` to have the vocabularies checked."
+        )
+        return None
+    revision = (args.teacher_model_init_kwargs or {}).get("revision")
+    try:
+        return AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=args.trust_remote_code)
+    except (OSError, ValueError) as error:
+        if from_string:
+            raise ValueError(
+                f"Could not load the teacher's tokenizer from {path!r} ({error}). Pass `teacher_processing_class`."
+            ) from error
+        logger.warning(
+            "Could not load the teacher's tokenizer from %r (%s); assuming it shares the student's vocabulary. Pass "
+            "`teacher_processing_class` to have the vocabularies checked.",
+            path,
+            error,
+        )
+        return None
+
+
+def _check_lm_head_rows(model: nn.Module, role: str, vocab_size: int) -> None:
+    head, _ = lm_head_and_backbone(model)
+    rows = getattr(head.weight, "ds_shape", head.weight.shape)[0]  # DeepSpeed ZeRO-3 keeps the full shape aside
+    if rows < vocab_size:
+        raise ValueError(
+            f"The {role}'s lm_head has {rows} rows but the tokenizer has {vocab_size} tokens. Resize its embeddings "
+            "(`model.resize_token_embeddings(len(tokenizer))`) or use the matching tokenizer."
+        )
+
