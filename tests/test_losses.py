@@ -255,3 +255,11 @@ def test_extreme_logits_stay_finite():
         loss = distillation_loss(z_s, z_t, objective=objective, top_k=top_k, temperature=1.0)
         loss.backward()
         assert torch.isfinite(loss) and torch.isfinite(z_s.grad).all(), (objective, top_k)
+
+
+def test_inputs_are_not_modified():
+    z_s, z_t = torch.randn(4, 6, 30), torch.randn(4, 6, 30)
+    a, b = z_s.clone(), z_t.clone()
+    for top_k in (None, 4):
+        distillation_loss(z_s.requires_grad_(True), z_t, temperature=2.0, top_k=top_k).backward()
+    assert torch.equal(z_s.detach(), a) and torch.equal(z_t, b)

@@ -92,8 +92,9 @@ class _LogitsKD(torch.autograd.Function):
         kd_sum, ce_sum = _run_chunks(
             student_logits.shape[0],
             chunk_size,
-            lambda rows: student_logits[rows],
-            lambda rows: teacher_logits[rows],
+            # Copies: `kd_chunk` consumes its buffers, and these rows belong to the caller.
+            lambda rows: student_logits[rows].to(torch.float32, copy=True),
+            lambda rows: teacher_logits[rows].to(torch.float32, copy=True),
             labels,
             spec,
             grad_fn if need_grad else None,

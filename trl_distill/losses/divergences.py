@@ -72,35 +72,54 @@ class KDSpec:
         return self.alpha > 0.0
 
 
-def divergence_terms(s: torch.Tensor, t: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Generalized JSD between two (bucketed) distributions given as log-probabilities.
+def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Row-wise dot product `(a * b).sum(-1)` without a `(C, K)` temporary."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
+
+
+def _softmax_(x: torch.Tensor) -> torch.Tensor:
+    """Turn logits into probabilities in place (one `exp` pass); return the `(C, 1)` log-normalizer."""
+    shift = x.amax(-1, keepdim=True)
+    x.sub_(shift).exp_()
+    total = x.sum(-1, keepdim=True)
+    x.div_(total)
+    return shift + total.log()
+
+
+def divergence_terms(u: torch.Tensor, v: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Generalized JSD between the softmaxes of two logit blocks, its gradient, and the student's probabilities.
+
+    Everything is written with `d = t - s = log(p / q)`, which needs one `exp` per side and no `log` of a probability:
+    forward KL `= sum p d`; reverse KL `= -sum q d`; generalized JSD with `r = log(m / q) = logaddexp(d + log beta,
+    log(1 - beta))`: `beta * sum p (d - r) - (1 - beta) * sum q r`.
 
     Args:
-        s (`torch.Tensor` of shape `(C, K)`): student log-probabilities (rows sum to 1 in probability space).
-        t (`torch.Tensor` of shape `(C, K)`): teacher log-probabilities.
+        u (`torch.Tensor` of shape `(C, K)`): student logits divided by the temperature (or bucket log-probabilities).
+            Overwritten: it holds `q` on return.
+        v (`torch.Tensor` of shape `(C, K)`): teacher logits divided by the temperature. Overwritten.
         beta (`float`): 0 forward KL(teacher || student), 1 reverse KL(student || teacher), else generalized JSD.
 
     Returns:
-        `(value, G)`: the per-row divergence `(C,)` and `G = dD/ds` `(C, K)`, the gradient with respect to the student
-        log-probabilities taken as free variables (the softmax Jacobian is applied by the caller).
+        `(value, G, q)`: the per-row divergence `(C,)`; `G = dD/ds` `(C, K)`, the gradient with respect to the student
+        log-probabilities taken as free variables (the caller applies the softmax Jacobian, `G - q * sum(G)`); and the
+        student probabilities `q` (the storage of `u`).
     """
+    d = v - u
+    log_norm_u = _softmax_(u)
+    log_norm_v = _softmax_(v)
+    d.sub_(log_norm_v - log_norm_u)  # d = t - s
+    q, p = u, v
     if beta == 0.0:
-        p = t.exp()
-        value = (p * (t - s)).sum(-1)
-        return value, p.neg_()
-    q = s.exp()
+        return _rowdot(p, d), p.neg_(), q
     if beta == 1.0:
-        diff = s - t
-        value = (q * diff).sum(-1)
-        return value, diff.add_(1.0).mul_(q)
-    p = t.exp()
-    # log m = log(beta * p + (1 - beta) * q), computed in log space for stability.
-    log_m = torch.logaddexp(s + math.log1p(-beta), t + math.log(beta))
-    s_minus_m = s - log_m
-    value = beta * (p * (t - log_m)).sum(-1) + (1.0 - beta) * (q * s_minus_m).sum(-1)
-    # dD/dq_b = (1 - beta) (log q_b - log m_b): the beta * p / m and (1 - beta) * q / m terms cancel.
-    grad = s_minus_m.mul_(q).mul_(1.0 - beta)
-    return value, grad
+        value = -_rowdot(q, d)
+        # dD/ds = q (s - t + 1) = q (1 - d)
+        return value, d.neg_().add_(1.0).mul_(q), q
+    # r = log(m / q) with m = beta p + (1 - beta) q, in log space so a tiny q cannot overflow exp(d).
+    r = torch.logaddexp(d + math.log(beta), torch.tensor(math.log1p(-beta), dtype=d.dtype, device=d.device))
+    value = beta * _rowdot(p, d.sub_(r)) - (1.0 - beta) * _rowdot(q, r)
+    # dD/dq = (1 - beta) (log q - log m) = -(1 - beta) r: the beta p / m and (1 - beta) q / m terms cancel.
+    return value, r.mul_(q).mul_(beta - 1.0), q
 
 
 def kd_chunk(
@@ -115,7 +134,8 @@ def kd_chunk(
 
     Args:
         student_logits (`torch.Tensor` of shape `(C, V)`): float32 student logits (only real vocabulary rows).
-        teacher_logits (`torch.Tensor` of shape `(C, V)`): float32 teacher logits, same vocabulary.
+            Consumed: the buffer is reused for the result.
+        teacher_logits (`torch.Tensor` of shape `(C, V)`): float32 teacher logits, same vocabulary. Consumed.
         labels (`torch.Tensor` of shape `(C,)`, *optional*): target ids, required when `spec.alpha < 1`.
         spec ([`KDSpec`]): the loss hyper-parameters.
         need_grad (`bool`): whether to return the gradient.
@@ -123,60 +143,70 @@ def kd_chunk(
     Returns:
         `(kd, ce, grad)`: `kd` is `T^2 * D` per row `(C,)` (zeros when `alpha == 0`), `ce` the cross-entropy per row
         (zeros when `alpha == 1`), `grad` the `(C, V)` float32 gradient of `alpha * kd + (1 - alpha) * ce` with respect
-        to `student_logits` (or `None`). The inputs are not modified.
+        to `student_logits` (or `None`).
     """
     rows, vocab = student_logits.shape
     T = float(spec.temperature)
-    zeros = student_logits.new_zeros(rows)
-    kd, ce, grad = zeros, zeros, None
+    kd = ce = student_logits.new_zeros(rows)
+    ce_grad = None
+    top_k = spec.top_k if spec.top_k is not None and spec.top_k < vocab else None
+    # At T == 1 with the full vocabulary, the CE softmax is the KD softmax and is not computed twice.
+    reuse_softmax = T == 1.0 and spec.needs_kd and top_k is None
 
     if spec.needs_ce:
-        # CE is taken at temperature 1, before `student_logits` is reused below.
-        lse = torch.logsumexp(student_logits, dim=-1, keepdim=True)
-        ce = lse.squeeze(-1) - student_logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
-        if need_grad:
-            grad = (student_logits - lse).exp_()
-            grad.scatter_add_(-1, labels.unsqueeze(-1), grad.new_full((rows, 1), -1.0))
-            grad.mul_(1.0 - spec.alpha)
-
+        # CE is taken at temperature 1, before the logits are rescaled in place.
+        target = student_logits.gather(-1, labels.unsqueeze(-1))
+        if need_grad and not reuse_softmax:
+            ce_grad = student_logits.clone()
+            ce = (_softmax_(ce_grad) - target).squeeze(-1)
+        else:
+            ce = (torch.logsumexp(student_logits, dim=-1, keepdim=True) - target).squeeze(-1)
     if not spec.needs_kd:
-        return kd, ce, grad
+        if ce_grad is not None:
+            ce_grad.scatter_add_(-1, labels.unsqueeze(-1), ce_grad.new_full((rows, 1), -1.0))
+        return kd, ce, ce_grad
 
-    s = torch.log_softmax(student_logits if T == 1.0 else student_logits / T, dim=-1)
-    t = torch.log_softmax(teacher_logits if T == 1.0 else teacher_logits / T, dim=-1)
+    u, v = student_logits, teacher_logits
+    if T != 1.0:
+        u.mul_(1.0 / T)
+        v.mul_(1.0 / T)
     beta = spec.effective_beta
-    top_k = spec.top_k if spec.top_k is not None and spec.top_k < vocab else None
 
     if top_k is None:
-        value, G = divergence_terms(s, t, beta)
+        value, G, q = divergence_terms(u, v, beta)
         if need_grad:
-            q = s.exp_()
-            # dD/du = G - q * sum(G); G is reused as the output buffer.
-            G.sub_(q * G.sum(-1, keepdim=True))
-            kd_grad = G
+            # dD/du = G - q * sum(G)
+            grad = G.addcmul_(q, G.sum(-1, keepdim=True), value=-1.0)
     else:
         # Top-k pruning: keep the teacher's k most likely tokens and fold the rest into one "other" bucket on both
-        # sides. The bucket mass is summed directly (not 1 - sum(top-k)), so it keeps full relative precision.
-        idx = torch.topk(teacher_logits, top_k, dim=-1, sorted=False).indices
-        s_k, t_k = s.gather(-1, idx), t.gather(-1, idx)
-        q = s.exp_()
-        p = t.exp_()
-        q_other = q.scatter(-1, idx, 0.0).sum(-1, keepdim=True)
-        p_other = p.scatter(-1, idx, 0.0).sum(-1, keepdim=True)
+        # sides. The bucket masses are summed directly (not 1 - sum(top-k)), so they keep full relative precision.
+        idx = torch.topk(v, top_k, dim=-1, sorted=False).indices
+        _softmax_(u)
+        _softmax_(v)
+        q, p = u, v
+        q_k, p_k = q.gather(-1, idx), p.gather(-1, idx)
+        # Zero the top-k entries in place: what remains is exactly the "other" members' mass.
+        q_other = q.scatter_(-1, idx, 0.0).sum(-1, keepdim=True)
+        p_other = p.scatter_(-1, idx, 0.0).sum(-1, keepdim=True)
         tiny = torch.finfo(q.dtype).tiny
-        s_b = torch.cat([s_k, q_other.clamp_min(tiny).log()], dim=-1)
-        t_b = torch.cat([t_k, p_other.clamp_min(tiny).log()], dim=-1)
-        value, G = divergence_terms(s_b, t_b, beta)
+        s_b = torch.cat([q_k, q_other], dim=-1).clamp_min_(tiny).log_()
+        t_b = torch.cat([p_k, p_other], dim=-1).clamp_min_(tiny).log_()
+        value, G, _ = divergence_terms(s_b, t_b, beta)
         if need_grad:
             G_sum = G.sum(-1, keepdim=True)
             # Members of the "other" bucket: q_j * (G_o / q_o - sum G); top-k members: G_j - q_j * sum G.
-            kd_grad = q.mul_(G[:, -1:] / q_other.clamp_min(tiny) - G_sum)
-            q_k = s_k.exp()
-            kd_grad.scatter_(-1, idx, G[:, :-1] - q_k * G_sum)
+            grad = q.mul_(G[:, -1:] / q_other.clamp_min(tiny) - G_sum)
+            grad.scatter_(-1, idx, G[:, :-1] - q_k * G_sum)
 
     kd = value * (T * T)
-    if need_grad:
-        # d(T^2 D)/dz = T^2 * (dD/du) / T = T * dD/du.
-        kd_grad.mul_(spec.alpha * T)
-        grad = kd_grad if grad is None else grad.add_(kd_grad)
+    if not need_grad:
+        return kd, ce, None
+    # d(T^2 D)/dz = T^2 * (dD/du) / T = T * dD/du.
+    grad.mul_(spec.alpha * T)
+    if spec.needs_ce:
+        if reuse_softmax:
+            grad.add_(q, alpha=1.0 - spec.alpha)
+        else:
+            grad.add_(ce_grad, alpha=1.0 - spec.alpha)
+        grad.scatter_add_(-1, labels.unsqueeze(-1), grad.new_full((rows, 1), spec.alpha - 1.0))
     return kd, ce, grad
