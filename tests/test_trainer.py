@@ -79,7 +79,7 @@ def test_lora_student(tmp_path, tokenizer, make_student, make_teacher, prompt_co
     trainer = DistillTrainer(
         model=student,
         teacher_model=teacher,
-        args=config(tmp_path, kd_top_k=16),
+        args=config(tmp_path, kd_top_k=16, gradient_checkpointing=True),
         train_dataset=prompt_completion_dataset,
         processing_class=tokenizer,
         peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0),
@@ -291,3 +291,18 @@ def test_config_parses_from_command_line_and_yaml(tmp_path):
         ["--config", str(yaml_path), "--kd_temperature", "4.0", "--use_cpu", "true"]
     )
     assert (args.objective, args.kd_top_k, args.kd_temperature) == ("reverse_kl", 64, 4.0)
+
+
+def test_packing(tmp_path, tokenizer, make_student, make_teacher, prompt_completion_dataset):
+    # Packed (padding-free) batches: both models get the same position ids, so sequences do not attend across rows.
+    student, teacher = make_student(), make_teacher()
+    before_s, before_t = snapshot(student), snapshot(teacher)
+    trainer = DistillTrainer(
+        model=student, teacher_model=teacher,
+        args=config(tmp_path, packing=True, max_length=64, per_device_train_batch_size=2, max_steps=2),
+        train_dataset=prompt_completion_dataset, processing_class=tokenizer,
+    )
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
+    assert "position_ids" in batch and batch["input_ids"].shape[0] == 1
+    trainer.train()
+    assert_trained(trainer, before_s, before_t)

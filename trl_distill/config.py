@@ -52,8 +52,8 @@ class DistillConfig(SFTConfig):
         loss_reduction (`str`, *optional*, defaults to `"mean"`):
             `"mean"` over response tokens (of the whole accumulated batch) or `"sum"`.
         kd_chunk_size (`int`, *optional*):
-            Positions projected through the `lm_head`s at once. `None` picks a size from the vocabulary (about 16 MiB per
-            float32 block).
+            Positions projected through the `lm_head`s at once. `None`: 256 (fewer for vocabularies above 131k
+            tokens, so one float32 block stays near 128 MiB).
     """
 
     _VALID_DICT_FIELDS = SFTConfig._VALID_DICT_FIELDS + ["teacher_model_init_kwargs"]
