@@ -1,0 +1,67 @@
+"""The demo's building blocks (tokenizer, models, task, held-out metrics) and a quick end-to-end run."""
+
+import pytest
+import torch
+
+from trl_distill.demo.task import is_correct, make_task_dataset, task_corpus
+from trl_distill.demo.tiny import build_tiny_model, load_pretrained_pair, save_pretrained_pair
+from trl_distill.evaluation import heldout_metrics, tokenize_prompt_completion
+from trl_distill.losses import distillation_loss
+
+
+def test_tokenizer_reaches_the_requested_size_and_offsets(tokenizer):
+    assert 800 <= len(tokenizer) <= 1000
+    encoded = tokenizer("Ada has 3 apples.", return_offsets_mapping=True)
+    assert len(encoded["offset_mapping"]) == len(encoded["input_ids"])
+    assert tokenizer.pad_token and tokenizer.eos_token
+
+
+def test_task_splits_are_deterministic_and_disjoint():
+    train = make_task_dataset(200, seed=0, split="train")
+    assert train["prompt"] == make_task_dataset(200, seed=0, split="train")["prompt"]
+    test = make_task_dataset(100, seed=0, split="test")
+    assert not set(train["prompt"]) & set(test["prompt"])
+    for prompt, completion in zip(test["prompt"][:20], test["completion"][:20]):
+        assert is_correct(prompt, completion)
+        assert not is_correct(prompt, completion + " 7 7")
+    assert len(task_corpus(seed=0, n=50)) > 50
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_models_round_trip_through_a_directory(tmp_path, tokenizer, arch):
+    model = build_tiny_model(tokenizer, hidden_size=32, num_layers=1, num_heads=2, arch=arch, extra_vocab_rows=7)
+    assert model.get_output_embeddings().weight.shape[0] == len(tokenizer) + 7
+    path = save_pretrained_pair(model, tokenizer, tmp_path / arch)
+    reloaded, reloaded_tokenizer = load_pretrained_pair(path)
+    assert reloaded_tokenizer.get_vocab() == tokenizer.get_vocab()
+    ids = torch.tensor([tokenizer("Ada has 3 apples.")["input_ids"]])
+    torch.testing.assert_close(reloaded(ids).logits, model(ids).logits)
+
+
+def test_heldout_kl_matches_the_loss_at_temperature_one(tokenizer, make_student, make_teacher, eval_dataset):
+    student, teacher = make_student(), make_teacher()
+    metrics = heldout_metrics(student, teacher, tokenizer, eval_dataset, batch_size=3)
+    # Same rows, same masking, computed independently through the public loss on full logits.
+    kl_sum, count = 0.0, 0
+    for row in eval_dataset:
+        ids, completion_mask = tokenize_prompt_completion(tokenizer, row["prompt"], row["completion"])
+        ids = torch.tensor([ids])
+        mask = torch.tensor([completion_mask[1:]], dtype=torch.bool)
+        with torch.no_grad():
+            zs, zt = student(ids).logits[:, :-1], teacher(ids).logits[:, :-1]
+        kl_sum += distillation_loss(zs, zt, mask=mask, reduction="sum").item()
+        count += int(mask.sum())
+    assert metrics["kl_teacher_student"] == pytest.approx(kl_sum / count, rel=1e-4)
+    assert metrics["student_perplexity"] > 1 and 0 <= metrics["top1_agreement"] <= 1
+    same = heldout_metrics(teacher, teacher, tokenizer, eval_dataset)
+    assert same["kl_teacher_student"] == pytest.approx(0.0, abs=1e-6) and same["top1_agreement"] == 1.0
+
+
+def test_quick_demo_runs_and_kd_beats_sft(tmp_path):
+    from trl_distill.cli import main
+
+    assert main(["demo", "--quick", "--output-dir", str(tmp_path)]) == 0
+    import json
+
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["kd"]["kl_teacher_student"] < results["sft"]["kl_teacher_student"]

@@ -1,0 +1,288 @@
+"""Held-out measurements of a student against its teacher.
+
+[`heldout_metrics`] scores prompt/completion rows with teacher forcing (KL in both directions, top-1 agreement,
+perplexities), over completion tokens only; [`task_accuracy`] generates greedily and scores the answers. Both are
+pure functions of the models and the rows: the demo calls them once at the end, callbacks call them at each eval.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+
+
+__all__ = ["generate_completions", "heldout_metrics", "task_accuracy", "tokenize_prompt_completion"]
+
+
+def tokenize_prompt_completion(tokenizer, prompt: str | list, completion: str | list) -> tuple[list[int], list[int]]:
+    """
+    Tokenize one prompt/completion row exactly as TRL's `SFTTrainer` does, so metrics score the tokens training saw.
+
+    Mirrors `SFTTrainer._prepare_dataset` (trl 1.16): for plain strings, `tokenizer.eos_token` is appended to the
+    completion unless it already ends with it, then the prompt and prompt + completion are tokenized separately
+    (`tokenizer(text=...)`, default special tokens), and the completion starts where the two token sequences stop
+    agreeing (usually right after the prompt; earlier when a token merges across the boundary). Conversational rows
+    (lists of messages) go through the chat template instead, the prompt with `add_generation_prompt=True`.
+
+    Args:
+        tokenizer (`PreTrainedTokenizerBase`): The tokenizer both models share.
+        prompt (`str` or `list[dict]`): The prompt text, or its messages.
+        completion (`str` or `list[dict]`): The completion text, or its messages.
+
+    Returns:
+        `tuple[list[int], list[int]]`: `input_ids` of prompt + completion, and `completion_mask` (1 on completion
+        tokens, 0 on the prompt), of the same length.
+    """
+    if isinstance(prompt, str) != isinstance(completion, str):
+        raise TypeError(
+            "`prompt` and `completion` must both be strings or both be lists of messages, got "
+            f"{type(prompt).__name__} and {type(completion).__name__}."
+        )
+    if isinstance(prompt, str):
+        eos = tokenizer.eos_token
+        if eos is not None and not completion.endswith(eos):
+            completion = completion + eos
+        prompt_ids = tokenizer(text=prompt)["input_ids"]
+        full_ids = tokenizer(text=prompt + completion)["input_ids"]
+    else:
+        prompt_ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)
+        full_ids = tokenizer.apply_chat_template(prompt + completion, tokenize=True, return_dict=True)
+        prompt_ids, full_ids = prompt_ids["input_ids"], full_ids["input_ids"]
+    prompt_len = 0
+    for a, b in zip(prompt_ids, full_ids):
+        if a != b:
+            break
+        prompt_len += 1
+    return list(full_ids), [0] * prompt_len + [1] * (len(full_ids) - prompt_len)
+
+
+def _rows(dataset: Any, columns: tuple[str, ...]) -> list[Mapping]:
+    """Materialize a `datasets.Dataset` or an iterable of mappings as a list of rows that have `columns`."""
+    rows = list(dataset)
+    if not rows:
+        raise ValueError("`dataset` is empty: there is nothing to measure.")
+    missing = set(columns) - set(rows[0])
+    if missing:
+        raise ValueError(
+            f"`dataset` rows need the columns {list(columns)}; missing {sorted(missing)} (got {sorted(rows[0])})."
+        )
+    return rows
+
+
+def _model_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _check_batch_size(batch_size: int) -> None:
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"`batch_size` must be a positive int, got {batch_size!r}.")
+
+
+class _EvalMode:
+    """Put models in eval mode under `torch.no_grad()` and restore each model's own train/eval flag afterwards."""
+
+    def __init__(self, *models):
+        self.models = [model for model in models if model is not None]
+
+    def __enter__(self):
+        self.flags = [model.training for model in self.models]
+        self.no_grad = torch.no_grad()
+        self.no_grad.__enter__()
+        for model in self.models:
+            model.eval()
+
+    def __exit__(self, *exc):
+        for model, flag in zip(self.models, self.flags):
+            model.train(flag)
+        return self.no_grad.__exit__(*exc)
+
+
+def _completion_logprobs(model, input_ids, attention_mask, positions, vocab_size):
+    """
+    Log-probabilities at the positions that predict completion tokens.
+
+    Returns `[N, vocab_size]` float32 log-softmax (computed in fp32 whatever the model dtype), where `positions` is
+    the `[B, T-1]` boolean mask of shifted positions whose next token is a completion token.
+    """
+    device = _model_device(model)
+    logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
+    # Padded vocabularies (e.g. Qwen2.5: 151936 rows for 151665 tokens) hold logits no token maps to; both
+    # distributions are renormalized over the shared first `vocab_size` entries.
+    logits = logits[:, :-1, :vocab_size][positions.to(device)]
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
+def heldout_metrics(
+    student,
+    teacher,
+    tokenizer,
+    dataset,
+    *,
+    batch_size: int = 16,
+    vocab_size: int | None = None,
+) -> dict[str, float]:
+    """
+    Teacher-forced metrics of `student` (and `teacher`) on held-out prompt/completion rows.
+
+    Rows are tokenized as TRL's `SFTTrainer` tokenizes them (see [`tokenize_prompt_completion`]), right-padded, and
+    run through both models. Every metric is a mean over completion tokens (the end-of-sequence token included),
+    pooled over the whole dataset: prompt and padding positions are masked out. Distributions are temperature-1
+    softmaxes over the full first `vocab_size` logits, in float32 whatever the models' dtype; per-token values are
+    accumulated over the dataset in float64. No truncation is applied (TRL truncates at `max_length`, 1024 by
+    default): pass rows that fit.
+
+    - `kl_teacher_student`: KL(teacher‖student) = Σ_v p_t(v) (log p_t(v) − log p_s(v)), the forward KL that
+      token-level distillation minimizes.
+    - `kl_student_teacher`: KL(student‖teacher), the reverse KL.
+    - `top1_agreement`: fraction of completion positions where both models' argmax agree.
+    - `student_perplexity`, `teacher_perplexity`: exp of the mean cross-entropy on the gold completion tokens.
+    - `num_tokens`: the number of completion tokens measured.
+
+    Args:
+        student (`PreTrainedModel`): The student causal LM.
+        teacher (`PreTrainedModel` or `None`): The teacher; if `None`, only `student_perplexity` and `num_tokens`
+            are returned.
+        tokenizer (`PreTrainedTokenizerBase`): The tokenizer both models share.
+        dataset (`datasets.Dataset` or iterable of mappings): Rows with `prompt` and `completion`.
+        batch_size (`int`, *optional*, defaults to `16`): Rows per forward pass.
+        vocab_size (`int`, *optional*): Number of leading logits to compare; defaults to `len(tokenizer)`, so padded
+            embedding rows are ignored. Must not exceed either model's number of logits.
+
+    Returns:
+        `dict[str, float]`
+
+    Both models are run under `torch.no_grad()` in eval mode; their train/eval flags are restored afterwards.
+    """
+    _check_batch_size(batch_size)
+    vocab_size = len(tokenizer) if vocab_size is None else vocab_size
+    for name, model in (("student", student), ("teacher", teacher)):
+        if model is None:
+            continue
+        rows_available = model.get_output_embeddings().weight.shape[0]
+        if not isinstance(vocab_size, int) or not 0 < vocab_size <= rows_available:
+            raise ValueError(
+                f"`vocab_size` must be an int in [1, {rows_available}] (the {name}'s number of logits), got "
+                f"{vocab_size!r}. Pass the size of the vocabulary the two models share."
+            )
+    rows = _rows(dataset, ("prompt", "completion"))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad_id is None:
+        raise ValueError("The tokenizer has neither `pad_token_id` nor `eos_token_id` to pad batches with.")
+
+    sums = {"kl_ts": 0.0, "kl_st": 0.0, "agree": 0.0, "nll_s": 0.0, "nll_t": 0.0}
+    num_tokens = 0
+    with _EvalMode(student, teacher):
+        for start in range(0, len(rows), batch_size):
+            batch_rows = rows[start : start + batch_size]
+            encoded = [tokenize_prompt_completion(tokenizer, r["prompt"], r["completion"]) for r in batch_rows]
+            width = max(len(ids) for ids, _ in encoded)
+            input_ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
+            attention_mask = torch.zeros((len(encoded), width), dtype=torch.long)
+            completion_mask = torch.zeros((len(encoded), width), dtype=torch.bool)
+            for i, (ids, mask) in enumerate(encoded):
+                input_ids[i, : len(ids)] = torch.tensor(ids)
+                attention_mask[i, : len(ids)] = 1
+                completion_mask[i, : len(ids)] = torch.tensor(mask, dtype=torch.bool)
+            # Logits at position t predict token t + 1: keep positions whose next token is a completion token.
+            positions = completion_mask[:, 1:]
+            labels = input_ids[:, 1:][positions]  # [N]
+            if labels.numel() == 0:
+                continue
+            num_tokens += labels.numel()
+
+            s_logp = _completion_logprobs(student, input_ids, attention_mask, positions, vocab_size)  # [N, V]
+            labels = labels.to(s_logp.device)
+            sums["nll_s"] += -s_logp.gather(-1, labels[:, None]).double().sum().item()
+            if teacher is None:
+                continue
+            t_logp = _completion_logprobs(teacher, input_ids, attention_mask, positions, vocab_size).to(s_logp.device)
+            sums["nll_t"] += -t_logp.gather(-1, labels[:, None]).double().sum().item()
+            log_ratio = t_logp - s_logp  # log p_t - log p_s
+            sums["kl_ts"] += (t_logp.exp() * log_ratio).sum(-1).double().sum().item()
+            sums["kl_st"] += (s_logp.exp() * -log_ratio).sum(-1).double().sum().item()
+            sums["agree"] += (t_logp.argmax(-1) == s_logp.argmax(-1)).double().sum().item()
+
+    if num_tokens == 0:
+        raise ValueError("No completion tokens in `dataset`: every completion is empty after tokenization.")
+    metrics = {"student_perplexity": math.exp(sums["nll_s"] / num_tokens)}
+    if teacher is not None:
+        metrics.update(
+            kl_teacher_student=sums["kl_ts"] / num_tokens,
+            kl_student_teacher=sums["kl_st"] / num_tokens,
+            top1_agreement=sums["agree"] / num_tokens,
+            teacher_perplexity=math.exp(sums["nll_t"] / num_tokens),
+        )
+    metrics["num_tokens"] = num_tokens
+    return metrics
+
+
+def generate_completions(
+    model, tokenizer, prompts: Iterable[str], *, max_new_tokens: int = 8, batch_size: int = 32
+) -> list[str]:
+    """
+    Greedy completions of plain-text prompts, decoded without special tokens.
+
+    Prompts are tokenized as in training (`tokenizer(text=...)`) and left-padded, so every row's next token comes
+    right after its own prompt. Generation stops at `tokenizer.eos_token_id`.
+
+    Returns:
+        `list[str]`: one completion per prompt, in order.
+    """
+    _check_batch_size(batch_size)
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"`max_new_tokens` must be a positive int, got {max_new_tokens!r}.")
+    prompts = list(prompts)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    device = _model_device(model)
+    completions = []
+    with _EvalMode(model):
+        for start in range(0, len(prompts), batch_size):
+            batch = tokenizer(
+                text=prompts[start : start + batch_size], padding=True, padding_side="left", return_tensors="pt"
+            ).to(device)
+            output = model.generate(
+                **batch,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=pad_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+            new_tokens = output[:, batch["input_ids"].shape[1] :]
+            completions.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
+    return completions
+
+
+def task_accuracy(
+    model,
+    tokenizer,
+    dataset,
+    *,
+    max_new_tokens: int = 8,
+    batch_size: int = 32,
+    is_correct: Callable[[str, str], bool] | None = None,
+) -> float:
+    """
+    Fraction of prompts whose greedy completion is correct.
+
+    Args:
+        model (`PreTrainedModel`): The causal LM to evaluate.
+        tokenizer (`PreTrainedTokenizerBase`): Its tokenizer.
+        dataset (`datasets.Dataset` or iterable of mappings): Rows with a plain-text `prompt` (other columns are
+            ignored).
+        max_new_tokens (`int`, *optional*, defaults to `8`): Generation budget per prompt; the demo task's answers
+            take at most three tokens plus end-of-sequence.
+        batch_size (`int`, *optional*, defaults to `32`): Prompts per `generate` call.
+        is_correct (`Callable[[str, str], bool]`, *optional*): Scorer `(prompt, completion_text) -> bool`; defaults to
+            the demo task's `trl_distill.demo.task.is_correct`.
+
+    Returns:
+        `float` in `[0, 1]`.
+    """
+    if is_correct is None:
+        from trl_distill.demo.task import is_correct
+    prompts = [row["prompt"] for row in _rows(dataset, ("prompt",))]
+    completions = generate_completions(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    return sum(is_correct(p, c) for p, c in zip(prompts, completions)) / len(prompts)
