@@ -16,7 +16,7 @@ def config(tmp_path, **kwargs):
         output_dir=str(tmp_path / "out"),
         use_cpu=True,
         bf16=False,
-        gradient_checkpointing=False,
+        activation_checkpointing=False,
         max_steps=3,
         per_device_train_batch_size=4,
         learning_rate=1e-2,
@@ -79,7 +79,7 @@ def test_lora_student(tmp_path, tokenizer, make_student, make_teacher, prompt_co
     trainer = DistillTrainer(
         model=student,
         teacher_model=teacher,
-        args=config(tmp_path, kd_top_k=16, gradient_checkpointing=True),
+        args=config(tmp_path, kd_top_k=16, activation_checkpointing=True),
         train_dataset=prompt_completion_dataset,
         processing_class=tokenizer,
         peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0),
