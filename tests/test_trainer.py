@@ -306,3 +306,18 @@ def test_packing(tmp_path, tokenizer, make_student, make_teacher, prompt_complet
     assert "position_ids" in batch and batch["input_ids"].shape[0] == 1
     trainer.train()
     assert_trained(trainer, before_s, before_t)
+
+
+def test_sft_config_is_converted(tmp_path, tokenizer, make_student, make_teacher, prompt_completion_dataset):
+    from trl import SFTConfig
+
+    args = SFTConfig(
+        output_dir=str(tmp_path), use_cpu=True, bf16=False, activation_checkpointing=False, max_steps=1,
+        report_to="none", per_device_train_batch_size=2,
+    )
+    trainer = DistillTrainer(
+        model=make_student(), teacher_model=make_teacher(), args=args,
+        train_dataset=prompt_completion_dataset, processing_class=tokenizer,
+    )
+    assert isinstance(trainer.args, DistillConfig) and trainer.args.max_steps == 1
+    assert (trainer.args.objective, trainer.args.kd_temperature, trainer.args.alpha) == ("forward_kl", 2.0, 0.9)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Callable
 
@@ -187,10 +188,10 @@ def _as_distill_config(args, model) -> DistillConfig:
             "(objective='forward_kl', kd_temperature=2.0, alpha=0.9).",
             type(args).__name__,
         )
-        values = args.to_dict()
-        values["hub_token"] = args.hub_token  # `to_dict` hides it
-        fields = DistillConfig.__dataclass_fields__
-        return DistillConfig(**{k: v for k, v in values.items() if k in fields and fields[k].init})
+        # Read the fields directly: `to_dict()` masks every `*_token` field (e.g. `eos_token`) with a placeholder.
+        ours = {f.name for f in dataclasses.fields(DistillConfig) if f.init}
+        values = {f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init and f.name in ours}
+        return DistillConfig(**values)
     raise TypeError(f"`args` must be a `DistillConfig`, got {type(args).__name__}.")
 
 
