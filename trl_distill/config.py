@@ -15,6 +15,10 @@ from .losses import OBJECTIVES, REDUCTIONS
 DISTILL_MODES = ("token",)
 
 
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
 @dataclass
 class DistillConfig(SFTConfig):
     r"""
@@ -134,12 +138,12 @@ class DistillConfig(SFTConfig):
             )
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"`alpha` must be in [0, 1] (1 = pure KD, 0 = plain SFT), got {self.alpha}.")
-        if self.kd_top_k is not None and (isinstance(self.kd_top_k, bool) or self.kd_top_k < 1):
-            raise ValueError(f"`kd_top_k` must be None (full vocabulary) or an integer >= 1, got {self.kd_top_k}.")
+        if self.kd_top_k is not None and not _positive_int(self.kd_top_k):
+            raise ValueError(f"`kd_top_k` must be None (full vocabulary) or an integer >= 1, got {self.kd_top_k!r}.")
         if self.loss_reduction not in REDUCTIONS:
             raise ValueError(f"`loss_reduction` must be one of {REDUCTIONS}, got {self.loss_reduction!r}.")
-        if self.kd_chunk_size is not None and self.kd_chunk_size < 1:
-            raise ValueError(f"`kd_chunk_size` must be None or a positive integer, got {self.kd_chunk_size}.")
+        if self.kd_chunk_size is not None and not _positive_int(self.kd_chunk_size):
+            raise ValueError(f"`kd_chunk_size` must be None or a positive integer, got {self.kd_chunk_size!r}.")
         if self.loss_type != "nll":
             raise ValueError(
                 f"`loss_type={self.loss_type!r}` changes SFT's cross-entropy, which `DistillTrainer` replaces with the "

@@ -102,8 +102,9 @@ class DistillTrainer(SFTTrainer):
         teacher_tokenizer = teacher_processing_class
         if teacher_tokenizer is None:
             teacher_tokenizer = _load_teacher_tokenizer(teacher_source, args, from_string=isinstance(teacher_model, str))
+        vocab_size = None
         if processing_class is not None and teacher_tokenizer is not None:
-            shared_vocab_size(_text_tokenizer(processing_class), _text_tokenizer(teacher_tokenizer))
+            vocab_size = shared_vocab_size(_text_tokenizer(processing_class), _text_tokenizer(teacher_tokenizer))
 
         super().__init__(
             model=model,
@@ -123,7 +124,9 @@ class DistillTrainer(SFTTrainer):
 
         student_tokenizer = _text_tokenizer(self.processing_class)
         self.teacher_processing_class = teacher_tokenizer if teacher_tokenizer is not None else student_tokenizer
-        self.vocab_size = shared_vocab_size(student_tokenizer, _text_tokenizer(self.teacher_processing_class))
+        if vocab_size is None:  # the student's tokenizer was loaded by SFTTrainer: compare now
+            vocab_size = shared_vocab_size(student_tokenizer, _text_tokenizer(self.teacher_processing_class))
+        self.vocab_size = vocab_size
         _check_lm_head_rows(self.model, "student", self.vocab_size)
         _check_lm_head_rows(teacher, "teacher", self.vocab_size)
         self.teacher_model = self._prepare_teacher(teacher)
@@ -164,9 +167,14 @@ class DistillTrainer(SFTTrainer):
         return loss
 
     def _log_batch_metrics(self, mode: str, inputs: dict, metrics: dict[str, torch.Tensor]) -> None:
-        for name, value in metrics.items():
-            value = torch.as_tensor(value, dtype=torch.float32, device=self.accelerator.device).detach().reshape(1)
-            self._metrics[mode][name].append(self.accelerator.gather_for_metrics(value).mean().item())
+        # One gather and one device sync per step for all metrics, not one per metric.
+        names = list(metrics)
+        values = torch.stack(
+            [torch.as_tensor(metrics[n], dtype=torch.float32, device=self.accelerator.device).detach() for n in names]
+        )
+        gathered = self.accelerator.gather_for_metrics(values.unsqueeze(0)).reshape(-1, len(names)).mean(0).tolist()
+        for name, value in zip(names, gathered):
+            self._metrics[mode][name].append(value)
         if mode == "train":
             if "attention_mask" in inputs:
                 local = inputs["attention_mask"].sum()
