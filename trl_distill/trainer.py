@@ -93,17 +93,19 @@ class DistillTrainer(SFTTrainer):
                 "local path) or set `teacher_model_name_or_path` in the config."
             )
         distributed = args.distributed_state.distributed_type in ("MULTI_GPU", "DEEPSPEED")
-        teacher, teacher_source = load_teacher(
-            teacher_model,
-            args.teacher_model_init_kwargs,
-            trust_remote_code=args.trust_remote_code,
-            distributed=distributed,
-        )
+        teacher, teacher_source = None, None
+        if teacher_model is not None:
+            teacher, teacher_source = load_teacher(
+                teacher_model,
+                args.teacher_model_init_kwargs,
+                trust_remote_code=args.trust_remote_code,
+                distributed=distributed,
+            )
         teacher_tokenizer = teacher_processing_class
-        if teacher_tokenizer is None:
+        if teacher_tokenizer is None and teacher is not None:
             teacher_tokenizer = _load_teacher_tokenizer(teacher_source, args, from_string=isinstance(teacher_model, str))
         vocab_size = None
-        if processing_class is not None and teacher_tokenizer is not None:
+        if mode_cls.requires_shared_vocab and processing_class is not None and teacher_tokenizer is not None:
             vocab_size = shared_vocab_size(_text_tokenizer(processing_class), _text_tokenizer(teacher_tokenizer))
 
         super().__init__(
@@ -124,12 +126,15 @@ class DistillTrainer(SFTTrainer):
 
         student_tokenizer = _text_tokenizer(self.processing_class)
         self.teacher_processing_class = teacher_tokenizer if teacher_tokenizer is not None else student_tokenizer
-        if vocab_size is None:  # the student's tokenizer was loaded by SFTTrainer: compare now
+        if not mode_cls.requires_shared_vocab:
+            vocab_size = len(student_tokenizer)  # the student's own vocabulary; the teacher's is its own business
+        elif vocab_size is None:  # the student's tokenizer was loaded by SFTTrainer: compare now
             vocab_size = shared_vocab_size(student_tokenizer, _text_tokenizer(self.teacher_processing_class))
         self.vocab_size = vocab_size
         _check_lm_head_rows(self.model, "student", self.vocab_size)
-        _check_lm_head_rows(teacher, "teacher", self.vocab_size)
-        self.teacher_model = self._prepare_teacher(teacher)
+        if teacher is not None and mode_cls.requires_shared_vocab:
+            _check_lm_head_rows(teacher, "teacher", self.vocab_size)
+        self.teacher_model = self._prepare_teacher(teacher) if teacher is not None else None
         self.distill_mode = mode_cls(self)
 
     def _prepare_teacher(self, teacher: nn.Module) -> nn.Module:

@@ -25,10 +25,13 @@ class DistillMode(ABC):
 
     Class attributes:
         requires_teacher (`bool`): whether a live teacher model must be given.
+        requires_shared_vocab (`bool`): whether teacher and student must share a vocabulary (token-level logits are
+            compared id by id). Modes that compare text or sorted distributions set it to `False`.
     """
 
     name: str = ""
     requires_teacher: bool = True
+    requires_shared_vocab: bool = True
 
     def __init__(self, trainer: "DistillTrainer"):
         self.trainer = trainer
