@@ -65,3 +65,10 @@ def test_quick_demo_runs_and_kd_beats_sft(tmp_path):
 
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["kd"]["kl_teacher_student"] < results["sft"]["kl_teacher_student"]
+    # The KD student is saved through `DistillTrainer.save_model`: a verifiable artifact whose receipt has the figures.
+    from trl_distill.receipt import load_receipt
+    from trl_distill.verify import verify_artifact
+
+    assert verify_artifact(tmp_path / "kd").ok
+    heldout = load_receipt(tmp_path / "kd")["stages"][0]["results"]["heldout"]
+    assert heldout["kl_teacher_student"] == pytest.approx(results["kd"]["kl_teacher_student"], rel=1e-6)

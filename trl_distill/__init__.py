@@ -26,6 +26,10 @@ _EXPORTS = {
     "register_mode": "trl_distill.modes",
     "distillation_loss": "trl_distill.losses",
     "linear_distillation_loss": "trl_distill.losses",
+    # held-out measurement, receipt and verification (issue 7)
+    "HeldOutKLCallback": "trl_distill.callbacks",
+    "append_stage": "trl_distill.receipt",
+    "verify_artifact": "trl_distill.verify",
 }
 
 __all__ = ["__version__", *sorted(_EXPORTS)]
@@ -35,6 +39,9 @@ if TYPE_CHECKING:
     from .losses import distillation_loss, linear_distillation_loss
     from .modes import DistillMode, available_modes, register_mode
     from .trainer import DistillTrainer
+    from .callbacks import HeldOutKLCallback
+    from .receipt import append_stage
+    from .verify import verify_artifact
 
 
 def __getattr__(name: str):

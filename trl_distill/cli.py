@@ -5,6 +5,7 @@ runs it; `main` only dispatches. Subcommands import what they need inside `func`
 
 ```
 trl-distill demo [--output-dir runs/demo] [--seed 0] [--quick] [--num-threads 1]
+trl-distill verify OUTPUT_DIR [--replay] [--public-key KEY.pem] [--teacher PATH] [--strict]
 ```
 """
 
@@ -47,6 +48,34 @@ def _add_demo(subparsers) -> None:
     parser.set_defaults(func=_run_demo)
 
 
+def _run_verify(args: argparse.Namespace) -> int:
+    from trl_distill.verify import verify_artifact
+
+    result = verify_artifact(
+        args.output_dir, public_key=args.public_key, replay=args.replay, teacher=args.teacher, strict=args.strict
+    )
+    print(result.report())
+    return 0 if result.ok else 1
+
+
+def _add_verify(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "verify",
+        help="Check a saved model directory against its distill_receipt.json (hashes, card, signature, replay).",
+        description=(
+            "Re-hash every file of OUTPUT_DIR against its distill_receipt.json and report any that changed; check "
+            "that the model card quotes the receipt; with --public-key, check the Ed25519 signature; with --replay, "
+            "reload teacher and student and recompute the held-out figures. Exits with 1 on any problem."
+        ),
+    )
+    parser.add_argument("output_dir", metavar="OUTPUT_DIR", help="A directory written by DistillTrainer.save_model.")
+    parser.add_argument("--replay", action="store_true", help="Recompute the held-out figures with both models.")
+    parser.add_argument("--public-key", default=None, help="Ed25519 public key (PEM) the receipt must be signed with.")
+    parser.add_argument("--teacher", default=None, help="Load the teacher from here for --replay (id or local path).")
+    parser.add_argument("--strict", action="store_true", help="Also fail on files the receipt does not list.")
+    parser.set_defaults(func=_run_verify)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `trl-distill` parser; add a subcommand with one `_add_<name>(subparsers)` call."""
     from trl_distill import __version__
@@ -57,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_demo(subparsers)
+    _add_verify(subparsers)
     return parser
 
 

@@ -58,6 +58,19 @@ class DistillConfig(SFTConfig):
         kd_chunk_size (`int`, *optional*):
             Positions projected through the `lm_head`s at once. `None`: 256 (fewer for vocabularies above 131k
             tokens, so one float32 block stays near 128 MiB).
+
+    Parameters that control held-out measurement and the receipt:
+        heldout_eval (`bool`, *optional*, defaults to `True`):
+            With a teacher and an `eval_dataset`, measure held-out KL / perplexity of the student against the teacher
+            at every evaluation and at the end of training ([`~trl_distill.callbacks.HeldOutKLCallback`]).
+        heldout_max_rows (`int`, *optional*):
+            Measure only the first rows of the eval set; `None` measures all of them.
+        heldout_plateau_patience (`int`, *optional*, defaults to `3`):
+            Warn once when held-out KL has not improved for this many evaluations while the training loss falls;
+            `0` disables the warning.
+        receipt_signing_key (`str`, *optional*):
+            Path to an Ed25519 private key (PEM); `save_model` then signs `distill_receipt.json` into
+            `distill_receipt.sig` (needs `pip install trl_distill[sign]`).
     """
 
     _VALID_DICT_FIELDS = SFTConfig._VALID_DICT_FIELDS + ["teacher_model_init_kwargs"]
@@ -115,6 +128,23 @@ class DistillConfig(SFTConfig):
         metadata={"help": "Positions projected through the lm_heads at once; None picks one from the vocabulary size."},
     )
 
+    # Held-out measurement and receipt (issue 7)
+    heldout_eval: bool = field(
+        default=True,
+        metadata={"help": "Measure held-out KL/perplexity vs the teacher at each eval and at the end (needs an eval set)."},
+    )
+    heldout_max_rows: int | None = field(
+        default=None, metadata={"help": "Measure only the first rows of the eval set; None measures all."}
+    )
+    heldout_plateau_patience: int = field(
+        default=3,
+        metadata={"help": "Warn when held-out KL stalls this many evals while the train loss falls; 0 disables."},
+    )
+    receipt_signing_key: str | None = field(
+        default=None,
+        metadata={"help": "Ed25519 private key (PEM) signing distill_receipt.json on save (needs the `sign` extra)."},
+    )
+
     def __post_init__(self):
         super().__post_init__()
         if self.distill_mode not in DISTILL_MODES:
@@ -148,4 +178,14 @@ class DistillConfig(SFTConfig):
             raise ValueError(
                 f"`loss_type={self.loss_type!r}` changes SFT's cross-entropy, which `DistillTrainer` replaces with the "
                 "distillation loss; leave `loss_type='nll'`."
+            )
+        # Held-out measurement and receipt (issue 7)
+        if self.heldout_max_rows is not None and not _positive_int(self.heldout_max_rows):
+            raise ValueError(
+                f"`heldout_max_rows` must be None (all rows) or a positive integer, got {self.heldout_max_rows!r}."
+            )
+        if not (isinstance(self.heldout_plateau_patience, int) and self.heldout_plateau_patience >= 0):
+            raise ValueError(
+                f"`heldout_plateau_patience` must be an integer >= 0 (0 disables the warning), got "
+                f"{self.heldout_plateau_patience!r}."
             )

@@ -7,7 +7,6 @@ pure functions of the models and the rows: the demo calls them once at the end, 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -115,6 +114,43 @@ def _completion_logprobs(model, input_ids, attention_mask, positions, vocab_size
     return torch.log_softmax(logits.float(), dim=-1)
 
 
+def _encode_row(tokenizer, row: Mapping) -> tuple[list[int], list[int]]:
+    """`(input_ids, completion_mask)` of a raw prompt/completion row, or of a row already tokenized by `SFTTrainer`."""
+    if "input_ids" not in row:
+        return tokenize_prompt_completion(tokenizer, row["prompt"], row["completion"])
+    ids = list(row["input_ids"])
+    if row.get("labels") is not None:  # SFTTrainer's prepared rows: -100 on the tokens the loss skips
+        mask = [int(label != -100) for label in row["labels"]]
+    else:
+        mask = next((row[k] for k in ("completion_mask", "assistant_masks") if row.get(k) is not None), None)
+        mask = [1] * len(ids) if mask is None else list(mask)  # language-modeling rows: every token is scored
+    if len(mask) != len(ids):
+        raise ValueError(f"A tokenized row has {len(ids)} `input_ids` but a mask of {len(mask)} entries.")
+    return ids, mask
+
+
+def _heldout_rows(dataset: Any) -> list[Mapping]:
+    rows = _rows(dataset, ())
+    if "input_ids" not in rows[0] and not {"prompt", "completion"} <= set(rows[0]):
+        raise ValueError(
+            "`dataset` rows need `prompt` and `completion` (raw rows) or `input_ids` (rows tokenized by SFTTrainer, "
+            f"with optional `labels` or `completion_mask`); got the columns {sorted(rows[0])}."
+        )
+    return rows
+
+
+def _padded_batch(encoded: list[tuple[list[int], list[int]]], pad_id: int):
+    width = max(len(ids) for ids, _ in encoded)
+    input_ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(encoded), width), dtype=torch.long)
+    completion_mask = torch.zeros((len(encoded), width), dtype=torch.bool)
+    for i, (ids, mask) in enumerate(encoded):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        attention_mask[i, : len(ids)] = 1
+        completion_mask[i, : len(ids)] = torch.tensor(mask, dtype=torch.bool)
+    return input_ids, attention_mask, completion_mask
+
+
 def heldout_metrics(
     student,
     teacher,
@@ -125,20 +161,27 @@ def heldout_metrics(
     vocab_size: int | None = None,
 ) -> dict[str, float]:
     """
-    Teacher-forced metrics of `student` (and `teacher`) on held-out prompt/completion rows.
+    Teacher-forced metrics of `student` (and `teacher`) on held-out rows.
 
-    Rows are tokenized as TRL's `SFTTrainer` tokenizes them (see [`tokenize_prompt_completion`]), right-padded, and
-    run through both models. Every metric is a mean over completion tokens (the end-of-sequence token included),
-    pooled over the whole dataset: prompt and padding positions are masked out. Distributions are temperature-1
-    softmaxes over the full first `vocab_size` logits, in float32 whatever the models' dtype; per-token values are
-    accumulated over the dataset in float64. No truncation is applied (TRL truncates at `max_length`, 1024 by
-    default): pass rows that fit.
+    Raw prompt/completion rows are tokenized as TRL's `SFTTrainer` tokenizes them (see
+    [`tokenize_prompt_completion`]); rows that `SFTTrainer` already tokenized (`input_ids`, plus `labels` with -100 on
+    skipped tokens, or a `completion_mask` / `assistant_masks`; without any, every token is scored) are used as they
+    are. Rows are
+    right-padded and run through both models. Every metric is a mean over completion tokens (the end-of-sequence token
+    included), pooled over the whole dataset: prompt and padding positions are masked out. Distributions are
+    temperature-1 softmaxes over the full first `vocab_size` logits, in float32 whatever the models' dtype; per-token
+    values are aggregated in float64 by the in-package `evaluate` metrics of [`trl_distill.metrics`]. No truncation is
+    applied (TRL truncates at `max_length`, 1024 by default): pass rows that fit.
 
     - `kl_teacher_student`: KL(teacher‖student) = Σ_v p_t(v) (log p_t(v) − log p_s(v)), the forward KL that
       token-level distillation minimizes.
     - `kl_student_teacher`: KL(student‖teacher), the reverse KL.
     - `top1_agreement`: fraction of completion positions where both models' argmax agree.
-    - `student_perplexity`, `teacher_perplexity`: exp of the mean cross-entropy on the gold completion tokens.
+    - `acceptance_rate`: Σ_v min(p_t(v), p_s(v)) = 1 − TV(p_t, p_s) averaged over positions: the expected rate at
+      which the teacher accepts tokens the student drafts in speculative sampling (Leviathan et al. 2023,
+      https://arxiv.org/abs/2211.17192).
+    - `student_perplexity`, `teacher_perplexity`: exp of the mean cross-entropy on the gold completion tokens;
+      `perplexity_gap` = student − teacher.
     - `num_tokens`: the number of completion tokens measured.
 
     Args:
@@ -146,7 +189,8 @@ def heldout_metrics(
         teacher (`PreTrainedModel` or `None`): The teacher; if `None`, only `student_perplexity` and `num_tokens`
             are returned.
         tokenizer (`PreTrainedTokenizerBase`): The tokenizer both models share.
-        dataset (`datasets.Dataset` or iterable of mappings): Rows with `prompt` and `completion`.
+        dataset (`datasets.Dataset` or iterable of mappings): Rows with `prompt` and `completion`, or with
+            `input_ids` (and `labels` or `completion_mask`).
         batch_size (`int`, *optional*, defaults to `16`): Rows per forward pass.
         vocab_size (`int`, *optional*): Number of leading logits to compare; defaults to `len(tokenizer)`, so padded
             embedding rows are ignored. Must not exceed either model's number of logits.
@@ -156,6 +200,8 @@ def heldout_metrics(
 
     Both models are run under `torch.no_grad()` in eval mode; their train/eval flags are restored afterwards.
     """
+    from .metrics import TeacherStudentGap, TokenPerplexity
+
     _check_batch_size(batch_size)
     vocab_size = len(tokenizer) if vocab_size is None else vocab_size
     for name, model in (("student", student), ("teacher", teacher)):
@@ -167,25 +213,21 @@ def heldout_metrics(
                 f"`vocab_size` must be an int in [1, {rows_available}] (the {name}'s number of logits), got "
                 f"{vocab_size!r}. Pass the size of the vocabulary the two models share."
             )
-    rows = _rows(dataset, ("prompt", "completion"))
+    rows = _heldout_rows(dataset)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad_id is None:
         raise ValueError("The tokenizer has neither `pad_token_id` nor `eos_token_id` to pad batches with.")
 
-    sums = {"kl_ts": 0.0, "kl_st": 0.0, "agree": 0.0, "nll_s": 0.0, "nll_t": 0.0}
+    student_ppl, teacher_ppl, gap = TokenPerplexity(), TokenPerplexity(), TeacherStudentGap()
     num_tokens = 0
+
+    def per_token(values: torch.Tensor):
+        return values.double().cpu().numpy()
+
     with _EvalMode(student, teacher):
         for start in range(0, len(rows), batch_size):
-            batch_rows = rows[start : start + batch_size]
-            encoded = [tokenize_prompt_completion(tokenizer, r["prompt"], r["completion"]) for r in batch_rows]
-            width = max(len(ids) for ids, _ in encoded)
-            input_ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
-            attention_mask = torch.zeros((len(encoded), width), dtype=torch.long)
-            completion_mask = torch.zeros((len(encoded), width), dtype=torch.bool)
-            for i, (ids, mask) in enumerate(encoded):
-                input_ids[i, : len(ids)] = torch.tensor(ids)
-                attention_mask[i, : len(ids)] = 1
-                completion_mask[i, : len(ids)] = torch.tensor(mask, dtype=torch.bool)
+            encoded = [_encode_row(tokenizer, row) for row in rows[start : start + batch_size]]
+            input_ids, attention_mask, completion_mask = _padded_batch(encoded, pad_id)
             # Logits at position t predict token t + 1: keep positions whose next token is a completion token.
             positions = completion_mask[:, 1:]
             labels = input_ids[:, 1:][positions]  # [N]
@@ -195,26 +237,26 @@ def heldout_metrics(
 
             s_logp = _completion_logprobs(student, input_ids, attention_mask, positions, vocab_size)  # [N, V]
             labels = labels.to(s_logp.device)
-            sums["nll_s"] += -s_logp.gather(-1, labels[:, None]).double().sum().item()
+            student_ppl.add_batch(nll=per_token(-s_logp.gather(-1, labels[:, None]).squeeze(-1)))
             if teacher is None:
                 continue
             t_logp = _completion_logprobs(teacher, input_ids, attention_mask, positions, vocab_size).to(s_logp.device)
-            sums["nll_t"] += -t_logp.gather(-1, labels[:, None]).double().sum().item()
-            log_ratio = t_logp - s_logp  # log p_t - log p_s
-            sums["kl_ts"] += (t_logp.exp() * log_ratio).sum(-1).double().sum().item()
-            sums["kl_st"] += (s_logp.exp() * -log_ratio).sum(-1).double().sum().item()
-            sums["agree"] += (t_logp.argmax(-1) == s_logp.argmax(-1)).double().sum().item()
+            teacher_ppl.add_batch(nll=per_token(-t_logp.gather(-1, labels[:, None]).squeeze(-1)))
+            t_prob, s_prob, log_ratio = t_logp.exp(), s_logp.exp(), t_logp - s_logp  # log p_t - log p_s
+            gap.add_batch(
+                kl_teacher_student=per_token((t_prob * log_ratio).sum(-1)),
+                kl_student_teacher=per_token((s_prob * -log_ratio).sum(-1)),
+                top1_agreement=per_token(t_logp.argmax(-1) == s_logp.argmax(-1)),
+                acceptance_rate=per_token(torch.minimum(t_prob, s_prob).sum(-1)),
+            )
 
     if num_tokens == 0:
         raise ValueError("No completion tokens in `dataset`: every completion is empty after tokenization.")
-    metrics = {"student_perplexity": math.exp(sums["nll_s"] / num_tokens)}
+    metrics = {"student_perplexity": student_ppl.compute()["perplexity"]}
     if teacher is not None:
-        metrics.update(
-            kl_teacher_student=sums["kl_ts"] / num_tokens,
-            kl_student_teacher=sums["kl_st"] / num_tokens,
-            top1_agreement=sums["agree"] / num_tokens,
-            teacher_perplexity=math.exp(sums["nll_t"] / num_tokens),
-        )
+        metrics.update({k: v for k, v in gap.compute().items() if k != "num_tokens"})
+        metrics["teacher_perplexity"] = teacher_ppl.compute()["perplexity"]
+        metrics["perplexity_gap"] = metrics["student_perplexity"] - metrics["teacher_perplexity"]
     metrics["num_tokens"] = num_tokens
     return metrics
 

@@ -12,8 +12,11 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, TrainingArgumen
 from trl import SFTConfig, SFTTrainer
 
 from .alignment import shared_vocab_size
+from .callbacks import add_heldout_callback
 from .config import DistillConfig
+from .model_card import push_offline_error, write_trainer_model_card
 from .modes import get_mode
+from .provenance import save_artifact
 from .teachers import lm_head_and_backbone, load_teacher, teacher_tokenizer_source
 
 
@@ -136,6 +139,7 @@ class DistillTrainer(SFTTrainer):
             _check_lm_head_rows(teacher, "teacher", self.vocab_size)
         self.teacher_model = self._prepare_teacher(teacher) if teacher is not None else None
         self.distill_mode = mode_cls(self)
+        add_heldout_callback(self)  # held-out KL / perplexity at each evaluation and at the end (`heldout_eval`)
 
     def _prepare_teacher(self, teacher: nn.Module) -> nn.Module:
         """Place the teacher like the student, for inference only (no DDP wrapper, no optimizer state)."""
@@ -187,6 +191,32 @@ class DistillTrainer(SFTTrainer):
                 local = torch.tensor(inputs["input_ids"].numel(), device=inputs["input_ids"].device)
             self._total_train_tokens += int(self.accelerator.gather_for_metrics(local.reshape(1)).sum().item())
         self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+
+
+    # Receipt, model card and Hub (issue 7): `provenance`, `model_card` and `callbacks` hold the logic.
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        super()._save(output_dir, state_dict=state_dict)
+        if self.args.should_save and not getattr(self, "_saving_checkpoint", False):
+            save_artifact(self, output_dir if output_dir is not None else self.args.output_dir)
+
+    def _save_checkpoint(self, model, trial):
+        self._saving_checkpoint = True  # a checkpoint is resume state, not an artifact: no receipt in it
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._saving_checkpoint = False
+
+    def create_model_card(self, model_name: str | None = None, dataset_name: str | None = None, tags=None, **kwargs):
+        if self.is_world_process_zero():
+            write_trainer_model_card(self, self.args.output_dir, model_name=model_name, tags=tags)
+
+    def push_to_hub(self, commit_message: str | None = "End of training", blocking: bool = True, **kwargs):
+        """Upload the weights, the model card and `distill_receipt.json` (as `Trainer.push_to_hub`)."""
+        error = push_offline_error(self.args.output_dir)
+        if error is not None:
+            self.save_model(_internal_call=True)  # keep the artifact locally before refusing
+            raise error
+        return super().push_to_hub(commit_message=commit_message, blocking=blocking, **kwargs)
 
 
 def _as_distill_config(args, model) -> DistillConfig:

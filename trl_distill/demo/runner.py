@@ -155,13 +155,19 @@ def _teacher(budget: DemoBudget, seed: int, cache_dir: str, train_dataset, verbo
     return teacher, tokenizer, False
 
 
-def _train_students(budget: DemoBudget, seed: int, output_dir: str, teacher, tokenizer, train_dataset, verbose: bool):
-    """Train the SFT baseline and the KD student from the same initial weights; return both and their times."""
+def _train_students(budget: DemoBudget, seed: int, output_dir: str, teacher, tokenizer, train_dataset, verbose: bool,
+                    test_dataset=None):  # fmt: skip
+    """Train the SFT baseline and the KD student from the same initial weights; return both and their times.
+
+    The KD student is saved by `DistillTrainer.save_model`, so `<output_dir>/kd` is a verifiable artifact (model card,
+    `distill_receipt.json` with the held-out figures on `test_dataset`): `trl-distill verify <output_dir>/kd --replay`.
+    """
     from trl import SFTConfig, SFTTrainer
 
     from trl_distill import DistillConfig, DistillTrainer
+    from trl_distill.callbacks import find_heldout_callback
 
-    from .tiny import build_tiny_model, save_pretrained_pair
+    from .tiny import build_tiny_model
 
     log = print if verbose else (lambda *_: None)
 
@@ -177,10 +183,12 @@ def _train_students(budget: DemoBudget, seed: int, output_dir: str, teacher, tok
     def kwargs(name):  # identical for both students but for the output directory
         return _training_kwargs(budget, seed, budget.student_steps, os.path.join(output_dir, name), verbose)
 
-    def finish(name, trainer):  # train, then save the student where `from_pretrained` can find it
+    def finish(name, trainer):  # train, then save the student (and its tokenizer) where `from_pretrained` finds it
         seconds = _fit(trainer, verbose)
+        heldout = find_heldout_callback(trainer)  # its end-of-training measurement is evaluation, not training time
+        seconds -= heldout.seconds if heldout is not None else 0.0
         trainer.model.eval()
-        save_pretrained_pair(trainer.model, tokenizer, os.path.join(output_dir, name))
+        trainer.save_model(os.path.join(output_dir, name))
         return trainer.model, seconds
 
     sft_student = fresh_student()
@@ -203,6 +211,7 @@ def _train_students(budget: DemoBudget, seed: int, output_dir: str, teacher, tok
         teacher_model=teacher,
         args=kd_args,
         train_dataset=train_dataset,
+        eval_dataset=test_dataset,  # only measured at the end (held-out KL in the receipt), never trained on
         processing_class=tokenizer,
         teacher_processing_class=tokenizer,  # the teacher was trained with this very tokenizer
     )
@@ -299,7 +308,7 @@ def run_demo(
         teacher_seconds = time.perf_counter() - start
 
         students, student_seconds = _train_students(
-            budget, seed, output_dir, teacher, tokenizer, train_dataset, verbose
+            budget, seed, output_dir, teacher, tokenizer, train_dataset, verbose, test_dataset
         )
 
         log("[eval] held-out KL, perplexity and greedy accuracy")
