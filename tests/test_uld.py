@@ -369,3 +369,16 @@ def test_packing_is_refused_and_config_is_validated(
         _config(tmp_path, uld_distance="l2")
     with pytest.warns(UserWarning, match="`kd_top_k=8` is ignored"):
         _config(tmp_path, kd_top_k=8)
+
+
+def test_uld_config_parses_from_command_line_and_yaml(tmp_path):
+    import json
+
+    from trl import TrlParser
+
+    yaml_path = tmp_path / "c.yaml"
+    yaml_path.write_text(json.dumps({"output_dir": str(tmp_path), "distill_mode": "uld", "uld_distance": "kl"}))
+    (args,) = TrlParser((DistillConfig,)).parse_args_and_config(
+        ["--config", str(yaml_path), "--uld_top_k", "16", "--uld_exact_match", "true", "--use_cpu", "true"]
+    )
+    assert (args.distill_mode, args.uld_distance, args.uld_top_k, args.uld_exact_match) == ("uld", "kl", 16, True)
