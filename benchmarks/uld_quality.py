@@ -17,7 +17,7 @@ batch, learning rate, data order), the script trains:
 Held-out metrics, each student with its own tokenizer: perplexity of the gold completion tokens (comparable between
 students, who share the tokenizer, not with the teacher's) and greedy task accuracy.
 
-    .venv/bin/python benchmarks/uld_quality.py --output-dir runs/uld_quality   # ~8 min on 2 cores (teacher cached: ~6)
+    .venv/bin/python benchmarks/uld_quality.py --output-dir runs/uld_quality   # ~20 min on our shared 2-core machine
 """
 
 from __future__ import annotations
