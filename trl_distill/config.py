@@ -9,10 +9,10 @@ from typing import Any
 
 from trl import SFTConfig
 
-from .losses import OBJECTIVES, REDUCTIONS
+from .losses import OBJECTIVES, REDUCTIONS, ULD_DISTANCES
 
 
-DISTILL_MODES = ("token",)
+DISTILL_MODES = ("token", "uld")
 
 
 def _positive_int(value) -> bool:
@@ -37,6 +37,8 @@ class DistillConfig(SFTConfig):
     Parameters that control what is matched:
         distill_mode (`str`, *optional*, defaults to `"token"`):
             `"token"`: token-level (logit) KD on the dataset's response tokens; needs a shared vocabulary.
+            `"uld"`: cross-tokenizer distillation (Universal Logit Distillation): the teacher reads the same text with
+            its own tokenizer, tokens are paired by character offsets and compared by sorted top-k probabilities.
 
     Parameters that control how the gap is measured:
         objective (`str`, *optional*, defaults to `"forward_kl"`):
@@ -71,6 +73,16 @@ class DistillConfig(SFTConfig):
         receipt_signing_key (`str`, *optional*):
             Path to an Ed25519 private key (PEM); `save_model` then signs `distill_receipt.json` into
             `distill_receipt.sig` (needs `pip install trl_distill[sign]`).
+    Parameters of cross-tokenizer distillation (`distill_mode="uld"`):
+        uld_top_k (`int`, *optional*, defaults to `64`):
+            Sorted probabilities kept per side at each paired position; `None` = the whole vocabulary.
+        uld_distance (`str`, *optional*, defaults to `"wasserstein"`):
+            `"wasserstein"`: sum of absolute differences of the sorted probabilities (the ULD paper's closed form);
+            `"kl"`: KL(teacher || student) of the two sorted top-k vectors, each renormalized to sum to one.
+        uld_exact_match (`bool`, *optional*, defaults to `False`):
+            Compare tokens whose surface string is in both vocabularies by identity (with `objective`, plus one
+            bucket for the rest of the mass) and only the others by sorted matching. Helps when the vocabularies
+            overlap a lot (related tokenizers, an extended vocabulary): identity keeps which token gets the mass.
     """
 
     _VALID_DICT_FIELDS = SFTConfig._VALID_DICT_FIELDS + ["teacher_model_init_kwargs"]
@@ -144,6 +156,22 @@ class DistillConfig(SFTConfig):
         default=None,
         metadata={"help": "Ed25519 private key (PEM) signing distill_receipt.json on save (needs the `sign` extra)."},
     )
+    # Cross-tokenizer distillation (distill_mode="uld", issue 4)
+    uld_top_k: int | None = field(
+        default=64,
+        metadata={"help": "ULD: sorted probabilities kept per side at each paired position; None = whole vocabulary."},
+    )
+    uld_distance: str = field(
+        default="wasserstein",
+        metadata={
+            "help": "ULD: 'wasserstein' (sum of |sorted p - sorted q|) or 'kl' (KL of the renormalized sorted top-k).",
+            "choices": ULD_DISTANCES,
+        },
+    )
+    uld_exact_match: bool = field(
+        default=False,
+        metadata={"help": "ULD: match tokens whose surface string is in both vocabularies by identity, the rest sorted."},
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -188,4 +216,23 @@ class DistillConfig(SFTConfig):
             raise ValueError(
                 f"`heldout_plateau_patience` must be an integer >= 0 (0 disables the warning), got "
                 f"{self.heldout_plateau_patience!r}."
+            )
+        # Cross-tokenizer distillation (issue 4).
+        if self.uld_top_k is not None and not _positive_int(self.uld_top_k):
+            raise ValueError(f"`uld_top_k` must be None (whole vocabulary) or an integer >= 1, got {self.uld_top_k!r}.")
+        if self.uld_distance not in ULD_DISTANCES:
+            raise ValueError(f"`uld_distance` must be one of {ULD_DISTANCES}, got {self.uld_distance!r}.")
+        if self.distill_mode == "uld" and self.kd_top_k is not None:
+            warnings.warn(
+                f"`kd_top_k={self.kd_top_k}` is ignored with `distill_mode='uld'`, whose sorted matching keeps "
+                f"`uld_top_k={self.uld_top_k}` entries per side.",
+                UserWarning,
+                stacklevel=3,
+            )
+        if self.distill_mode == "uld" and not self.uld_exact_match and self.objective != "forward_kl":
+            warnings.warn(
+                f"`objective={self.objective!r}` is ignored with `distill_mode='uld'` unless `uld_exact_match=True` "
+                "(it then measures the identity-matched tokens); the sorted matching uses `uld_distance`.",
+                UserWarning,
+                stacklevel=3,
             )

@@ -68,7 +68,9 @@ def _run_chunks(
         z_s = student_logits_fn(rows).float()
         z_t = teacher_logits_fn(rows).float()
         chunk_labels = None if labels is None else labels[rows]
-        kd, ce, dz = kd_chunk(z_s, z_t, chunk_labels, spec, need_grad=grad_fn is not None)
+        # Token-level KD by default; another loss (ULD) brings its own per-chunk terms on its spec.
+        chunk_terms = kd_chunk if isinstance(spec, KDSpec) else spec.chunk_terms
+        kd, ce, dz = chunk_terms(z_s, z_t, chunk_labels, spec, need_grad=grad_fn is not None)
         del z_s, z_t
         kd_sum += kd.sum()
         ce_sum += ce.sum()
@@ -296,18 +298,11 @@ def distillation_loss(
     """
     spec = KDSpec(objective=objective, beta=beta, temperature=temperature, top_k=top_k, alpha=alpha)
     check_reduction(reduction)
-    if student_logits.shape[:-1] != teacher_logits.shape[:-1]:
-        raise ValueError(
-            f"`student_logits` {tuple(student_logits.shape)} and `teacher_logits` {tuple(teacher_logits.shape)} must "
-            "agree on every dimension but the last."
-        )
+    check_logits_shapes(student_logits, teacher_logits)
     width = _vocab_width(student_logits.shape[-1], teacher_logits.shape[-1], vocab_size)
     index, flat_labels = _row_selection(student_logits.shape[:-1], labels, mask, spec, student_logits.device)
-    s = student_logits.reshape(-1, student_logits.shape[-1])[:, :width].index_select(0, index)
-    t = teacher_logits.detach().reshape(-1, teacher_logits.shape[-1])[:, :width].index_select(0, index)
-    need_grad = torch.is_grad_enabled() and student_logits.requires_grad
-    total, kd_sum, ce_sum = _LogitsKD.apply(
-        s, t, flat_labels, spec, _chunk_rows(chunk_size, width), need_grad
+    total, kd_sum, ce_sum = logits_loss_sums(
+        student_logits, teacher_logits, index, (width, width), flat_labels, spec, chunk_size
     )
     return _finish(total, kd_sum, ce_sum, index.numel(), reduction, num_items_in_batch, return_components)
 
@@ -356,6 +351,35 @@ def linear_distillation_loss(
     """
     spec = KDSpec(objective=objective, beta=beta, temperature=temperature, top_k=top_k, alpha=alpha)
     check_reduction(reduction)
+    check_linear_shapes(student_hidden, student_weight, teacher_hidden, teacher_weight)
+    width = _vocab_width(student_weight.shape[0], teacher_weight.shape[0], vocab_size)
+    index, flat_labels = _row_selection(student_hidden.shape[:-1], labels, mask, spec, student_hidden.device)
+    total, kd_sum, ce_sum = linear_loss_sums(
+        (student_hidden, student_weight, student_bias),
+        (teacher_hidden, teacher_weight, teacher_bias),
+        index,
+        (width, width),
+        flat_labels,
+        spec,
+        chunk_size,
+    )
+    return _finish(total, kd_sum, ce_sum, index.numel(), reduction, num_items_in_batch, return_components)
+
+
+# Entry points of the chunking driver shared by every loss over two vocabularies (token-level KD, ULD): validate the
+# shapes, then project and reduce the selected rows. `row_data` is sliced per chunk and handed to the spec's terms
+# (labels for token-level KD).
+
+
+def check_logits_shapes(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> None:
+    if student_logits.shape[:-1] != teacher_logits.shape[:-1]:
+        raise ValueError(
+            f"`student_logits` {tuple(student_logits.shape)} and `teacher_logits` {tuple(teacher_logits.shape)} must "
+            "agree on every dimension but the last."
+        )
+
+
+def check_linear_shapes(student_hidden, student_weight, teacher_hidden, teacher_weight) -> None:
     if student_hidden.shape[:-1] != teacher_hidden.shape[:-1]:
         raise ValueError(
             f"`student_hidden` {tuple(student_hidden.shape)} and `teacher_hidden` {tuple(teacher_hidden.shape)} must "
@@ -367,21 +391,31 @@ def linear_distillation_loss(
                 f"`{name}_weight` must have shape (vocab, {hidden.shape[-1]}) to match `{name}_hidden`, got "
                 f"{tuple(weight.shape)}."
             )
-    width = _vocab_width(student_weight.shape[0], teacher_weight.shape[0], vocab_size)
-    index, flat_labels = _row_selection(student_hidden.shape[:-1], labels, mask, spec, student_hidden.device)
+
+
+def logits_loss_sums(student_logits, teacher_logits, index, widths, row_data, spec, chunk_size):
+    """`(total, kd_sum, ce_sum)` over the rows `index` of two logit tensors, keeping the first `widths` columns."""
+    width_s, width_t = widths
+    s = student_logits.reshape(-1, student_logits.shape[-1])[:, :width_s].index_select(0, index)
+    t = teacher_logits.detach().reshape(-1, teacher_logits.shape[-1])[:, :width_t].index_select(0, index)
+    need_grad = torch.is_grad_enabled() and student_logits.requires_grad
+    return _LogitsKD.apply(s, t, row_data, spec, _chunk_rows(chunk_size, max(widths)), need_grad)
+
+
+def linear_loss_sums(student, teacher, index, widths, row_data, spec, chunk_size):
+    """The same from `(hidden, lm_head weight, bias)` of each side, projected chunk by chunk."""
+    (student_hidden, student_weight, student_bias), (teacher_hidden, teacher_weight, teacher_bias) = student, teacher
+    width_s, width_t = widths
     h_s = student_hidden.reshape(-1, student_hidden.shape[-1]).index_select(0, index)
     h_t = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1]).index_select(0, index)
-    w_s = student_weight[:width]
-    b_s = None if student_bias is None else student_bias[:width]
-    w_t = teacher_weight.detach()[:width]
-    b_t = None if teacher_bias is None else teacher_bias.detach()[:width]
+    w_s = student_weight[:width_s]
+    b_s = None if student_bias is None else student_bias[:width_s]
+    w_t = teacher_weight.detach()[:width_t]
+    b_t = None if teacher_bias is None else teacher_bias.detach()[:width_t]
     grad_on = torch.is_grad_enabled()
     needs = (
         grad_on and h_s.requires_grad,
         grad_on and w_s.requires_grad,
         grad_on and b_s is not None and b_s.requires_grad,
     )
-    total, kd_sum, ce_sum = _LinearKD.apply(
-        h_s, w_s, b_s, h_t, w_t, b_t, flat_labels, spec, _chunk_rows(chunk_size, width), needs
-    )
-    return _finish(total, kd_sum, ce_sum, index.numel(), reduction, num_items_in_batch, return_components)
+    return _LinearKD.apply(h_s, w_s, b_s, h_t, w_t, b_t, row_data, spec, _chunk_rows(chunk_size, max(widths)), needs)
