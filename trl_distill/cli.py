@@ -5,6 +5,7 @@ runs it; `main` only dispatches. Subcommands import what they need inside `func`
 
 ```
 trl-distill demo [--output-dir runs/demo] [--seed 0] [--quick] [--num-threads 1]
+trl-distill cache-teacher --config distill.yaml [--dataset_name data.jsonl] [--teacher_cache store/] [...]
 ```
 """
 
@@ -47,6 +48,28 @@ def _add_demo(subparsers) -> None:
     parser.set_defaults(func=_run_demo)
 
 
+def _run_cache_teacher(args: argparse.Namespace) -> int:
+    from trl_distill.teachers.cache_script import run_cache_teacher
+
+    return run_cache_teacher(argv=args.options)
+
+
+def _add_cache_teacher(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "cache-teacher",
+        help="Run a teacher once over a dataset and store its top-k log-probabilities for training without it.",
+        description=(
+            "Writes an offline teacher store to `teacher_cache` (resumable; several processes under `accelerate "
+            "launch` write disjoint shards). Options are TRL-style: `--config distill.yaml` (a DistillConfig plus "
+            "`dataset_name`, `tokenizer_name_or_path`, `teacher_batch_size`, `rows_per_shard`) and/or `--<field> "
+            "value` flags; unknown keys fail. Train with the same YAML: DistillTrainer reads the store."
+        ),
+        add_help=False,  # `--help` goes to the TRL parser, which lists every field
+    )
+    # Every option (`--config FILE`, `--<field> VALUE`, `--help`) is forwarded to the TRL parser as `args.options`.
+    parser.set_defaults(func=_run_cache_teacher, forward_options=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `trl-distill` parser; add a subcommand with one `_add_<name>(subparsers)` call."""
     from trl_distill import __version__
@@ -57,10 +80,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_demo(subparsers)
+    _add_cache_teacher(subparsers)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `trl-distill` console script; returns the process exit code."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, options = parser.parse_known_args(argv)
+    if options and not getattr(args, "forward_options", False):
+        parser.error(f"unrecognized arguments: {' '.join(options)}")
+    args.options = options
     return args.func(args)

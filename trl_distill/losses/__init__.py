@@ -4,13 +4,17 @@ Public API:
 - [`distillation_loss`]: token-level KD from student and teacher logits.
 - [`linear_distillation_loss`]: the same value from hidden states and `lm_head` weights, chunk by chunk, without
   materializing the logits.
-- [`divergence_terms`], [`KDSpec`], [`OBJECTIVES`]: the divergence formulas and their validated hyper-parameters.
+- [`linear_top_k_distillation_loss`]: the `top_k=k` loss with the teacher given only by its top-k ids and bucket
+  log-probabilities (an offline teacher store); [`teacher_top_k_targets`] computes those from the teacher.
+- [`divergence_terms`], [`KDSpec`], [`OBJECTIVES`]: the divergence formulas and their validated hyper-parameters;
+  [`teacher_top_k`] / [`TopKTargets`]: the teacher's side of the top-k loss.
 - [`reduce_loss`]: the single place where summed losses are reduced (mean / sum / `num_items_in_batch`).
 """
 
 from .chunked import DistillationLossOutput, default_chunk_size, distillation_loss, linear_distillation_loss
-from .divergences import OBJECTIVES, KDSpec, divergence_terms, kd_chunk
+from .divergences import OBJECTIVES, KDSpec, TopKTargets, divergence_terms, kd_chunk, teacher_top_k
 from .reduction import REDUCTIONS, reduce_loss
+from .top_k import linear_top_k_distillation_loss, teacher_top_k_targets
 
 
 __all__ = [
@@ -18,10 +22,14 @@ __all__ = [
     "REDUCTIONS",
     "DistillationLossOutput",
     "KDSpec",
+    "TopKTargets",
     "default_chunk_size",
     "distillation_loss",
     "divergence_terms",
     "kd_chunk",
     "linear_distillation_loss",
+    "linear_top_k_distillation_loss",
     "reduce_loss",
+    "teacher_top_k",
+    "teacher_top_k_targets",
 ]
