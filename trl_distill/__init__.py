@@ -30,14 +30,24 @@ _EXPORTS = {
     "HeldOutKLCallback": "trl_distill.callbacks",
     "append_stage": "trl_distill.receipt",
     "verify_artifact": "trl_distill.verify",
+    # offline teacher store (issue 6)
+    "linear_top_k_distillation_loss": "trl_distill.losses",
+    "TeacherStore": "trl_distill.teachers.store",
+    "cache_teacher": "trl_distill.teachers.cache",
+    "CacheTeacherArguments": "trl_distill.teachers.cache_script",
+    "cache_teacher_parser": "trl_distill.teachers.cache_script",
+    "run_cache_teacher": "trl_distill.teachers.cache_script",
 }
 
 __all__ = ["__version__", *sorted(_EXPORTS)]
 
 if TYPE_CHECKING:
     from .config import DistillConfig
-    from .losses import distillation_loss, linear_distillation_loss
+    from .losses import distillation_loss, linear_distillation_loss, linear_top_k_distillation_loss
     from .modes import DistillMode, available_modes, register_mode
+    from .teachers.cache import cache_teacher
+    from .teachers.cache_script import CacheTeacherArguments, cache_teacher_parser, run_cache_teacher
+    from .teachers.store import TeacherStore
     from .trainer import DistillTrainer
     from .callbacks import HeldOutKLCallback
     from .receipt import append_stage

@@ -6,6 +6,7 @@ runs it; `main` only dispatches. Subcommands import what they need inside `func`
 ```
 trl-distill demo [--output-dir runs/demo] [--seed 0] [--quick] [--num-threads 1]
 trl-distill verify OUTPUT_DIR [--replay] [--public-key KEY.pem] [--teacher PATH] [--strict]
+trl-distill cache-teacher --config distill.yaml [--dataset_name data.jsonl] [--teacher_cache store/] [...]
 ```
 """
 
@@ -74,6 +75,26 @@ def _add_verify(subparsers) -> None:
     parser.add_argument("--teacher", default=None, help="Load the teacher from here for --replay (id or local path).")
     parser.add_argument("--strict", action="store_true", help="Also fail on files the receipt does not list.")
     parser.set_defaults(func=_run_verify)
+def _run_cache_teacher(args: argparse.Namespace) -> int:
+    from trl_distill.teachers.cache_script import run_cache_teacher
+
+    return run_cache_teacher(argv=args.options)
+
+
+def _add_cache_teacher(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "cache-teacher",
+        help="Run a teacher once over a dataset and store its top-k log-probabilities for training without it.",
+        description=(
+            "Writes an offline teacher store to `teacher_cache` (resumable; several processes under `accelerate "
+            "launch` write disjoint shards). Options are TRL-style: `--config distill.yaml` (a DistillConfig plus "
+            "`dataset_name`, `tokenizer_name_or_path`, `teacher_batch_size`, `rows_per_shard`) and/or `--<field> "
+            "value` flags; unknown keys fail. Train with the same YAML: DistillTrainer reads the store."
+        ),
+        add_help=False,  # `--help` goes to the TRL parser, which lists every field
+    )
+    # Every option (`--config FILE`, `--<field> VALUE`, `--help`) is forwarded to the TRL parser as `args.options`.
+    parser.set_defaults(func=_run_cache_teacher, forward_options=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,10 +108,15 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_demo(subparsers)
     _add_verify(subparsers)
+    _add_cache_teacher(subparsers)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `trl-distill` console script; returns the process exit code."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, options = parser.parse_known_args(argv)
+    if options and not getattr(args, "forward_options", False):
+        parser.error(f"unrecognized arguments: {' '.join(options)}")
+    args.options = options
     return args.func(args)

@@ -83,6 +83,11 @@ class DistillConfig(SFTConfig):
             Compare tokens whose surface string is in both vocabularies by identity (with `objective`, plus one
             bucket for the rest of the mass) and only the others by sorted matching. Helps when the vocabularies
             overlap a lot (related tokenizers, an extended vocabulary): identity keeps which token gets the mass.
+    Parameters of the offline teacher:
+        teacher_cache (`str`, *optional*):
+            Directory of a teacher store written by `trl-distill cache-teacher` / [`cache_teacher`]: train from the
+            teacher's stored top-k instead of a live teacher (which is then not loaded). Needs `kd_top_k` (at most the
+            store's k) and the store's `kd_temperature`; `packing` and `padding_free` are refused.
     """
 
     _VALID_DICT_FIELDS = SFTConfig._VALID_DICT_FIELDS + ["teacher_model_init_kwargs"]
@@ -172,6 +177,14 @@ class DistillConfig(SFTConfig):
         default=False,
         metadata={"help": "ULD: match tokens whose surface string is in both vocabularies by identity, the rest sorted."},
     )
+    # Offline teacher (issue 6)
+    teacher_cache: str | None = field(
+        default=None,
+        metadata={
+            "help": "Directory of a teacher store (`trl-distill cache-teacher`): train from the teacher's stored top-k "
+            "instead of a live teacher. Needs `kd_top_k` <= the store's k and the store's `kd_temperature`."
+        },
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -202,6 +215,18 @@ class DistillConfig(SFTConfig):
             raise ValueError(f"`loss_reduction` must be one of {REDUCTIONS}, got {self.loss_reduction!r}.")
         if self.kd_chunk_size is not None and not _positive_int(self.kd_chunk_size):
             raise ValueError(f"`kd_chunk_size` must be None or a positive integer, got {self.kd_chunk_size!r}.")
+        # Offline teacher (issue 6): the store holds top-k targets of padded, unpacked rows.
+        if self.teacher_cache is not None:
+            if self.kd_top_k is None:
+                raise ValueError(
+                    "`teacher_cache` holds the teacher's top-k only: set `kd_top_k` (at most the store's k), got None."
+                )
+            for name in ("packing", "padding_free"):
+                if getattr(self, name):
+                    raise ValueError(
+                        f"`{name}=True` cannot be used with `teacher_cache`: stored rows are matched to batch rows by "
+                        f"their tokens, which packed or padding-free batches merge. Set `{name}=False`."
+                    )
         if self.loss_type != "nll":
             raise ValueError(
                 f"`loss_type={self.loss_type!r}` changes SFT's cross-entropy, which `DistillTrainer` replaces with the "

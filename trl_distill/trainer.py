@@ -17,6 +17,7 @@ from .config import DistillConfig
 from .model_card import push_offline_error, write_trainer_model_card
 from .modes import get_mode
 from .provenance import save_artifact
+from .modes.token_offline import offline_mode
 from .teachers import lm_head_and_backbone, load_teacher, teacher_tokenizer_source
 
 
@@ -38,7 +39,8 @@ class DistillTrainer(SFTTrainer):
             The student, or its Hub id / local path.
         teacher_model (`str` or [`~transformers.PreTrainedModel`], *optional*):
             The teacher, or its Hub id / local path. Defaults to `args.teacher_model_name_or_path`. It runs in eval mode
-            under `torch.no_grad` and is never updated or saved.
+            under `torch.no_grad` and is never updated or saved. With `args.teacher_cache` (an offline store of its
+            top-k) no teacher is loaded and this must be `None`.
         args ([`DistillConfig`], *optional*):
             Configuration. An `SFTConfig`/`TrainingArguments` is converted (with the distillation defaults).
         teacher_processing_class ([`~transformers.PreTrainedTokenizerBase`], *optional*):
@@ -87,9 +89,12 @@ class DistillTrainer(SFTTrainer):
     ):
         args = _as_distill_config(args, model)
         mode_cls = get_mode(args.distill_mode)
+        if args.teacher_cache is not None:  # offline teacher (issue 6): targets come from a store, none is loaded
+            mode_cls = offline_mode(mode_cls, teacher_model)
 
         # Teacher first: a wrong teacher or tokenizer should fail before the dataset is tokenized.
-        teacher_model = teacher_model if teacher_model is not None else args.teacher_model_name_or_path
+        if args.teacher_cache is None:
+            teacher_model = teacher_model if teacher_model is not None else args.teacher_model_name_or_path
         if teacher_model is None and mode_cls.requires_teacher:
             raise ValueError(
                 f"`distill_mode={args.distill_mode!r}` needs a teacher: pass `teacher_model` (a model or a Hub id / "

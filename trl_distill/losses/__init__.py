@@ -4,14 +4,18 @@ Public API:
 - [`distillation_loss`]: token-level KD from student and teacher logits.
 - [`linear_distillation_loss`]: the same value from hidden states and `lm_head` weights, chunk by chunk, without
   materializing the logits.
-- [`divergence_terms`], [`KDSpec`], [`OBJECTIVES`]: the divergence formulas and their validated hyper-parameters.
 - [`uld_loss`], [`linear_uld_loss`], [`ULDSpec`]: cross-tokenizer (ULD) sorted matching of two vocabularies.
+- [`linear_top_k_distillation_loss`]: the `top_k=k` loss with the teacher given only by its top-k ids and bucket
+  log-probabilities (an offline teacher store); [`teacher_top_k_targets`] computes those from the teacher.
+- [`divergence_terms`], [`KDSpec`], [`OBJECTIVES`]: the divergence formulas and their validated hyper-parameters;
+  [`teacher_top_k`] / [`TopKTargets`]: the teacher's side of the top-k loss.
 - [`reduce_loss`]: the single place where summed losses are reduced (mean / sum / `num_items_in_batch`).
 """
 
 from .chunked import DistillationLossOutput, default_chunk_size, distillation_loss, linear_distillation_loss
-from .divergences import OBJECTIVES, KDSpec, divergence_terms, kd_chunk
+from .divergences import OBJECTIVES, KDSpec, TopKTargets, divergence_terms, kd_chunk, teacher_top_k
 from .reduction import REDUCTIONS, reduce_loss
+from .top_k import linear_top_k_distillation_loss, teacher_top_k_targets
 from .uld import ULD_DISTANCES, ULDSpec, linear_uld_loss, uld_loss
 
 
@@ -22,6 +26,7 @@ __all__ = [
     "ULDSpec",
     "DistillationLossOutput",
     "KDSpec",
+    "TopKTargets",
     "default_chunk_size",
     "distillation_loss",
     "divergence_terms",
@@ -29,5 +34,8 @@ __all__ = [
     "linear_distillation_loss",
     "linear_uld_loss",
     "reduce_loss",
+    "linear_top_k_distillation_loss",
+    "teacher_top_k",
+    "teacher_top_k_targets",
     "uld_loss",
 ]

@@ -16,7 +16,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from .divergences import KDSpec, kd_chunk
+from .divergences import KDSpec, TopKTargets, kd_chunk
 from .reduction import check_reduction, reduce_loss
 
 
@@ -54,24 +54,27 @@ def _run_chunks(
     num_rows: int,
     chunk_size: int,
     student_logits_fn: Callable[[slice], torch.Tensor],
-    teacher_logits_fn: Callable[[slice], torch.Tensor],
+    teacher_fn: Callable[[slice], "torch.Tensor | TopKTargets"],
     labels: torch.Tensor | None,
     spec: KDSpec,
     grad_fn: Callable[[slice, torch.Tensor], None] | None,
     device: torch.device,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The chunking driver: sums of the KD and CE terms; calls `grad_fn(rows, dz)` with each chunk's logit gradient."""
+    """The chunking driver: sums of the KD and CE terms; calls `grad_fn(rows, dz)` with each chunk's logit gradient.
+
+    `teacher_fn(rows)` gives the teacher's side of those rows: float32 logits, or stored [`TopKTargets`].
+    """
     kd_sum = torch.zeros((), dtype=torch.float32, device=device)
     ce_sum = torch.zeros((), dtype=torch.float32, device=device)
     for start in range(0, num_rows, chunk_size):
         rows = slice(start, min(start + chunk_size, num_rows))
         z_s = student_logits_fn(rows).float()
-        z_t = teacher_logits_fn(rows).float()
+        teacher = teacher_fn(rows)
         chunk_labels = None if labels is None else labels[rows]
         # Token-level KD by default; another loss (ULD) brings its own per-chunk terms on its spec.
         chunk_terms = kd_chunk if isinstance(spec, KDSpec) else spec.chunk_terms
-        kd, ce, dz = chunk_terms(z_s, z_t, chunk_labels, spec, need_grad=grad_fn is not None)
-        del z_s, z_t
+        kd, ce, dz = chunk_terms(z_s, teacher, chunk_labels, spec, need_grad=grad_fn is not None)
+        del z_s, teacher
         kd_sum += kd.sum()
         ce_sum += ce.sum()
         if grad_fn is not None:
@@ -119,10 +122,14 @@ class _LogitsKD(torch.autograd.Function):
 
 
 class _LinearKD(torch.autograd.Function):
-    """Sum of the per-token loss of `h_s @ W_s^T (+ b_s)` against `h_t @ W_t^T (+ b_t)` over the given rows."""
+    """Sum of the per-token loss of `h_s @ W_s^T (+ b_s)` against the teacher's side of the given rows.
+
+    `teacher_fn(rows)` gives the teacher's float32 logits (projected by [`_projected_teacher`]) or its stored
+    [`TopKTargets`]; it is called with autocast disabled.
+    """
 
     @staticmethod
-    def forward(ctx, h_s, w_s, b_s, h_t, w_t, b_t, labels, spec, chunk_size, needs):
+    def forward(ctx, h_s, w_s, b_s, teacher_fn, labels, spec, chunk_size, needs):
         need_h, need_w, need_b = needs
         # Under autocast, project in the autocast dtype like the model's own `lm_head` would; accumulate in float32.
         device_type = h_s.device.type
@@ -133,9 +140,6 @@ class _LinearKD(torch.autograd.Function):
         with torch.autocast(device_type, enabled=False):
             w_s_c = w_s.to(compute_dtype)
             b_s_c = None if b_s is None else b_s.to(compute_dtype)
-            teacher_dtype = torch.promote_types(h_t.dtype, w_t.dtype)
-            w_t_c = w_t.to(teacher_dtype)
-            b_t_c = None if b_t is None else b_t.to(teacher_dtype)
 
             grad_h = torch.empty(h_s.shape, dtype=torch.float32, device=h_s.device) if need_h else None
             grad_w = torch.zeros(w_s.shape, dtype=torch.float32, device=w_s.device) if need_w else None
@@ -144,10 +148,6 @@ class _LinearKD(torch.autograd.Function):
             def student_logits(rows):
                 z = h_s[rows].to(compute_dtype) @ w_s_c.T
                 return z if b_s_c is None else z + b_s_c
-
-            def teacher_logits(rows):
-                z = h_t[rows].to(teacher_dtype) @ w_t_c.T
-                return z if b_t_c is None else z + b_t_c
 
             def grad_fn(rows, dz):
                 dz_c = dz.to(compute_dtype)
@@ -166,7 +166,7 @@ class _LinearKD(torch.autograd.Function):
                 h_s.shape[0],
                 chunk_size,
                 student_logits,
-                teacher_logits,
+                teacher_fn,
                 labels,
                 spec,
                 grad_fn if any(needs) else None,
@@ -182,7 +182,20 @@ class _LinearKD(torch.autograd.Function):
         for saved, dtype in zip(ctx.saved_tensors, ctx.dtypes):
             grads.append(None if saved is None else (saved * grad_total).to(dtype))
         grad_h, grad_w, grad_b = grads
-        return grad_h, grad_w, grad_b, None, None, None, None, None, None, None
+        return grad_h, grad_w, grad_b, None, None, None, None, None
+
+
+def _projected_teacher(h_t: torch.Tensor, w_t: torch.Tensor, b_t: torch.Tensor | None):
+    """`rows -> float32 h_t[rows] @ w_t^T (+ b_t)`, in the teacher's own precision (no gradient)."""
+    teacher_dtype = torch.promote_types(h_t.dtype, w_t.dtype)
+    w_t_c = w_t.to(teacher_dtype)
+    b_t_c = None if b_t is None else b_t.to(teacher_dtype)
+
+    def teacher_logits(rows):
+        z = h_t[rows].to(teacher_dtype) @ w_t_c.T
+        return (z if b_t_c is None else z + b_t_c).float()
+
+    return teacher_logits
 
 
 def _row_selection(
@@ -408,14 +421,31 @@ def linear_loss_sums(student, teacher, index, widths, row_data, spec, chunk_size
     width_s, width_t = widths
     h_s = student_hidden.reshape(-1, student_hidden.shape[-1]).index_select(0, index)
     h_t = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1]).index_select(0, index)
-    w_s = student_weight[:width_s]
-    b_s = None if student_bias is None else student_bias[:width_s]
     w_t = teacher_weight.detach()[:width_t]
     b_t = None if teacher_bias is None else teacher_bias.detach()[:width_t]
+    teacher_fn = _projected_teacher(h_t, w_t, b_t)
+    return _student_side_sums(h_s, student_weight, student_bias, width_s, teacher_fn, row_data, spec, chunk_size)
+
+
+def _student_side_sums(h_s, student_weight, student_bias, width, teacher_fn, row_data, spec, chunk_size):
+    """Run [`_LinearKD`] on the selected student rows against `teacher_fn`'s side, over `width` vocabulary rows."""
+    w_s = student_weight[:width]
+    b_s = None if student_bias is None else student_bias[:width]
     grad_on = torch.is_grad_enabled()
     needs = (
         grad_on and h_s.requires_grad,
         grad_on and w_s.requires_grad,
         grad_on and b_s is not None and b_s.requires_grad,
     )
-    return _LinearKD.apply(h_s, w_s, b_s, h_t, w_t, b_t, row_data, spec, _chunk_rows(chunk_size, max(widths)), needs)
+    return _LinearKD.apply(h_s, w_s, b_s, teacher_fn, row_data, spec, _chunk_rows(chunk_size, width), needs)
+
+
+def _apply_linear(
+    h_s, student_weight, student_bias, width, teacher_fn, flat_labels, spec, chunk_size,
+    reduction, num_items_in_batch, return_components,
+):  # fmt: skip
+    """[`_student_side_sums`] reduced to a [`DistillationLossOutput`] (the stored-teacher loss's entry)."""
+    total, kd_sum, ce_sum = _student_side_sums(
+        h_s, student_weight, student_bias, width, teacher_fn, flat_labels, spec, chunk_size
+    )
+    return _finish(total, kd_sum, ce_sum, h_s.shape[0], reduction, num_items_in_batch, return_components)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -124,9 +125,65 @@ def divergence_terms(u: torch.Tensor, v: torch.Tensor, beta: float) -> tuple[tor
     return value, r.mul_(q).mul_(beta - 1.0), q
 
 
+class TopKTargets(NamedTuple):
+    """The teacher's side of a top-k loss, ready for [`kd_chunk`] (computed online or read from a store).
+
+    Attributes:
+        ids (`torch.Tensor` of shape `(C, k)`, int64): the teacher's k most likely token ids per row.
+        log_probs (`torch.Tensor` of shape `(C, k + 1)`, float32): the teacher's log-probabilities at the loss
+            temperature of those ids, then of the "other" bucket (all remaining tokens) in the last column. Consumed.
+    """
+
+    ids: torch.Tensor
+    log_probs: torch.Tensor
+
+
+def teacher_top_k(teacher_logits: torch.Tensor, top_k: int, *, sorted: bool = False) -> TopKTargets:
+    """The teacher's top-k ids and bucket log-probabilities from temperature-scaled logits.
+
+    The "other" bucket's mass is summed directly (not `1 - sum(top-k)`), so it keeps full relative precision.
+
+    Args:
+        teacher_logits (`torch.Tensor` of shape `(C, V)`): float32 teacher logits already divided by the temperature.
+            Consumed (it holds the probabilities with the top-k entries zeroed on return).
+        top_k (`int`): entries kept, `1 <= top_k < V`.
+        sorted (`bool`): order the ids by decreasing probability (a store needs it to fold to a smaller k).
+    """
+    idx = torch.topk(teacher_logits, top_k, dim=-1, sorted=sorted).indices
+    _softmax_(teacher_logits)
+    p_k = teacher_logits.gather(-1, idx)
+    # Zero the top-k entries in place: what remains is exactly the "other" members' mass.
+    p_other = teacher_logits.scatter_(-1, idx, 0.0).sum(-1, keepdim=True)
+    log_probs = torch.cat([p_k, p_other], dim=-1).clamp_min_(torch.finfo(p_k.dtype).tiny).log_()
+    return TopKTargets(idx, log_probs)
+
+
+def _top_k_terms(u: torch.Tensor, teacher: TopKTargets, beta: float, need_grad: bool):
+    """Divergence between the teacher's bucket distribution and the student's, folded the same way; grad w.r.t. `u`.
+
+    `u` (`(C, V)`, student logits / T) is consumed. The student's bucket: its probabilities at the teacher's top-k ids,
+    and the summed mass of every other token.
+    """
+    idx = teacher.ids
+    _softmax_(u)
+    q = u
+    q_k = q.gather(-1, idx)
+    q_other = q.scatter_(-1, idx, 0.0).sum(-1, keepdim=True)
+    tiny = torch.finfo(q.dtype).tiny
+    s_b = torch.cat([q_k, q_other], dim=-1).clamp_min_(tiny).log_()
+    value, G, _ = divergence_terms(s_b, teacher.log_probs, beta)
+    if not need_grad:
+        return value, None
+    G_sum = G.sum(-1, keepdim=True)
+    # Members of the "other" bucket: q_j * (G_o / q_o - sum G); top-k members: G_j - q_j * sum G.
+    grad = q.mul_(G[:, -1:] / q_other.clamp_min(tiny) - G_sum)
+    grad.scatter_(-1, idx, G[:, :-1] - q_k * G_sum)
+    return value, grad
+
+
 def kd_chunk(
     student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
+    teacher: torch.Tensor | TopKTargets,
     labels: torch.Tensor | None,
     spec: KDSpec,
     *,
@@ -137,7 +194,9 @@ def kd_chunk(
     Args:
         student_logits (`torch.Tensor` of shape `(C, V)`): float32 student logits (only real vocabulary rows).
             Consumed: the buffer is reused for the result.
-        teacher_logits (`torch.Tensor` of shape `(C, V)`): float32 teacher logits, same vocabulary. Consumed.
+        teacher (`torch.Tensor` of shape `(C, V)` or [`TopKTargets`]): float32 teacher logits over the same vocabulary
+            (consumed), or the teacher's top-k ids and bucket log-probabilities already at temperature `T` (e.g. read
+            from an offline store; `spec.top_k` is then ignored: the targets carry their own k).
         labels (`torch.Tensor` of shape `(C,)`, *optional*): target ids, required when `spec.alpha < 1`.
         spec ([`KDSpec`]): the loss hyper-parameters.
         need_grad (`bool`): whether to return the gradient.
@@ -151,9 +210,10 @@ def kd_chunk(
     T = float(spec.temperature)
     kd = ce = student_logits.new_zeros(rows)
     ce_grad = None
+    stored = isinstance(teacher, TopKTargets)
     top_k = spec.top_k if spec.top_k is not None and spec.top_k < vocab else None
     # At T == 1 with the full vocabulary, the CE softmax is the KD softmax and is not computed twice.
-    reuse_softmax = T == 1.0 and spec.needs_kd and top_k is None
+    reuse_softmax = T == 1.0 and spec.needs_kd and top_k is None and not stored
 
     if spec.needs_ce:
         # CE is taken at temperature 1, before the logits are rescaled in place.
@@ -168,37 +228,22 @@ def kd_chunk(
             ce_grad.scatter_add_(-1, labels.unsqueeze(-1), ce_grad.new_full((rows, 1), -1.0))
         return kd, ce, ce_grad
 
-    u, v = student_logits, teacher_logits
+    u = student_logits
     if T != 1.0:
         u.mul_(1.0 / T)
-        v.mul_(1.0 / T)
+        if not stored:
+            teacher.mul_(1.0 / T)
     beta = spec.effective_beta
 
-    if top_k is None:
-        value, G, q = divergence_terms(u, v, beta)
+    if stored or top_k is not None:
+        # Top-k pruning: keep the teacher's k most likely tokens and fold the rest into one "other" bucket on both
+        # sides.
+        value, grad = _top_k_terms(u, teacher if stored else teacher_top_k(teacher, top_k), beta, need_grad)
+    else:
+        value, G, q = divergence_terms(u, teacher, beta)
         if need_grad:
             # dD/du = G - q * sum(G)
             grad = G.addcmul_(q, G.sum(-1, keepdim=True), value=-1.0)
-    else:
-        # Top-k pruning: keep the teacher's k most likely tokens and fold the rest into one "other" bucket on both
-        # sides. The bucket masses are summed directly (not 1 - sum(top-k)), so they keep full relative precision.
-        idx = torch.topk(v, top_k, dim=-1, sorted=False).indices
-        _softmax_(u)
-        _softmax_(v)
-        q, p = u, v
-        q_k, p_k = q.gather(-1, idx), p.gather(-1, idx)
-        # Zero the top-k entries in place: what remains is exactly the "other" members' mass.
-        q_other = q.scatter_(-1, idx, 0.0).sum(-1, keepdim=True)
-        p_other = p.scatter_(-1, idx, 0.0).sum(-1, keepdim=True)
-        tiny = torch.finfo(q.dtype).tiny
-        s_b = torch.cat([q_k, q_other], dim=-1).clamp_min_(tiny).log_()
-        t_b = torch.cat([p_k, p_other], dim=-1).clamp_min_(tiny).log_()
-        value, G, _ = divergence_terms(s_b, t_b, beta)
-        if need_grad:
-            G_sum = G.sum(-1, keepdim=True)
-            # Members of the "other" bucket: q_j * (G_o / q_o - sum G); top-k members: G_j - q_j * sum G.
-            grad = q.mul_(G[:, -1:] / q_other.clamp_min(tiny) - G_sum)
-            grad.scatter_(-1, idx, G[:, :-1] - q_k * G_sum)
 
     kd = value * (T * T)
     if not need_grad:

@@ -1,4 +1,4 @@
-"""Where teacher distributions come from: a live teacher model (offline stores come later)."""
+"""Where teacher distributions come from: a live teacher model, or an offline store of its top-k (`store`, `cache`)."""
 
 from .live import load_teacher, lm_head_and_backbone, teacher_tokenizer_source
 

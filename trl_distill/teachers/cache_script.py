@@ -1,0 +1,103 @@
+"""`trl-distill cache-teacher` and `recipes/precompute_teacher.py`: [`cache_teacher`] from a YAML config / the CLI.
+
+The same `DistillConfig` YAML serves caching and training: caching reads `teacher_model_name_or_path`,
+`teacher_cache`, `kd_top_k`, `kd_temperature` and the tokenization settings from it; training then runs with
+`teacher_model_name_or_path` ignored (the store replaces the teacher).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+
+@dataclass
+class CacheTeacherArguments:
+    """Settings of the caching run that training does not need.
+
+    Args:
+        tokenizer_name_or_path (`str`, *optional*):
+            The student's tokenizer (the one training uses). Defaults to the teacher's.
+        teacher_batch_size (`int`, *optional*):
+            Rows per teacher forward; defaults to `per_device_eval_batch_size`.
+        rows_per_shard (`int`, *optional*, defaults to `1024`):
+            Rows per shard file: the unit of resumption, of memory and of work split between processes.
+    """
+
+    tokenizer_name_or_path: str | None = field(
+        default=None, metadata={"help": "The student's tokenizer (used in training); defaults to the teacher's."}
+    )
+    teacher_batch_size: int | None = field(
+        default=None, metadata={"help": "Rows per teacher forward; defaults to `per_device_eval_batch_size`."}
+    )
+    rows_per_shard: int = field(
+        default=1024, metadata={"help": "Rows per shard file (the unit of resumption and of work per process)."}
+    )
+
+
+def cache_teacher_parser():
+    """`TrlParser` over TRL's `ScriptArguments` (dataset), [`CacheTeacherArguments`] and `DistillConfig`."""
+    from trl import ScriptArguments, TrlParser
+
+    from ..config import DistillConfig
+
+    return TrlParser((ScriptArguments, CacheTeacherArguments, DistillConfig), prog="trl-distill cache-teacher")
+
+
+def load_datasets(script_args):
+    """The train split and, when the dataset has it, the `dataset_test_split` split (a local path or a Hub id)."""
+    from datasets import DatasetDict, load_dataset, load_from_disk
+
+    name = script_args.dataset_name
+    if name is None:
+        raise ValueError("`dataset_name` is required: a local dataset (json/parquet/csv file or directory) or a Hub id.")
+    if os.path.isdir(name) and os.path.isfile(os.path.join(name, "dataset_dict.json")):
+        data = load_from_disk(name)
+    elif os.path.isdir(name) and os.path.isfile(os.path.join(name, "state.json")):
+        data = DatasetDict({script_args.dataset_train_split: load_from_disk(name)})
+    elif os.path.isfile(name):
+        extension = os.path.splitext(name)[1].lstrip(".").replace("jsonl", "json")
+        data = load_dataset(extension, data_files={script_args.dataset_train_split: name})
+    else:
+        data = load_dataset(name, name=script_args.dataset_config)
+    if script_args.dataset_train_split not in data:
+        raise ValueError(
+            f"`dataset_train_split={script_args.dataset_train_split!r}` is not a split of {name!r} "
+            f"(splits: {sorted(data)})."
+        )
+    return data[script_args.dataset_train_split], data.get(script_args.dataset_test_split)
+
+
+def run_cache_teacher(parser=None, argv: Sequence[str] | None = None) -> int:
+    """Parse `argv` (`--config x.yaml` and/or flags; unknown keys fail) and write the store; return an exit code."""
+    from transformers import AutoTokenizer
+
+    from .cache import cache_teacher
+
+    parser = parser or cache_teacher_parser()
+    script_args, cache_args, args = parser.parse_args_and_config(argv)
+    if args.teacher_model_name_or_path is None:
+        raise ValueError("`teacher_model_name_or_path` is required: the teacher whose top-k are stored.")
+    tokenizer = AutoTokenizer.from_pretrained(
+        cache_args.tokenizer_name_or_path or args.teacher_model_name_or_path, trust_remote_code=args.trust_remote_code
+    )
+    train_dataset, eval_dataset = load_datasets(script_args)
+    manifest = cache_teacher(
+        args.teacher_model_name_or_path,
+        train_dataset,
+        eval_dataset=eval_dataset,
+        args=args,
+        processing_class=tokenizer,
+        batch_size=cache_args.teacher_batch_size,
+        rows_per_shard=cache_args.rows_per_shard,
+        progress=not args.disable_tqdm,
+    )
+    if manifest is not None:
+        positions = sum(info["positions"] for info in manifest["splits"].values())
+        print(
+            f"Teacher store {args.teacher_cache}: {len(manifest['shards'])} shards, {positions} positions, "
+            f"{manifest['total_bytes'] / max(positions, 1):.1f} bytes per position (k={manifest['top_k']}, "
+            f"T={manifest['temperature']})."
+        )
+    return 0
