@@ -26,6 +26,13 @@ _EXPORTS = {
     "register_mode": "trl_distill.modes",
     "distillation_loss": "trl_distill.losses",
     "linear_distillation_loss": "trl_distill.losses",
+    # stages after distillation (recipes/): held-out KL, DPO pairs ranked by the teacher, quantization-aware recovery
+    "heldout_metrics": "trl_distill.evaluation",
+    "teacher_ranked_pairs": "trl_distill.preference",
+    "disable_bnb_cpu_repack": "trl_distill.quantization",
+    "qat_prepare": "trl_distill.quantization",
+    "qat_convert": "trl_distill.quantization",
+    "unwrap_fake_quantized": "trl_distill.quantization",
 }
 
 __all__ = ["__version__", *sorted(_EXPORTS)]
@@ -35,6 +42,9 @@ if TYPE_CHECKING:
     from .losses import distillation_loss, linear_distillation_loss
     from .modes import DistillMode, available_modes, register_mode
     from .trainer import DistillTrainer
+    from .evaluation import heldout_metrics
+    from .preference import teacher_ranked_pairs
+    from .quantization import disable_bnb_cpu_repack, qat_convert, qat_prepare, unwrap_fake_quantized
 
 
 def __getattr__(name: str):
