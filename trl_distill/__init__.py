@@ -37,6 +37,13 @@ _EXPORTS = {
     "CacheTeacherArguments": "trl_distill.teachers.cache_script",
     "cache_teacher_parser": "trl_distill.teachers.cache_script",
     "run_cache_teacher": "trl_distill.teachers.cache_script",
+    # stages after distillation (recipes/): held-out KL, DPO pairs ranked by the teacher, quantization-aware recovery
+    "heldout_metrics": "trl_distill.evaluation",
+    "teacher_ranked_pairs": "trl_distill.preference",
+    "disable_bnb_cpu_repack": "trl_distill.quantization",
+    "qat_prepare": "trl_distill.quantization",
+    "qat_convert": "trl_distill.quantization",
+    "unwrap_fake_quantized": "trl_distill.quantization",
 }
 
 __all__ = ["__version__", *sorted(_EXPORTS)]
@@ -52,6 +59,9 @@ if TYPE_CHECKING:
     from .callbacks import HeldOutKLCallback
     from .receipt import append_stage
     from .verify import verify_artifact
+    from .evaluation import heldout_metrics
+    from .preference import teacher_ranked_pairs
+    from .quantization import disable_bnb_cpu_repack, qat_convert, qat_prepare, unwrap_fake_quantized
 
 
 def __getattr__(name: str):

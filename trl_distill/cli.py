@@ -7,6 +7,7 @@ runs it; `main` only dispatches. Subcommands import what they need inside `func`
 trl-distill demo [--output-dir runs/demo] [--seed 0] [--quick] [--num-threads 1]
 trl-distill verify OUTPUT_DIR [--replay] [--public-key KEY.pem] [--teacher PATH] [--strict]
 trl-distill cache-teacher --config distill.yaml [--dataset_name data.jsonl] [--teacher_cache store/] [...]
+trl-distill recipe-assets [--output-dir runs/recipes/tiny] [--seed 0] [--untrained-teacher]
 ```
 """
 
@@ -75,6 +76,8 @@ def _add_verify(subparsers) -> None:
     parser.add_argument("--teacher", default=None, help="Load the teacher from here for --replay (id or local path).")
     parser.add_argument("--strict", action="store_true", help="Also fail on files the receipt does not list.")
     parser.set_defaults(func=_run_verify)
+
+
 def _run_cache_teacher(args: argparse.Namespace) -> int:
     from trl_distill.teachers.cache_script import run_cache_teacher
 
@@ -97,6 +100,28 @@ def _add_cache_teacher(subparsers) -> None:
     parser.set_defaults(func=_run_cache_teacher, forward_options=True)
 
 
+def _run_recipe_assets(args: argparse.Namespace) -> int:
+    from trl_distill.demo.assets import write_recipe_assets
+
+    paths = write_recipe_assets(args.output_dir, seed=args.seed, train_teacher=not args.untrained_teacher)
+    for name, path in paths.items():
+        print(f"{name:<8} {path}")
+    return 0
+
+
+def _add_recipe_assets(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "recipe-assets",
+        help="Write the local teacher, student and data that recipes/configs/tiny*.yaml point at (~15 s).",
+        description="Write the demo's quick teacher (trained once, then cached), the quick student's initial weights "
+        "and the task's train/test data as JSON lines, under OUTPUT_DIR, for the tiny recipe configs.",
+    )
+    parser.add_argument("--output-dir", default="runs/recipes/tiny", help="Where the tiny configs expect the files.")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of data, tokenizer and weights.")
+    parser.add_argument("--untrained-teacher", action="store_true", help="Skip the teacher's training (plumbing tests).")
+    parser.set_defaults(func=_run_recipe_assets)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `trl-distill` parser; add a subcommand with one `_add_<name>(subparsers)` call."""
     from trl_distill import __version__
@@ -109,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo(subparsers)
     _add_verify(subparsers)
     _add_cache_teacher(subparsers)
+    _add_recipe_assets(subparsers)
     return parser
 
 

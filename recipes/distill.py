@@ -1,0 +1,91 @@
+"""Distill a teacher into a student from a YAML config: `DistillTrainer` driven by TRL's parser.
+
+Launch (every key of the YAML is a field of `DistillScriptArguments`, TRL's `ModelConfig` or `DistillConfig`; flags
+after the config override it; an unknown or misspelled key is an error that names it):
+
+    # one process (CPU or one GPU)
+    python recipes/distill.py --config recipes/configs/qwen2.5-1.5b-to-0.5b-full.yaml
+    # several GPUs (DDP), or DeepSpeed ZeRO-3 / FSDP2 with a config from recipes/accelerate_configs/
+    accelerate launch --num_processes 8 recipes/distill.py --config recipes/configs/qwen2.5-14b-to-3b-lora.yaml
+    accelerate launch --config_file recipes/accelerate_configs/zero3.yaml recipes/distill.py --config <config>.yaml
+    # the tiny offline config (CPU, about a minute): write its local models and data first
+    trl-distill recipe-assets && python recipes/distill.py --config recipes/configs/tiny.yaml
+    # two CPU processes (DDP on gloo; `--cpu` would start only one)
+    accelerate launch --config_file recipes/accelerate_configs/ddp_cpu.yaml recipes/distill.py \\
+        --config recipes/configs/tiny.yaml --output_dir runs/recipes/tiny-ddp
+
+Every `distill_mode` and every `DistillConfig` field works without edits here: the config class is parsed as a whole.
+LoRA / QLoRA come from `ModelConfig` (`use_peft`, `lora_r`, `lora_alpha`, `lora_target_modules`, `load_in_4bit`, ...).
+After training the student is saved to `output_dir`, held-out KL(teacher‖student) is measured on up to
+`heldout_max_rows` rows of `dataset_test_split`, logged through the trainer and written with the settings to
+`output_dir/stage.json`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # `stage` beside this file, however it is launched
+
+import stage  # noqa: E402
+from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config  # noqa: E402
+
+from trl_distill import DistillConfig, DistillTrainer  # noqa: E402
+
+
+@dataclass
+class DistillScriptArguments(ScriptArguments):
+    """TRL's dataset arguments (`dataset_name`, `dataset_config`, `dataset_train_split`, `dataset_test_split`) plus:"""
+
+    heldout_max_rows: int = field(
+        default=256,
+        metadata={"help": "Rows of `dataset_test_split` on which held-out KL(teacher||student) is measured after "
+                  "training (0: not measured). The same rows are the trainer's eval set when `eval_strategy` is set."},
+    )  # fmt: skip
+
+
+def make_parser() -> TrlParser:
+    """The recipe's parser: every field of these dataclasses is a YAML key and a `--flag`."""
+    return TrlParser((DistillScriptArguments, ModelConfig, DistillConfig))
+
+
+def run(script_args: DistillScriptArguments, model_args: ModelConfig, training_args: DistillConfig) -> dict:
+    """Train, save, measure; return the stage record (also written to `output_dir/stage.json`)."""
+    train_dataset, test_dataset = stage.load_splits(script_args)
+    eval_dataset = None
+    if training_args.eval_strategy != "no" and test_dataset is not None:
+        eval_dataset = test_dataset.select(range(min(len(test_dataset), max(script_args.heldout_max_rows, 1))))
+    trainer = DistillTrainer(
+        model=stage.load_model(model_args, training_args),
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=stage.load_tokenizer(model_args.model_name_or_path),
+        peft_config=get_peft_config(model_args),
+    )
+    results = stage.train_and_save(trainer, training_args.output_dir)
+    if not trainer.is_deepspeed_enabled:
+        results["rank_weight_digests"] = stage.rank_weight_digests(trainer.model)
+    mode = trainer.distill_mode
+    if mode.requires_shared_vocab and not trainer.is_deepspeed_enabled:
+        # Every rank runs the same rows (cheap next to training; keeps the ranks in step).
+        rows = stage.heldout_rows(test_dataset, script_args.heldout_max_rows)
+        results.update(stage.measure(trainer.model, trainer.teacher_model, trainer.processing_class, rows,
+                                     prefix="heldout_"))  # fmt: skip
+    else:
+        stage.logger.warning("Held-out KL is measured only for shared-vocabulary modes outside DeepSpeed.")
+    models = stage.models_record(training_args.output_dir, model_args.model_name_or_path,
+                                 training_args.teacher_model_name_or_path, adapters=model_args.use_peft)  # fmt: skip
+    method = f"DistillTrainer distill_mode={training_args.distill_mode} objective={training_args.objective}"
+    return stage.finish_stage("distill", method, (script_args, model_args, training_args), results, models, trainer)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    return stage.run_recipe(run, make_parser(), argv)
+
+
+if __name__ == "__main__":
+    main()
