@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # `stage` beside this file, however it is launched
@@ -38,13 +38,11 @@ from trl_distill import DistillConfig, DistillTrainer  # noqa: E402
 
 @dataclass
 class DistillScriptArguments(ScriptArguments):
-    """TRL's dataset arguments (`dataset_name`, `dataset_config`, `dataset_train_split`, `dataset_test_split`) plus:"""
+    """TRL's dataset arguments (`dataset_name`, `dataset_config`, `dataset_train_split`, `dataset_test_split`).
 
-    heldout_max_rows: int = field(
-        default=256,
-        metadata={"help": "Rows of `dataset_test_split` on which held-out KL(teacher||student) is measured after "
-                  "training (0: not measured). The same rows are the trainer's eval set when `eval_strategy` is set."},
-    )  # fmt: skip
+    The held-out rows are `DistillConfig`'s: `heldout_max_rows` rows of `dataset_test_split` (all when unset) are
+    measured after training unless `heldout_eval: false`, and are the trainer's eval set when `eval_strategy` is set.
+    """
 
 
 def make_parser() -> TrlParser:
@@ -55,9 +53,10 @@ def make_parser() -> TrlParser:
 def run(script_args: DistillScriptArguments, model_args: ModelConfig, training_args: DistillConfig) -> dict:
     """Train, save, measure; return the stage record (also written to `output_dir/stage.json`)."""
     train_dataset, test_dataset = stage.load_splits(script_args)
+    rows = stage.heldout_rows(test_dataset, stage.heldout_limit(training_args))
     eval_dataset = None
-    if training_args.eval_strategy != "no" and test_dataset is not None:
-        eval_dataset = test_dataset.select(range(min(len(test_dataset), max(script_args.heldout_max_rows, 1))))
+    if training_args.eval_strategy != "no" and rows:
+        eval_dataset = test_dataset.select(range(len(rows)))
     trainer = DistillTrainer(
         model=stage.load_model(model_args, training_args),
         args=training_args,
@@ -72,7 +71,6 @@ def run(script_args: DistillScriptArguments, model_args: ModelConfig, training_a
     mode = trainer.distill_mode
     if mode.requires_shared_vocab and not trainer.is_deepspeed_enabled:
         # Every rank runs the same rows (cheap next to training; keeps the ranks in step).
-        rows = stage.heldout_rows(test_dataset, script_args.heldout_max_rows)
         results.update(stage.measure(trainer.model, trainer.teacher_model, trainer.processing_class, rows,
                                      prefix="heldout_"))  # fmt: skip
     else:

@@ -79,7 +79,7 @@ def run(script_args: QATScriptArguments, model_args: ModelConfig, training_args:
     from transformers import AutoModelForCausalLM
 
     train_dataset, test_dataset = stage.load_splits(script_args)
-    rows = stage.heldout_rows(test_dataset, script_args.heldout_max_rows)
+    rows = stage.heldout_rows(test_dataset, stage.heldout_limit(training_args))
     tokenizer = stage.load_tokenizer(model_args.model_name_or_path)
     fp_args = dataclasses.replace(model_args, load_in_4bit=False, load_in_8bit=False, use_peft=False)
     full_precision = stage.load_model(fp_args, training_args)

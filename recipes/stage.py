@@ -146,11 +146,17 @@ def load_splits(script_args):
     return dataset[script_args.dataset_train_split], test
 
 
-def heldout_rows(test_dataset, max_rows: int) -> list[dict] | None:
-    """Up to `max_rows` prompt/completion rows for held-out metrics (`messages` rows are split at the last turn)."""
+def heldout_limit(training_args) -> int | None:
+    """How many test rows a `DistillConfig` asks to measure: 0 with `heldout_eval=False`, `None` for all of them."""
+    return training_args.heldout_max_rows if training_args.heldout_eval else 0
+
+
+def heldout_rows(test_dataset, max_rows: int | None) -> list[dict] | None:
+    """Up to `max_rows` (`None`: all) prompt/completion rows for held-out metrics (`messages` rows are split at the
+    last turn)."""
     if test_dataset is None or max_rows == 0:
         return None
-    rows = [row for _, row in zip(range(max_rows), test_dataset)]
+    rows = list(test_dataset) if max_rows is None else [row for _, row in zip(range(max_rows), test_dataset)]
     if rows and "prompt" not in rows[0] and "messages" in rows[0]:
         rows = [{"prompt": r["messages"][:-1], "completion": r["messages"][-1:]} for r in rows]
     if not rows or not {"prompt", "completion"} <= set(rows[0]):
