@@ -9,7 +9,8 @@ from typing import Any
 
 from trl import SFTConfig
 
-from .losses import OBJECTIVES, REDUCTIONS
+from .features import FEATURE_PROJECTION_MODES, parse_layer_map
+from .losses import FEATURE_LOSSES, OBJECTIVES, REDUCTIONS
 
 
 DISTILL_MODES = ("token",)
@@ -58,6 +59,19 @@ class DistillConfig(SFTConfig):
         kd_chunk_size (`int`, *optional*):
             Positions projected through the `lm_head`s at once. `None`: 256 (fewer for vocabularies above 131k
             tokens, so one float32 block stays near 128 MiB).
+
+    Parameters that control feature (hidden-state) KD, added to the token mode's loss:
+        feature_weight (`float`, *optional*, defaults to `0.0`):
+            Weight of the feature term: the loss becomes `L + feature_weight * L_feat`. `0` turns feature KD off (the
+            teacher's hidden states are then never requested).
+        feature_layer_map (`list[list[int]]` or `str`, *optional*):
+            `(student layer, teacher layer)` pairs, 0-based decoder-layer indices (negative from the end), e.g.
+            `"0:1,1:3"` or `[[0, 1], [1, 3]]`. `None`: `min(L_s, L_t)` evenly spaced pairs ending at both last layers.
+        feature_loss (`str`, *optional*, defaults to `"mse"`):
+            `"mse"` (squared error averaged over the hidden dimensions) or `"cosine"` (`1 - cos`), per position.
+        feature_projection (`str`, *optional*, defaults to `"auto"`):
+            `"auto"`: a learned linear map per pair when the widths differ, the identity when they match; `"always"`:
+            a learned map for every pair (identity-initialized when the widths match).
     """
 
     _VALID_DICT_FIELDS = SFTConfig._VALID_DICT_FIELDS + ["teacher_model_init_kwargs"]
@@ -115,6 +129,30 @@ class DistillConfig(SFTConfig):
         metadata={"help": "Positions projected through the lm_heads at once; None picks one from the vocabulary size."},
     )
 
+    # Feature (hidden-state) KD, issue 5 (see trl_distill/features.py)
+    feature_weight: float = field(
+        default=0.0,
+        metadata={"help": "Weight of the hidden-state (feature) KD term added to the token loss; 0 = off."},
+    )
+    feature_layer_map: list[list[int]] | str | None = field(
+        default=None,
+        metadata={
+            "help": "(student layer, teacher layer) pairs, 0-based, e.g. '0:1,1:3' or [[0, 1], [1, 3]]; default: "
+            "evenly spaced pairs ending at the last layers."
+        },
+    )
+    feature_loss: str = field(
+        default="mse",
+        metadata={"help": "'mse' (mean over hidden dims) or 'cosine' (1 - cos), per position.", "choices": FEATURE_LOSSES},
+    )
+    feature_projection: str = field(
+        default="auto",
+        metadata={
+            "help": "'auto': learned linear map when widths differ, identity otherwise; 'always': learned map per pair.",
+            "choices": FEATURE_PROJECTION_MODES,
+        },
+    )
+
     def __post_init__(self):
         super().__post_init__()
         if self.distill_mode not in DISTILL_MODES:
@@ -148,4 +186,30 @@ class DistillConfig(SFTConfig):
             raise ValueError(
                 f"`loss_type={self.loss_type!r}` changes SFT's cross-entropy, which `DistillTrainer` replaces with the "
                 "distillation loss; leave `loss_type='nll'`."
+            )
+
+        # Feature (hidden-state) KD (issue 5).
+        if isinstance(self.feature_weight, bool) or not (
+            isinstance(self.feature_weight, (int, float)) and math.isfinite(self.feature_weight) and self.feature_weight >= 0
+        ):
+            raise ValueError(f"`feature_weight` must be a finite number >= 0 (0 = off), got {self.feature_weight!r}.")
+        if self.feature_loss not in FEATURE_LOSSES:
+            raise ValueError(f"`feature_loss` must be one of {FEATURE_LOSSES}, got {self.feature_loss!r}.")
+        if self.feature_projection not in FEATURE_PROJECTION_MODES:
+            raise ValueError(
+                f"`feature_projection` must be one of {FEATURE_PROJECTION_MODES}, got {self.feature_projection!r}."
+            )
+        self.feature_layer_map = parse_layer_map(self.feature_layer_map)
+        if self.feature_weight > 0 and self.distill_mode != "token":
+            raise ValueError(
+                f"`feature_weight={self.feature_weight}` is supported with `distill_mode='token'` only (it needs the "
+                f"teacher run on the same token positions), got `distill_mode={self.distill_mode!r}`. Set "
+                "`feature_weight=0` or use the token mode."
+            )
+        if self.feature_weight == 0 and self.feature_layer_map is not None:
+            warnings.warn(
+                f"`feature_layer_map={self.feature_layer_map}` is ignored because `feature_weight=0`; set "
+                "`feature_weight` > 0 to turn feature KD on.",
+                UserWarning,
+                stacklevel=3,
             )

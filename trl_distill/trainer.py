@@ -13,6 +13,7 @@ from trl import SFTConfig, SFTTrainer
 
 from .alignment import shared_vocab_size
 from .config import DistillConfig
+from .features import add_projection_param_group, build_feature_projector, resume_projections, save_projections
 from .modes import get_mode
 from .teachers import lm_head_and_backbone, load_teacher, teacher_tokenizer_source
 
@@ -135,6 +136,8 @@ class DistillTrainer(SFTTrainer):
         if teacher is not None and mode_cls.requires_shared_vocab:
             _check_lm_head_rows(teacher, "teacher", self.vocab_size)
         self.teacher_model = self._prepare_teacher(teacher) if teacher is not None else None
+        # Feature KD (issue 5): learned projections trained beside the student, never part of it (features.py).
+        self.feature_projector = build_feature_projector(self)
         self.distill_mode = mode_cls(self)
 
     def _prepare_teacher(self, teacher: nn.Module) -> nn.Module:
@@ -144,6 +147,20 @@ class DistillTrainer(SFTTrainer):
 
             return prepare_deepspeed(teacher, self.accelerator)
         return self.accelerator.prepare_model(teacher, evaluation_mode=True)
+
+    # Feature-KD projections: in the optimizer, in checkpoints and beside the exported student (features.py).
+    def create_optimizer(self, model=None):
+        optimizer = super().create_optimizer(model)
+        add_projection_param_group(self, optimizer)
+        return optimizer
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        super()._save(output_dir, state_dict=state_dict)
+        save_projections(self, output_dir)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        resume_projections(self, resume_from_checkpoint)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"
