@@ -95,8 +95,12 @@ def main(argv=None) -> int:
     per_seed = {}
     with demo_session():
         for seed in args.seeds:
-            per_seed[seed] = run_seed(os.path.join(args.output_dir, f"seed-{seed}"), seed, args.variants, args.quick)
-    os.makedirs(args.output_dir, exist_ok=True)
+            seed_dir = os.path.join(args.output_dir, f"seed-{seed}")
+            per_seed[seed] = run_seed(seed_dir, seed, args.variants, args.quick)
+            # Each seed's rows as soon as they exist: a long run that is stopped keeps what it measured.
+            with open(os.path.join(seed_dir, "feature_quality.json"), "w", encoding="utf-8") as f:
+                json.dump(per_seed[seed], f, indent=2)
+            print(table({seed: per_seed[seed]}), flush=True)
     with open(os.path.join(args.output_dir, "results.json"), "w", encoding="utf-8") as f:
         json.dump(per_seed, f, indent=2)
     print()
