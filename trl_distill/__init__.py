@@ -25,6 +25,7 @@ _EXPORTS = {
     "available_modes": "trl_distill.modes",
     "register_mode": "trl_distill.modes",
     "distillation_loss": "trl_distill.losses",
+    "feature_distillation_loss": "trl_distill.losses",
     "linear_distillation_loss": "trl_distill.losses",
     # held-out measurement, receipt and verification (issue 7)
     "HeldOutKLCallback": "trl_distill.callbacks",
@@ -50,7 +51,12 @@ __all__ = ["__version__", *sorted(_EXPORTS)]
 
 if TYPE_CHECKING:
     from .config import DistillConfig
-    from .losses import distillation_loss, linear_distillation_loss, linear_top_k_distillation_loss
+    from .losses import (
+        distillation_loss,
+        feature_distillation_loss,
+        linear_distillation_loss,
+        linear_top_k_distillation_loss,
+    )
     from .modes import DistillMode, available_modes, register_mode
     from .teachers.cache import cache_teacher
     from .teachers.cache_script import CacheTeacherArguments, cache_teacher_parser, run_cache_teacher

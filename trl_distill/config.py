@@ -9,7 +9,8 @@ from typing import Any
 
 from trl import SFTConfig
 
-from .losses import OBJECTIVES, REDUCTIONS, ULD_DISTANCES
+from .features import FEATURE_PROJECTION_MODES, parse_layer_map
+from .losses import FEATURE_LOSSES, OBJECTIVES, REDUCTIONS, ULD_DISTANCES
 
 
 DISTILL_MODES = ("token", "uld")
@@ -88,6 +89,18 @@ class DistillConfig(SFTConfig):
             Directory of a teacher store written by `trl-distill cache-teacher` / [`cache_teacher`]: train from the
             teacher's stored top-k instead of a live teacher (which is then not loaded). Needs `kd_top_k` (at most the
             store's k) and the store's `kd_temperature`; `packing` and `padding_free` are refused.
+    Parameters that control feature (hidden-state) KD, added to the token mode's loss:
+        feature_weight (`float`, *optional*, defaults to `0.0`):
+            Weight of the feature term: the loss becomes `L + feature_weight * L_feat`. `0` turns feature KD off (the
+            teacher's hidden states are then never requested).
+        feature_layer_map (`list[list[int]]` or `str`, *optional*):
+            `(student layer, teacher layer)` pairs, 0-based decoder-layer indices (negative from the end), e.g.
+            `"0:1,1:3"` or `[[0, 1], [1, 3]]`. `None`: `min(L_s, L_t)` evenly spaced pairs ending at both last layers.
+        feature_loss (`str`, *optional*, defaults to `"mse"`):
+            `"mse"` (squared error averaged over the hidden dimensions) or `"cosine"` (`1 - cos`), per position.
+        feature_projection (`str`, *optional*, defaults to `"auto"`):
+            `"auto"`: a learned linear map per pair when the widths differ, the identity when they match; `"always"`:
+            a learned map for every pair (identity-initialized when the widths match).
     """
 
     _VALID_DICT_FIELDS = SFTConfig._VALID_DICT_FIELDS + ["teacher_model_init_kwargs"]
@@ -185,6 +198,29 @@ class DistillConfig(SFTConfig):
             "instead of a live teacher. Needs `kd_top_k` <= the store's k and the store's `kd_temperature`."
         },
     )
+    # Feature (hidden-state) KD, issue 5 (see trl_distill/features.py)
+    feature_weight: float = field(
+        default=0.0,
+        metadata={"help": "Weight of the hidden-state (feature) KD term added to the token loss; 0 = off."},
+    )
+    feature_layer_map: list[list[int]] | str | None = field(
+        default=None,
+        metadata={
+            "help": "(student layer, teacher layer) pairs, 0-based, e.g. '0:1,1:3' or [[0, 1], [1, 3]]; default: "
+            "evenly spaced pairs ending at the last layers."
+        },
+    )
+    feature_loss: str = field(
+        default="mse",
+        metadata={"help": "'mse' (mean over hidden dims) or 'cosine' (1 - cos), per position.", "choices": FEATURE_LOSSES},
+    )
+    feature_projection: str = field(
+        default="auto",
+        metadata={
+            "help": "'auto': learned linear map when widths differ, identity otherwise; 'always': learned map per pair.",
+            "choices": FEATURE_PROJECTION_MODES,
+        },
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -258,6 +294,36 @@ class DistillConfig(SFTConfig):
             warnings.warn(
                 f"`objective={self.objective!r}` is ignored with `distill_mode='uld'` unless `uld_exact_match=True` "
                 "(it then measures the identity-matched tokens); the sorted matching uses `uld_distance`.",
+                UserWarning,
+                stacklevel=3,
+            )
+        # Feature (hidden-state) KD (issue 5).
+        if isinstance(self.feature_weight, bool) or not (
+            isinstance(self.feature_weight, (int, float)) and math.isfinite(self.feature_weight) and self.feature_weight >= 0
+        ):
+            raise ValueError(f"`feature_weight` must be a finite number >= 0 (0 = off), got {self.feature_weight!r}.")
+        if self.feature_loss not in FEATURE_LOSSES:
+            raise ValueError(f"`feature_loss` must be one of {FEATURE_LOSSES}, got {self.feature_loss!r}.")
+        if self.feature_projection not in FEATURE_PROJECTION_MODES:
+            raise ValueError(
+                f"`feature_projection` must be one of {FEATURE_PROJECTION_MODES}, got {self.feature_projection!r}."
+            )
+        self.feature_layer_map = parse_layer_map(self.feature_layer_map)
+        if self.feature_weight > 0 and self.distill_mode != "token":
+            raise ValueError(
+                f"`feature_weight={self.feature_weight}` is supported with `distill_mode='token'` only (it needs the "
+                f"teacher run on the same token positions), got `distill_mode={self.distill_mode!r}`. Set "
+                "`feature_weight=0` or use the token mode."
+            )
+        if self.feature_weight > 0 and self.teacher_cache is not None:
+            raise ValueError(
+                f"`feature_weight={self.feature_weight}` needs the teacher's hidden states, which `teacher_cache` does not "
+                "store (only its top-k log-probabilities). Set `feature_weight=0` or train with a live teacher."
+            )
+        if self.feature_weight == 0 and self.feature_layer_map is not None:
+            warnings.warn(
+                f"`feature_layer_map={self.feature_layer_map}` is ignored because `feature_weight=0`; set "
+                "`feature_weight` > 0 to turn feature KD on.",
                 UserWarning,
                 stacklevel=3,
             )

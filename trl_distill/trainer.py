@@ -15,6 +15,7 @@ from .alignment import shared_vocab_size
 from .callbacks import add_heldout_callback
 from .config import DistillConfig
 from .model_card import push_offline_error, write_trainer_model_card
+from .features import add_projection_param_group, build_feature_projector, resume_projections, save_projections
 from .modes import get_mode
 from .provenance import save_artifact
 from .modes.token_offline import offline_mode
@@ -143,6 +144,8 @@ class DistillTrainer(SFTTrainer):
         if teacher is not None and mode_cls.requires_shared_vocab:
             _check_lm_head_rows(teacher, "teacher", self.vocab_size)
         self.teacher_model = self._prepare_teacher(teacher) if teacher is not None else None
+        # Feature KD (issue 5): learned projections trained beside the student, never part of it (features.py).
+        self.feature_projector = build_feature_projector(self)
         self.distill_mode = mode_cls(self)
         add_heldout_callback(self)  # held-out KL / perplexity at each evaluation and at the end (`heldout_eval`)
 
@@ -153,6 +156,16 @@ class DistillTrainer(SFTTrainer):
 
             return prepare_deepspeed(teacher, self.accelerator)
         return self.accelerator.prepare_model(teacher, evaluation_mode=True)
+
+    # Feature-KD projections: in the optimizer, in checkpoints and beside the exported student (features.py).
+    def create_optimizer(self, model=None):
+        optimizer = super().create_optimizer(model)
+        add_projection_param_group(self, optimizer)
+        return optimizer
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        resume_projections(self, resume_from_checkpoint)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"
@@ -201,6 +214,7 @@ class DistillTrainer(SFTTrainer):
     # Receipt, model card and Hub (issue 7): `provenance`, `model_card` and `callbacks` hold the logic.
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         super()._save(output_dir, state_dict=state_dict)
+        save_projections(self, output_dir)  # feature KD: beside the student, never inside it (before the receipt)
         if self.args.should_save and not getattr(self, "_saving_checkpoint", False):
             save_artifact(self, output_dir if output_dir is not None else self.args.output_dir)
 

@@ -9,27 +9,33 @@ Public API:
   log-probabilities (an offline teacher store); [`teacher_top_k_targets`] computes those from the teacher.
 - [`divergence_terms`], [`KDSpec`], [`OBJECTIVES`]: the divergence formulas and their validated hyper-parameters;
   [`teacher_top_k`] / [`TopKTargets`]: the teacher's side of the top-k loss.
+- [`feature_distillation_loss`], [`feature_terms`], [`FEATURE_LOSSES`]: hidden-state (feature) KD, mse or cosine.
 - [`reduce_loss`]: the single place where summed losses are reduced (mean / sum / `num_items_in_batch`).
 """
 
 from .chunked import DistillationLossOutput, default_chunk_size, distillation_loss, linear_distillation_loss
 from .divergences import OBJECTIVES, KDSpec, TopKTargets, divergence_terms, kd_chunk, teacher_top_k
+from .feature import FEATURE_LOSSES, FeatureLossOutput, feature_distillation_loss, feature_terms
 from .reduction import REDUCTIONS, reduce_loss
 from .top_k import linear_top_k_distillation_loss, teacher_top_k_targets
 from .uld import ULD_DISTANCES, ULDSpec, linear_uld_loss, uld_loss
 
 
 __all__ = [
+    "FEATURE_LOSSES",
     "OBJECTIVES",
     "REDUCTIONS",
     "ULD_DISTANCES",
     "ULDSpec",
     "DistillationLossOutput",
+    "FeatureLossOutput",
     "KDSpec",
     "TopKTargets",
     "default_chunk_size",
     "distillation_loss",
     "divergence_terms",
+    "feature_distillation_loss",
+    "feature_terms",
     "kd_chunk",
     "linear_distillation_loss",
     "linear_uld_loss",

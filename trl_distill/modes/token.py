@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..features import add_feature_loss, feature_teacher_kwargs
 from ..losses import linear_distillation_loss
 from ..teachers.live import check_plain_lm_head, lm_head_and_backbone
 from .base import DistillMode, register_mode
@@ -42,7 +43,8 @@ class TokenMode(DistillMode):
 
         teacher_head, teacher_backbone = lm_head_and_backbone(trainer.teacher_model)
         with torch.no_grad():
-            teacher_hidden = teacher_backbone(**model_inputs).last_hidden_state
+            teacher_outputs = teacher_backbone(**model_inputs, **feature_teacher_kwargs(trainer))
+        teacher_hidden = teacher_outputs.last_hidden_state
 
         # Position i predicts token i + 1.
         shift_labels = labels[:, 1:].to(student_hidden.device)
@@ -66,4 +68,8 @@ class TokenMode(DistillMode):
             return_components=True,
         )
         metrics = {"kd_loss": result.kd_loss, "ce_loss": result.ce_loss, "kd_tokens": result.num_tokens}
-        return result.loss, metrics
+        # Feature KD (`feature_weight > 0`): `+ feature_weight * L_feat` on the same positions; a no-op otherwise.
+        return add_feature_loss(
+            trainer, result.loss, metrics, outputs.hidden_states, teacher_outputs.hidden_states, shift_labels,
+            num_items_in_batch,
+        )
