@@ -26,6 +26,7 @@ _EXPORTS = {
     "register_mode": "trl_distill.modes",
     "distillation_loss": "trl_distill.losses",
     "linear_distillation_loss": "trl_distill.losses",
+    "generate_teacher_completions": "trl_distill.teachers.generation",
 }
 
 __all__ = ["__version__", *sorted(_EXPORTS)]
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
     from .config import DistillConfig
     from .losses import distillation_loss, linear_distillation_loss
     from .modes import DistillMode, available_modes, register_mode
+    from .teachers.generation import generate_teacher_completions
     from .trainer import DistillTrainer
 
 

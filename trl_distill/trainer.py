@@ -14,6 +14,7 @@ from trl import SFTConfig, SFTTrainer
 from .alignment import shared_vocab_size
 from .config import DistillConfig
 from .modes import get_mode
+from .modes.on_policy import CompletionSource, check_prompt_column
 from .teachers import lm_head_and_backbone, load_teacher, teacher_tokenizer_source
 
 
@@ -108,6 +109,14 @@ class DistillTrainer(SFTTrainer):
         if mode_cls.requires_shared_vocab and processing_class is not None and teacher_tokenizer is not None:
             vocab_size = shared_vocab_size(_text_tokenizer(processing_class), _text_tokenizer(teacher_tokenizer))
 
+        # Modes that train on other targets (sequence-level KD: the teacher's completions) rewrite the raw rows here,
+        # before `SFTTrainer` tokenizes them; on-policy / `seq_kd` training needs prompts to generate from.
+        train_dataset = mode_cls.prepare_train_dataset(
+            train_dataset, teacher=teacher, teacher_source=teacher_source, args=args,
+            teacher_tokenizer=teacher_tokenizer if teacher_tokenizer is not None else processing_class,
+        )  # fmt: skip
+        check_prompt_column(train_dataset, args)
+
         super().__init__(
             model=model,
             args=args,
@@ -136,6 +145,7 @@ class DistillTrainer(SFTTrainer):
             _check_lm_head_rows(teacher, "teacher", self.vocab_size)
         self.teacher_model = self._prepare_teacher(teacher) if teacher is not None else None
         self.distill_mode = mode_cls(self)
+        self.completion_source = CompletionSource(self) if args.lmbda > 0 or args.seq_kd else None
 
     def _prepare_teacher(self, teacher: nn.Module) -> nn.Module:
         """Place the teacher like the student, for inference only (no DDP wrapper, no optimizer state)."""
@@ -144,6 +154,13 @@ class DistillTrainer(SFTTrainer):
 
             return prepare_deepspeed(teacher, self.accelerator)
         return self.accelerator.prepare_model(teacher, evaluation_mode=True)
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        batches, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if self.completion_source is None:
+            return batches, num_items_in_batch
+        # On-policy / `seq_kd` steps swap in generated completions; recount the window's tokens on the new batches.
+        return super().get_batch_samples(iter(self.completion_source.resample(batches)), len(batches), device)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"
