@@ -7,7 +7,8 @@ budget and held-out measurements), students trained from the same initial weight
 - `sequence`: `distill_mode="sequence"`, CE on the teacher's greedy completions (Kim & Rush 2016);
 - `token fwd λ=0`, `token rev λ=0`: token-level KD on the gold completions (off-policy), forward / reverse KL;
 - `token rev λ=0.5`, `token rev λ=1`: on-policy GKD (Agarwal et al. 2024), reverse KL on the student's own samples
-  half of the steps / every step.
+  half of the steps / every step; `token fwd λ=0.5`, `token fwd λ=1`: the same with forward KL, to separate the
+  effect of the samples from the effect of the objective.
 
 Token-level rows use `kd_temperature=1.0` and `alpha=1.0` (no CE term, which on on-policy steps would fit the
 student's own samples), so they differ only in `objective` and `lmbda`. Each student size (`--student-hidden-sizes`)
@@ -34,6 +35,8 @@ def _students():
         "token rev λ=0": dict(token, objective="reverse_kl", lmbda=0.0),
         "token rev λ=0.5": dict(token, objective="reverse_kl", lmbda=0.5),
         "token rev λ=1": dict(token, objective="reverse_kl", lmbda=1.0),
+        "token fwd λ=0.5": dict(token, objective="forward_kl", lmbda=0.5),
+        "token fwd λ=1": dict(token, objective="forward_kl", lmbda=1.0),
     }
 
 
@@ -69,11 +72,16 @@ def main(argv=None) -> int:
     parser.add_argument("--output-dir", default="runs/onpolicy_quality")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--student-hidden-sizes", type=int, nargs="+", default=[64])
-    parser.add_argument("--only", nargs="*", help="Train only these rows (names as printed).")
+    parser.add_argument("--only", nargs="*", help="Train only these rows (names as printed); the table shows them "
+                        "with the rows already in OUTPUT_DIR/results.json.")  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="The test-sized budget (a smoke run).")
     args = parser.parse_args(argv)
 
+    results_path = os.path.join(args.output_dir, "results.json")
     results = {}
+    if os.path.isfile(results_path):  # rows of earlier runs in this directory (same teacher and budget) stay
+        with open(results_path, encoding="utf-8") as f:
+            results = json.load(f)
     with demo_session():
         setup = prepare_demo(args.output_dir, seed=args.seed, quick=args.quick)
         cache_dir = os.path.join(args.output_dir, "teacher_generations")
@@ -89,17 +97,18 @@ def main(argv=None) -> int:
                 results["teacher"] = metrics["teacher"]
                 print(f"h={hidden_size} {name}: {json.dumps(results[f'{hidden_size}/{name}'])}", flush=True)
 
-    with open(os.path.join(args.output_dir, "results.json"), "w", encoding="utf-8") as f:
+    with open(results_path, "w", encoding="utf-8") as f:
         json.dump(results, f, indent=2)
     teacher = results["teacher"]
     shape = f"{setup.budget.teacher_hidden_size}x{setup.budget.teacher_layers}"
     print(f"\nteacher ({shape}): perplexity {teacher['perplexity']:.3f}, accuracy {teacher['accuracy']:.1%}\n")
     print("| student width | training data | KL(teacher‖student) | KL(student‖teacher) | perplexity | accuracy | s / step |")
     print("|---|---|---|---|---|---|---|")
-    for key, row in results.items():
-        if key == "teacher":
-            continue
-        name = key.split("/", 1)[1]
+    order = list(_students())
+    keys = sorted((k for k in results if k != "teacher"),
+                  key=lambda k: (-int(k.split("/")[0]), order.index(k.split("/", 1)[1])))  # fmt: skip
+    for key in keys:
+        row, name = results[key], key.split("/", 1)[1]
         print(f"| {row['hidden_size']} | {name} | {row['kl_teacher_student']:.4f} | {row['kl_student_teacher']:.4f} "
               f"| {row['perplexity']:.3f} | {row['accuracy']:.1%} | {row['s_per_step']:.3f} |")  # fmt: skip
     return 0

@@ -110,6 +110,8 @@ class CompletionSource:
     def resample(self, batches: list[dict]) -> list[dict]:
         """The window's micro-batches, with completions from the source this step's coin picks."""
         trainer, args = self.trainer, self.trainer.args
+        if not batches:  # the data ran out (every rank alike: the dataloader is sharded evenly)
+            return batches
         on_policy = on_policy_coin(args.seed, trainer.state.global_step, args.lmbda)
         teacher = args.seq_kd and not on_policy
         if on_policy:
