@@ -45,6 +45,7 @@ _EXPORTS = {
     "qat_prepare": "trl_distill.quantization",
     "qat_convert": "trl_distill.quantization",
     "unwrap_fake_quantized": "trl_distill.quantization",
+    "generate_teacher_completions": "trl_distill.teachers.generation",
 }
 
 __all__ = ["__version__", *sorted(_EXPORTS)]
@@ -61,6 +62,7 @@ if TYPE_CHECKING:
     from .teachers.cache import cache_teacher
     from .teachers.cache_script import CacheTeacherArguments, cache_teacher_parser, run_cache_teacher
     from .teachers.store import TeacherStore
+    from .teachers.generation import generate_teacher_completions
     from .trainer import DistillTrainer
     from .callbacks import HeldOutKLCallback
     from .receipt import append_stage

@@ -13,7 +13,7 @@ from .features import FEATURE_PROJECTION_MODES, parse_layer_map
 from .losses import FEATURE_LOSSES, OBJECTIVES, REDUCTIONS, ULD_DISTANCES
 
 
-DISTILL_MODES = ("token", "uld")
+DISTILL_MODES = ("token", "uld", "sequence")
 
 
 def _positive_int(value) -> bool:
@@ -40,6 +40,8 @@ class DistillConfig(SFTConfig):
             `"token"`: token-level (logit) KD on the dataset's response tokens; needs a shared vocabulary.
             `"uld"`: cross-tokenizer distillation (Universal Logit Distillation): the teacher reads the same text with
             its own tokenizer, tokens are paired by character offsets and compared by sorted top-k probabilities.
+            `"sequence"`: sequence-level KD: plain cross-entropy on the teacher's generated completions (any two
+            tokenizers).
 
     Parameters that control how the gap is measured:
         objective (`str`, *optional*, defaults to `"forward_kl"`):
@@ -101,6 +103,35 @@ class DistillConfig(SFTConfig):
         feature_projection (`str`, *optional*, defaults to `"auto"`):
             `"auto"`: a learned linear map per pair when the widths differ, the identity when they match; `"always"`:
             a learned map for every pair (identity-initialized when the widths match).
+    Parameters that control where the completions come from (sequence-level KD and on-policy distillation, GKD):
+        lmbda (`float`, *optional*, defaults to `0.0`):
+            Fraction of optimizer steps that are on-policy: the student samples a completion for each prompt of the
+            batch and the loss (e.g. token-level KD) is taken on those tokens. 0 = always the dataset's completions,
+            1 = always the student's samples. The same steps on every rank.
+        seq_kd (`bool`, *optional*, defaults to `False`):
+            On the steps that are not on-policy, train on completions the teacher generates for the batch's prompts
+            (fresh at every step) instead of the dataset's.
+        temperature (`float`, *optional*, defaults to `1.0`):
+            Sampling temperature of generated completions (the student's on-policy samples; the teacher's with
+            `teacher_do_sample=True`). Not `kd_temperature`, which softens the distributions inside the loss.
+        top_p (`float`, *optional*, defaults to `1.0`):
+            Nucleus-sampling threshold for generated completions.
+        top_k (`int`, *optional*):
+            Sample among the `top_k` most likely tokens; `None` = no limit. Not `kd_top_k`, which prunes the loss.
+        max_completion_length (`int`, *optional*, defaults to `128`):
+            Maximum number of tokens generated per completion (student samples and teacher generations).
+        teacher_do_sample (`bool`, *optional*, defaults to `False`):
+            Teacher generations sample (with `temperature`/`top_p`/`top_k`) instead of greedy/beam search.
+        teacher_num_beams (`int`, *optional*, defaults to `1`):
+            Beam width of teacher generations (1 = greedy).
+        teacher_completion_column (`str`, *optional*, defaults to `"teacher_completion"`):
+            `distill_mode="sequence"`: the dataset column that holds the teacher's completions. When the training
+            dataset has it, it is trained on and no teacher is needed; otherwise the teacher fills it.
+        teacher_generation_cache_dir (`str`, *optional*):
+            Where `distill_mode="sequence"` stores the teacher's completions (a subdirectory per fingerprint of
+            teacher, prompts and settings); defaults to `<output_dir>/teacher_generations`.
+        teacher_generation_batch_size (`int`, *optional*, defaults to `32`):
+            Prompts per teacher `generate` call when building that cache.
     """
 
     _VALID_DICT_FIELDS = SFTConfig._VALID_DICT_FIELDS + ["teacher_model_init_kwargs"]
@@ -121,7 +152,8 @@ class DistillConfig(SFTConfig):
     # What is matched
     distill_mode: str = field(
         default="token",
-        metadata={"help": "What is matched. 'token': token-level (logit) KD; needs a shared vocabulary.", "choices": DISTILL_MODES},
+        metadata={"help": "What is matched. 'token': token-level (logit) KD; needs a shared vocabulary. 'sequence': "
+            "cross-entropy on the teacher's generated completions (any tokenizers).", "choices": DISTILL_MODES},
     )
 
     # How the gap is measured
@@ -220,6 +252,46 @@ class DistillConfig(SFTConfig):
             "help": "'auto': learned linear map when widths differ, identity otherwise; 'always': learned map per pair.",
             "choices": FEATURE_PROJECTION_MODES,
         },
+    )
+    # Where the completions come from: sequence-level KD and on-policy distillation (GKD), issue 3
+    lmbda: float = field(
+        default=0.0,
+        metadata={"help": "Fraction of optimizer steps on which the student samples the completions (on-policy, GKD); "
+                  "0 = dataset completions only, 1 = student samples only."},
+    )
+    seq_kd: bool = field(
+        default=False,
+        metadata={"help": "Steps that are not on-policy train on fresh teacher generations for the batch's prompts "
+                  "instead of the dataset's completions."},
+    )
+    temperature: float = field(
+        default=1.0,
+        metadata={"help": "Sampling temperature of generated completions (student samples; teacher with "
+                  "teacher_do_sample). Not kd_temperature, which softens the loss."},
+    )
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus-sampling threshold of generated completions."})
+    top_k: int | None = field(
+        default=None,
+        metadata={"help": "Sample among the top_k most likely tokens (None = all). Not kd_top_k, which prunes the loss."},
+    )
+    max_completion_length: int = field(
+        default=128, metadata={"help": "Maximum tokens generated per completion (student samples, teacher text)."}
+    )
+    teacher_do_sample: bool = field(
+        default=False, metadata={"help": "Teacher generations sample instead of greedy/beam search."}
+    )
+    teacher_num_beams: int = field(default=1, metadata={"help": "Beam width of teacher generations (1 = greedy)."})
+    teacher_completion_column: str = field(
+        default="teacher_completion",
+        metadata={"help": "distill_mode='sequence': dataset column with the teacher's completions; used when present "
+                  "(no teacher needed), filled by the teacher otherwise."},
+    )
+    teacher_generation_cache_dir: str | None = field(
+        default=None,
+        metadata={"help": "Where teacher completions are cached; defaults to <output_dir>/teacher_generations."},
+    )
+    teacher_generation_batch_size: int = field(
+        default=32, metadata={"help": "Prompts per teacher generate call when caching teacher completions."}
     )
 
     def __post_init__(self):
@@ -326,4 +398,59 @@ class DistillConfig(SFTConfig):
                 "`feature_weight` > 0 to turn feature KD on.",
                 UserWarning,
                 stacklevel=3,
+            )
+
+        # Where the completions come from (issue 3).
+        self._check_completion_sources()
+
+    def _check_completion_sources(self) -> None:
+        if not (isinstance(self.lmbda, (int, float)) and 0.0 <= self.lmbda <= 1.0):
+            raise ValueError(
+                f"`lmbda` must be in [0, 1] (the fraction of on-policy steps: 0 = never, 1 = always), got {self.lmbda!r}."
+            )
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise ValueError(f"`temperature` (sampling) must be a finite number > 0, got {self.temperature}.")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"`top_p` must be in (0, 1] (1 = no nucleus filtering), got {self.top_p}.")
+        if self.top_k is not None and not _positive_int(self.top_k):
+            raise ValueError(f"`top_k` (sampling) must be None (no limit) or an integer >= 1, got {self.top_k!r}.")
+        for name in ("max_completion_length", "teacher_num_beams", "teacher_generation_batch_size"):
+            if not _positive_int(getattr(self, name)):
+                raise ValueError(f"`{name}` must be a positive integer, got {getattr(self, name)!r}.")
+        if self.distill_mode == "sequence" and (self.lmbda > 0 or self.seq_kd):
+            raise ValueError(
+                f"`distill_mode='sequence'` trains on teacher text with cross-entropy, so `lmbda={self.lmbda}` / "
+                f"`seq_kd={self.seq_kd}` have nothing to score student samples with. Use `distill_mode='token'` for "
+                "on-policy distillation (`lmbda > 0`) or fresh teacher generations (`seq_kd=True`)."
+            )
+        if self.distill_mode == "uld" and (self.lmbda > 0 or self.seq_kd):
+            raise ValueError(
+                f"`distill_mode='uld'` with `lmbda={self.lmbda}` / `seq_kd={self.seq_kd}` is not supported: generated "
+                "batches carry the student's token ids only, while ULD re-reads each row's text with the teacher's "
+                "tokenizer. Use `distill_mode='token'` (shared vocabulary) for on-policy distillation, or "
+                "`distill_mode='sequence'` across tokenizers."
+            )
+        if self.teacher_cache is not None and (self.lmbda > 0 or self.seq_kd):
+            raise ValueError(
+                f"`teacher_cache` with `lmbda={self.lmbda}` / `seq_kd={self.seq_kd}`: an offline store only holds the "
+                "teacher's top-k for the dataset's own completions; there is no teacher to score or write new samples. "
+                "Set `lmbda=0` and `seq_kd=False`, or train with a live teacher."
+            )
+        if self.lmbda > 0 or self.seq_kd:
+            if self.packing or self.padding_free:
+                raise ValueError(
+                    f"`lmbda={self.lmbda}` / `seq_kd={self.seq_kd}` generate completions for each row's prompt, which "
+                    "packed or padding-free batches no longer delimit: set `packing=False` and `padding_free=False`."
+                )
+            if self.completion_only_loss is False:
+                raise ValueError(
+                    "`completion_only_loss=False` puts the prompt in the loss, so on-policy steps (`lmbda > 0`) and "
+                    "`seq_kd=True` cannot tell where the prompt ends: leave `completion_only_loss` at None or True."
+                )
+        if self.lmbda > 0 and self.alpha < 1.0:
+            warnings.warn(
+                f"`lmbda={self.lmbda}` with `alpha={self.alpha}`: on on-policy steps the (1 - alpha) cross-entropy "
+                "term is taken on the student's own samples, which reinforces them. GKD uses `alpha=1.0`.",
+                UserWarning,
+                stacklevel=4,
             )

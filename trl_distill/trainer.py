@@ -14,11 +14,12 @@ from trl import SFTConfig, SFTTrainer
 from .alignment import shared_vocab_size
 from .callbacks import add_heldout_callback
 from .config import DistillConfig
-from .model_card import push_offline_error, write_trainer_model_card
 from .features import add_projection_param_group, build_feature_projector, resume_projections, save_projections
+from .model_card import push_offline_error, write_trainer_model_card
 from .modes import get_mode
-from .provenance import save_artifact
+from .modes.on_policy import CompletionSource, check_prompt_column
 from .modes.token_offline import offline_mode
+from .provenance import save_artifact
 from .teachers import lm_head_and_backbone, load_teacher, teacher_tokenizer_source
 
 
@@ -117,6 +118,14 @@ class DistillTrainer(SFTTrainer):
         if mode_cls.requires_shared_vocab and processing_class is not None and teacher_tokenizer is not None:
             vocab_size = shared_vocab_size(_text_tokenizer(processing_class), _text_tokenizer(teacher_tokenizer))
 
+        # Modes that train on other targets (sequence-level KD: the teacher's completions) rewrite the raw rows here,
+        # before `SFTTrainer` tokenizes them; on-policy / `seq_kd` training needs prompts to generate from.
+        train_dataset = mode_cls.prepare_train_dataset(
+            train_dataset, teacher=teacher, teacher_source=teacher_source, args=args,
+            teacher_tokenizer=teacher_tokenizer if teacher_tokenizer is not None else processing_class,
+        )  # fmt: skip
+        check_prompt_column(train_dataset, args)
+
         super().__init__(
             model=model,
             args=args,
@@ -148,6 +157,7 @@ class DistillTrainer(SFTTrainer):
         self.feature_projector = build_feature_projector(self)
         self.distill_mode = mode_cls(self)
         add_heldout_callback(self)  # held-out KL / perplexity at each evaluation and at the end (`heldout_eval`)
+        self.completion_source = CompletionSource(self) if args.lmbda > 0 or args.seq_kd else None
 
     def _prepare_teacher(self, teacher: nn.Module) -> nn.Module:
         """Place the teacher like the student, for inference only (no DDP wrapper, no optimizer state)."""
@@ -166,6 +176,13 @@ class DistillTrainer(SFTTrainer):
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         resume_projections(self, resume_from_checkpoint)
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        batches, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if self.completion_source is None:
+            return batches, num_items_in_batch
+        # On-policy / `seq_kd` steps swap in generated completions; recount the window's tokens on the new batches.
+        return super().get_batch_samples(iter(self.completion_source.resample(batches)), len(batches), device)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"

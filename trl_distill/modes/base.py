@@ -36,6 +36,16 @@ class DistillMode(ABC):
     def __init__(self, trainer: "DistillTrainer"):
         self.trainer = trainer
 
+    @classmethod
+    def prepare_train_dataset(cls, dataset, *, teacher, teacher_tokenizer, teacher_source, args):
+        """Turn the raw training dataset into the one this mode trains on, before `SFTTrainer` tokenizes it.
+
+        Called once from the trainer's `__init__` (the mode is not built yet); the default returns `dataset` as is.
+        `teacher` is the loaded teacher or `None`, `teacher_tokenizer` its tokenizer (else the student's, else
+        `None`), `teacher_source` the id/path it came from.
+        """
+        return dataset
+
     @abstractmethod
     def compute_loss(
         self, model: torch.nn.Module, inputs: dict, num_items_in_batch: torch.Tensor | int | None
