@@ -382,11 +382,11 @@ def _mem_available_bytes() -> int | None:
 
 
 def estimated_peak_bytes(case: Case) -> int:
-    """Rough peak of a case, from FACTS.md's measurements, to skip cases that would exhaust a shared machine's RAM."""
+    """Rough peak of a case (from peaks measured on our 2-core CPU machine), to skip cases that would exhaust RAM."""
     elem = 4 if case.dtype == "fp32" else 2
     nv = case.n * case.vocab
     if case.method == "trl_materialized":
-        # FACTS.md, measured on this CPU: ~9x one [N, V] tensor for forward KL, ~17x for JSD
+        # measured on our 2-core CPU machine: ~9x one [N, V] tensor for forward KL, ~17x for JSD
         return (9 if case.objective == "forward_kl" else 17) * nv * elem + case.vocab * case.hidden * 4
     if case.method == "trl_chunked":
         tile = min(case.n, 4096) * min(case.vocab, 32768) * 4

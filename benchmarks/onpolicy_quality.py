@@ -14,7 +14,7 @@ Token-level rows use `kd_temperature=1.0` and `alpha=1.0` (no CE term, which on 
 student's own samples), so they differ only in `objective` and `lmbda`. Each student size (`--student-hidden-sizes`)
 gets its own block of rows; the teacher is 128 wide.
 
-    .venv/bin/python benchmarks/onpolicy_quality.py --student-hidden-sizes 64 32   # ~10 min on 2 shared cores
+    .venv/bin/python benchmarks/onpolicy_quality.py --student-hidden-sizes 64 32   # ~25 min on 2 shared cores
 """
 
 from __future__ import annotations

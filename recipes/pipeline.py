@@ -1,7 +1,7 @@
 """Run several recipes in order, each continuing from the previous one's model, with one receipt for all stages.
 
     python recipes/pipeline.py --config recipes/configs/tiny_pipeline.yaml
-    accelerate launch recipes/pipeline.py --config recipes/configs/qwen2.5-1.5b-to-0.5b-pipeline.yaml
+    accelerate launch recipes/pipeline.py --config recipes/configs/qwen2.5-0.5b-pipeline.yaml
 
 The YAML has `output_dir`, `stages` (in order, from `distill`, `qat`, `dpo`, `grpo`), an optional `common` section
 applied to every stage that has those fields, and one section per stage with that recipe's own keys (the keys of

@@ -382,3 +382,18 @@ def test_uld_config_parses_from_command_line_and_yaml(tmp_path):
         ["--config", str(yaml_path), "--uld_top_k", "16", "--uld_exact_match", "true", "--use_cpu", "true"]
     )
     assert (args.distill_mode, args.uld_distance, args.uld_top_k, args.uld_exact_match) == ("uld", "kl", 16, True)
+
+
+def test_heldout_kl_is_not_measured_across_tokenizers(
+    tmp_path, tokenizer, other_tokenizer, make_student, other_teacher, prompt_completion_dataset, eval_dataset, caplog
+):
+    from trl_distill.callbacks import find_heldout_callback
+
+    trainer = DistillTrainer(
+        model=make_student(), teacher_model=other_teacher, args=_config(tmp_path), train_dataset=prompt_completion_dataset,
+        eval_dataset=eval_dataset, processing_class=tokenizer, teacher_processing_class=other_tokenizer,
+    )  # fmt: skip
+    assert find_heldout_callback(trainer) is None
+    assert "teacher's tokenizer differs" in caplog.text
+    metrics = trainer.evaluate()
+    assert not any("heldout" in key for key in metrics) and torch.isfinite(torch.tensor(metrics["eval_loss"]))

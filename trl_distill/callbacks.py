@@ -216,6 +216,14 @@ def add_heldout_callback(trainer) -> HeldOutKLCallback | None:
     args = trainer.args
     if not getattr(args, "heldout_eval", True) or trainer.teacher_model is None or trainer.eval_dataset is None:
         return None
+    if not _tokenizers_share_vocabulary(trainer):
+        # Teacher-forced KL compares the two next-token distributions id by id: meaningless across tokenizers.
+        logger.warning(
+            "Held-out KL is not measured: the teacher's tokenizer differs from the student's (distill_mode=%r). "
+            "Compare students on task metrics or perplexity instead.",
+            args.distill_mode,
+        )
+        return None
     eval_dataset = trainer.eval_dataset
     if isinstance(eval_dataset, Mapping):
         name = next(iter(eval_dataset))
@@ -237,6 +245,19 @@ def add_heldout_callback(trainer) -> HeldOutKLCallback | None:
     )
     trainer.add_callback(callback)
     return callback
+
+
+def _tokenizers_share_vocabulary(trainer) -> bool:
+    from .alignment import shared_vocab_size
+
+    student = getattr(trainer.processing_class, "tokenizer", trainer.processing_class)
+    teacher = getattr(trainer, "teacher_processing_class", None) or student
+    teacher = getattr(teacher, "tokenizer", teacher)
+    try:
+        shared_vocab_size(student, teacher)
+    except ValueError:
+        return False
+    return True
 
 
 def find_heldout_callback(trainer) -> HeldOutKLCallback | None:

@@ -61,7 +61,7 @@ class DistillConfig(SFTConfig):
         loss_reduction (`str`, *optional*, defaults to `"mean"`):
             `"mean"` over response tokens (of the whole accumulated batch) or `"sum"`.
         kd_chunk_size (`int`, *optional*):
-            Positions projected through the `lm_head`s at once. `None`: 256 (fewer for vocabularies above 131k
+            Positions projected through the `lm_head`s at once. `None`: 256 (fewer for vocabularies above ~185k
             tokens, so one float32 block stays near 128 MiB).
 
     Parameters that control held-out measurement and the receipt:
@@ -152,8 +152,9 @@ class DistillConfig(SFTConfig):
     # What is matched
     distill_mode: str = field(
         default="token",
-        metadata={"help": "What is matched. 'token': token-level (logit) KD; needs a shared vocabulary. 'sequence': "
-            "cross-entropy on the teacher's generated completions (any tokenizers).", "choices": DISTILL_MODES},
+        metadata={"help": "What is matched. 'token': token-level (logit) KD; needs a shared vocabulary. 'uld': "
+            "cross-tokenizer KD (character-offset alignment, sorted top-k matching). 'sequence': cross-entropy on the "
+            "teacher's generated completions (any tokenizers).", "choices": DISTILL_MODES},
     )
 
     # How the gap is measured

@@ -21,7 +21,8 @@ from .reduction import check_reduction, reduce_loss
 
 
 # Rows per chunk: 256 keeps the vocabulary GEMMs efficient (the weight is streamed once per 256 rows) while a float32
-# (rows x V) block stays ~30-150 MiB for V = 32k-152k; past 131k tokens it shrinks to cap one block at 128 MiB.
+# (rows x V) block stays ~30-150 MiB for V = 32k-152k; from about 185k tokens (where the power of two nearest to
+# 128 MiB / (4 V) drops to 128) it shrinks to keep one block near 128 MiB.
 # Measured in benchmarks/loss_memory.py: at V=151936, 32 rows took 2.3x the time of 256 rows.
 _TARGET_CHUNK_ELEMENTS = 1 << 25
 _MAX_CHUNK_ROWS = 256
@@ -303,7 +304,7 @@ def distillation_loss(
         reduction (`str`): `"mean"` over the positions in the loss, or `"sum"`.
         num_items_in_batch (`int` or `torch.Tensor`, *optional*): with `"mean"`, the token count of the full
             accumulated batch (gradient accumulation gives the gradient of one big batch).
-        chunk_size (`int`, *optional*): rows processed at once; default 256 (fewer above 131k tokens).
+        chunk_size (`int`, *optional*): rows processed at once; default 256 (fewer from about 185k tokens).
         return_components (`bool`): return a [`DistillationLossOutput`] with the KD and CE parts.
 
     Returns:
