@@ -70,5 +70,7 @@ def test_quick_demo_runs_and_kd_beats_sft(tmp_path):
     from trl_distill.verify import verify_artifact
 
     assert verify_artifact(tmp_path / "kd").ok
+    replayed = verify_artifact(tmp_path / "kd", replay=True)  # the freshly trained teacher is found where it was saved
+    assert replayed.ok, replayed.report()
     heldout = load_receipt(tmp_path / "kd")["stages"][0]["results"]["heldout"]
     assert heldout["kl_teacher_student"] == pytest.approx(results["kd"]["kl_teacher_student"], rel=1e-6)

@@ -149,6 +149,9 @@ def _teacher(budget: DemoBudget, seed: int, cache_dir: str, train_dataset, verbo
     _fit(SFTTrainer(model=teacher, args=args, train_dataset=train_dataset, processing_class=tokenizer), verbose)
     teacher.eval()
     save_pretrained_pair(teacher, tokenizer, cache_dir)
+    # Name the teacher by where it now lives, as a reloaded one would be: receipts record it and `verify --replay`
+    # reloads it from there.
+    teacher.config._name_or_path = os.path.abspath(cache_dir)
     # Written last: an interrupted run leaves no fingerprint, so the next run retrains instead of loading half a cache.
     with open(fingerprint_path, "w", encoding="utf-8") as f:
         json.dump(fingerprint, f, indent=2)
