@@ -32,6 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # `stage` beside
 
 import stage  # noqa: E402
 from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config  # noqa: E402
+from trl.models import unwrap_model_for_generation  # noqa: E402
 
 from trl_distill import DistillConfig, DistillTrainer  # noqa: E402
 
@@ -68,13 +69,14 @@ def run(script_args: DistillScriptArguments, model_args: ModelConfig, training_a
     results = stage.train_and_save(trainer, training_args.output_dir)
     if not trainer.is_deepspeed_enabled:
         results["rank_weight_digests"] = stage.rank_weight_digests(trainer.model)
-    mode = trainer.distill_mode
-    if mode.requires_shared_vocab and not trainer.is_deepspeed_enabled:
-        # Every rank runs the same rows (cheap next to training; keeps the ranks in step).
-        results.update(stage.measure(trainer.model, trainer.teacher_model, trainer.processing_class, rows,
-                                     prefix="heldout_"))  # fmt: skip
-    else:
-        stage.logger.warning("Held-out KL is measured only for shared-vocabulary modes outside DeepSpeed.")
+    if not trainer.distill_mode.requires_shared_vocab:
+        stage.logger.warning("Held-out KL is measured only for shared-vocabulary modes.")
+    elif rows and trainer.teacher_model is not None:
+        # Every rank runs the same rows (cheap next to training; keeps the ranks in step). Under DeepSpeed ZeRO-3 both
+        # models are gathered whole on every rank for it, as TRL does to generate; elsewhere this only unwraps them.
+        with (unwrap_model_for_generation(trainer.model_wrapped, trainer.accelerator) as student,
+              unwrap_model_for_generation(trainer.teacher_model, trainer.accelerator) as teacher):  # fmt: skip
+            results.update(stage.measure(student, teacher, trainer.processing_class, rows, prefix="heldout_"))
     models = stage.models_record(training_args.output_dir, model_args.model_name_or_path,
                                  training_args.teacher_model_name_or_path, adapters=model_args.use_peft)  # fmt: skip
     method = f"DistillTrainer distill_mode={training_args.distill_mode} objective={training_args.objective}"

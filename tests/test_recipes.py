@@ -1,7 +1,8 @@
 """Recipes: each runs as a subprocess on the tiny configs, as a user runs it; strict parsing; the helpers they use.
 
 The subprocess runs are started together (one fixture) on local tiny models and a few steps each, and every test
-waits for its own: distill (1 and 2 processes), QLoRA recovery, GRPO, and the pipeline distill -> qat -> dpo.
+waits for its own: distill (1 and 2 processes, and DeepSpeed ZeRO-3 when deepspeed is installed), QLoRA recovery, GRPO,
+and the pipeline distill -> qat -> dpo.
 """
 
 import copy
@@ -25,6 +26,7 @@ CONFIGS = RECIPES / "configs"
 TIMEOUT = 400
 HAS_TORCHAO = importlib.util.find_spec("torchao") is not None
 HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None
+HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
 
 
 def _recipe_module(name):
@@ -73,6 +75,13 @@ def runs(tmp_path_factory):
                           *init, "--max_prompts", "8", "--per_device_train_batch_size", "4"],
         "pipeline": python + [str(RECIPES / "pipeline.py"), "--config", str(_tiny_pipeline(workspace / "p.yaml"))],
     }  # fmt: skip
+    if HAS_DEEPSPEED:  # the same run as "ddp", with every parameter partitioned across the two processes
+        commands["zero3"] = [
+            sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+            str(RECIPES / "accelerate_configs/zero3.yaml"), "--num_processes", "2", "--mixed_precision", "no",
+            "--main_process_port", "29518", str(RECIPES / "distill.py"), "--config", str(CONFIGS / "tiny.yaml"),
+            *short, "--output_dir", "runs/zero3", "--per_device_train_batch_size", "4",
+        ]  # fmt: skip
     if HAS_BNB:
         commands["qlora"] = python + [str(RECIPES / "distill_qat.py"), "--config", str(CONFIGS / "tiny_qlora.yaml"),
                                       *short, *init, "--per_device_train_batch_size", "4"]  # fmt: skip
@@ -131,6 +140,26 @@ def test_ddp_two_processes_end_with_identical_weights_and_one_output(runs):
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
+@pytest.mark.skipif(not HAS_DEEPSPEED, reason="deepspeed is not installed")
+def test_zero3_two_processes_train_like_ddp_and_measure_heldout_kl(runs):
+    """ZeRO-3 partitions `lm_head.weight`, which the loss reads whole: its gradient must reach the shards. The same
+    batches under DDP must give the same weights (the lm_head's too, and it moved) and the same held-out KL."""
+    from safetensors.torch import load_file
+
+    workspace, _ = _finished(runs, "zero3")
+    _finished(runs, "ddp")
+    zero3, ddp = _stage(workspace / "runs/zero3")["results"], _stage(workspace / "runs/ddp")["results"]
+    assert zero3["train_steps"] == 2
+    assert zero3["heldout_kl_teacher_student"] == pytest.approx(ddp["heldout_kl_teacher_student"], rel=1e-4)
+    before = load_file(workspace / "runs/recipes/tiny/student-init/model.safetensors")
+    after = load_file(workspace / "runs/zero3/model.safetensors")
+    reference = load_file(workspace / "runs/ddp/model.safetensors")
+    assert set(after) == set(before)
+    assert not torch.allclose(after["lm_head.weight"], before["lm_head.weight"], rtol=0, atol=1e-4)
+    for name in before:
+        torch.testing.assert_close(after[name], reference[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
 @pytest.mark.skipif(not HAS_BNB, reason="bitsandbytes is not installed (pip install trl_distill[quant])")
 def test_qlora_recovery_reports_kl_before_after_quantization_and_after_recovery(runs):
     workspace, _ = _finished(runs, "qlora")
@@ -151,6 +180,7 @@ def test_grpo_recipe_with_the_reward_from_the_config(runs):
     assert {"before_kl_teacher_student", "after_kl_teacher_student"} <= set(record["results"])
 
 
+@pytest.mark.skipif(not HAS_TORCHAO, reason="the tiny pipeline's qat stage needs torchao (the `test` extra)")
 def test_pipeline_hands_each_stage_the_previous_model(runs):
     workspace, _ = _finished(runs, "pipeline")
     root = workspace / "runs/recipes/tiny/pipeline"
@@ -168,6 +198,7 @@ def test_pipeline_hands_each_stage_the_previous_model(runs):
         assert record == _stage(workspace / record["models"]["student"]["name_or_path"])
 
 
+@pytest.mark.skipif(not HAS_TORCHAO, reason="the tiny pipeline's qat stage needs torchao (the `test` extra)")
 def test_pipeline_writes_one_receipt_listing_every_stage(runs):
     workspace, _ = _finished(runs, "pipeline")
     summary = json.loads((workspace / "runs/recipes/tiny/pipeline/pipeline.json").read_text())

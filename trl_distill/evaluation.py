@@ -207,7 +207,8 @@ def heldout_metrics(
     for name, model in (("student", student), ("teacher", teacher)):
         if model is None:
             continue
-        rows_available = model.get_output_embeddings().weight.shape[0]
+        weight = model.get_output_embeddings().weight
+        rows_available = getattr(weight, "ds_shape", weight.shape)[0]  # ZeRO-3 keeps the full shape aside
         if not isinstance(vocab_size, int) or not 0 < vocab_size <= rows_available:
             raise ValueError(
                 f"`vocab_size` must be an int in [1, {rows_available}] (the {name}'s number of logits), got "

@@ -6,7 +6,7 @@ import torch
 
 from ..features import add_feature_loss, feature_teacher_kwargs
 from ..losses import linear_distillation_loss
-from ..teachers.live import check_plain_lm_head, lm_head_and_backbone
+from ..teachers.live import call_with_lm_heads, check_plain_lm_head, lm_head_and_backbone
 from .base import DistillMode, register_mode
 
 
@@ -48,25 +48,30 @@ class TokenMode(DistillMode):
 
         # Position i predicts token i + 1.
         shift_labels = labels[:, 1:].to(student_hidden.device)
-        result = linear_distillation_loss(
-            student_hidden[:, :-1],
-            student_head.weight,
-            teacher_hidden[:, :-1].to(student_hidden.device),
-            teacher_head.weight.to(student_hidden.device),
-            student_bias=getattr(student_head, "bias", None),
-            teacher_bias=getattr(teacher_head, "bias", None),
-            labels=shift_labels,
-            objective=args.objective,
-            beta=args.beta,
-            temperature=args.kd_temperature,
-            top_k=args.kd_top_k,
-            alpha=args.alpha,
-            vocab_size=trainer.vocab_size,
-            reduction=args.loss_reduction,
-            num_items_in_batch=num_items_in_batch,
-            chunk_size=args.kd_chunk_size,
-            return_components=True,
-        )
+        teacher_shifted = teacher_hidden[:, :-1].to(student_hidden.device)
+
+        def loss_of(hidden):  # reads the heads' weights when called: whole under ZeRO-3 (`call_with_lm_heads`)
+            return linear_distillation_loss(
+                hidden,
+                student_head.weight,
+                teacher_shifted,
+                teacher_head.weight.to(hidden.device),
+                student_bias=getattr(student_head, "bias", None),
+                teacher_bias=getattr(teacher_head, "bias", None),
+                labels=shift_labels,
+                objective=args.objective,
+                beta=args.beta,
+                temperature=args.kd_temperature,
+                top_k=args.kd_top_k,
+                alpha=args.alpha,
+                vocab_size=trainer.vocab_size,
+                reduction=args.loss_reduction,
+                num_items_in_batch=num_items_in_batch,
+                chunk_size=args.kd_chunk_size,
+                return_components=True,
+            )
+
+        result = call_with_lm_heads(loss_of, student_hidden[:, :-1], student_head, teacher_head)
         metrics = {"kd_loss": result.kd_loss, "ce_loss": result.ce_loss, "kd_tokens": result.num_tokens}
         # Feature KD (`feature_weight > 0`): `+ feature_weight * L_feat` on the same positions; a no-op otherwise.
         return add_feature_loss(

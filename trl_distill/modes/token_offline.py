@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 
 from ..losses import linear_top_k_distillation_loss
-from ..teachers.live import check_plain_lm_head, lm_head_and_backbone
+from ..teachers.live import call_with_lm_heads, check_plain_lm_head, lm_head_and_backbone
 from ..teachers.store import TeacherStore, tokenization_settings
 from .base import DistillMode
 from .token import _NON_MODEL_KEYS
@@ -57,23 +57,27 @@ class OfflineTokenMode(DistillMode):
         student_hidden = outputs.hidden_states[-1]
         student_head, _ = lm_head_and_backbone(model)
         teacher = self.store.targets(inputs, args.kd_top_k)
-        result = linear_top_k_distillation_loss(
-            student_hidden[:, :-1],
-            student_head.weight,
-            teacher.ids,
-            teacher.log_probs,
-            student_bias=getattr(student_head, "bias", None),
-            labels=inputs["labels"][:, 1:],
-            objective=args.objective,
-            beta=args.beta,
-            temperature=args.kd_temperature,
-            alpha=args.alpha,
-            vocab_size=self.trainer.vocab_size,
-            reduction=args.loss_reduction,
-            num_items_in_batch=num_items_in_batch,
-            chunk_size=args.kd_chunk_size,
-            return_components=True,
-        )
+
+        def loss_of(hidden):  # reads the head's weight when called: whole under ZeRO-3 (`call_with_lm_heads`)
+            return linear_top_k_distillation_loss(
+                hidden,
+                student_head.weight,
+                teacher.ids,
+                teacher.log_probs,
+                student_bias=getattr(student_head, "bias", None),
+                labels=inputs["labels"][:, 1:],
+                objective=args.objective,
+                beta=args.beta,
+                temperature=args.kd_temperature,
+                alpha=args.alpha,
+                vocab_size=self.trainer.vocab_size,
+                reduction=args.loss_reduction,
+                num_items_in_batch=num_items_in_batch,
+                chunk_size=args.kd_chunk_size,
+                return_components=True,
+            )
+
+        result = call_with_lm_heads(loss_of, student_hidden[:, :-1], student_head)
         metrics = {"kd_loss": result.kd_loss, "ce_loss": result.ce_loss, "kd_tokens": result.num_tokens}
         return result.loss, metrics
 

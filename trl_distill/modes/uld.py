@@ -12,7 +12,7 @@ import torch
 
 from ..alignment import align_batch, shared_token_pairs
 from ..losses import linear_uld_loss
-from ..teachers.live import check_plain_lm_head, lm_head_and_backbone
+from ..teachers.live import call_with_lm_heads, check_plain_lm_head, lm_head_and_backbone
 from .base import DistillMode, register_mode
 from .token import _NON_MODEL_KEYS
 
@@ -88,29 +88,35 @@ class ULDMode(DistillMode):
 
         rows = aligned.rows.to(device)
         # Position j - 1 predicts student token j; position i - 1 predicts its teacher partner i.
-        result = linear_uld_loss(
-            student_hidden[rows, aligned.student_positions.to(device)],
-            student_head.weight,
-            teacher_hidden[aligned.rows.to(teacher_device), aligned.teacher_positions.to(teacher_device)].to(device),
-            teacher_head.weight.to(device),
-            student_bias=getattr(student_head, "bias", None),
-            teacher_bias=getattr(teacher_head, "bias", None),
-            labels=labels[rows, aligned.student_positions.to(device) + 1],
-            paired=aligned.aligned.to(device),
-            distance=args.uld_distance,
-            top_k=args.uld_top_k,
-            temperature=args.kd_temperature,
-            alpha=args.alpha,
-            exact_match_ids=self.exact_match_ids,
-            objective=args.objective,
-            beta=args.beta,
-            student_vocab_size=trainer.vocab_size,
-            teacher_vocab_size=self.teacher_vocab_size,
-            reduction=args.loss_reduction,
-            num_items_in_batch=num_items_in_batch,
-            chunk_size=args.kd_chunk_size,
-            return_components=True,
-        )
+        student_positions = aligned.student_positions.to(device)
+        teacher_paired = teacher_hidden[aligned.rows.to(teacher_device), aligned.teacher_positions.to(teacher_device)]
+
+        def loss_of(hidden):  # reads the heads' weights when called: whole under ZeRO-3 (`call_with_lm_heads`)
+            return linear_uld_loss(
+                hidden,
+                student_head.weight,
+                teacher_paired.to(device),
+                teacher_head.weight.to(device),
+                student_bias=getattr(student_head, "bias", None),
+                teacher_bias=getattr(teacher_head, "bias", None),
+                labels=labels[rows, student_positions + 1],
+                paired=aligned.aligned.to(device),
+                distance=args.uld_distance,
+                top_k=args.uld_top_k,
+                temperature=args.kd_temperature,
+                alpha=args.alpha,
+                exact_match_ids=self.exact_match_ids,
+                objective=args.objective,
+                beta=args.beta,
+                student_vocab_size=trainer.vocab_size,
+                teacher_vocab_size=self.teacher_vocab_size,
+                reduction=args.loss_reduction,
+                num_items_in_batch=num_items_in_batch,
+                chunk_size=args.kd_chunk_size,
+                return_components=True,
+            )
+
+        result = call_with_lm_heads(loss_of, student_hidden[rows, student_positions], student_head, teacher_head)
         unpaired = torch.as_tensor(aligned.rows.numel(), device=device) - result.num_tokens
         metrics = {
             "kd_loss": result.kd_loss,

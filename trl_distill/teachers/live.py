@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -12,6 +14,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 
 
 logger = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 
 def _init_kwargs(kwargs: dict[str, Any] | None) -> dict[str, Any]:
@@ -91,6 +94,70 @@ def lm_head_and_backbone(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     if backbone is None or backbone is inner:
         raise ValueError(f"Cannot find the backbone of {type(inner).__name__} (attribute {inner.base_model_prefix!r}).")
     return head, backbone
+
+
+def call_with_lm_heads(
+    loss_fn: Callable[[torch.Tensor], _T],
+    student_hidden: torch.Tensor,
+    student_head: nn.Module,
+    teacher_head: nn.Module | None = None,
+) -> _T:
+    """`loss_fn(student_hidden)` for a loss that projects hidden states with the `lm_head` weights itself.
+
+    `loss_fn` must read `student_head.weight` / `.bias` (and the teacher's) inside, when it is called. Without
+    DeepSpeed ZeRO-3 this is a plain call. Under ZeRO-3 every parameter is a shard (`numel 0` on most ranks) that only
+    the owning module's hooks gather, and the chunked losses read the weight without calling the module, so:
+
+    - the teacher's head is all-gathered for the call (`deepspeed.zero.GatheredParameters`, `modifier_rank=None`:
+      nobody changes it; every rank re-partitions it on exit);
+    - `loss_fn` runs *as the forward of the student's `lm_head`*, so ZeRO-3's module hooks handle it like the head's
+      own forward: they gather the weight and bias before the call and release them after, and in the backward they
+      gather them again, before the gradient that `loss_fn` computed reaches them, and release them once the gradient
+      of `student_hidden` is through. Gathering the student's head only around the call is not enough: its gradient
+      would then be accumulated into a partitioned parameter, whose `(0,)` shape autograd refuses.
+
+    The gathered parameters' gradients are reduce-scattered by ZeRO-3 as usual.
+
+    Args:
+        loss_fn (`Callable[[torch.Tensor], Any]`): computes the loss from the hidden states it is given (use that
+            argument, not `student_hidden` from the enclosing scope: under ZeRO-3 the hooks hand a tracked copy).
+        student_hidden (`torch.Tensor`): the student's hidden states the loss projects (gradients flow here).
+        student_head, teacher_head (`nn.Module`): the output projections, e.g. from [`lm_head_and_backbone`].
+    """
+    with _gathered(teacher_head):
+        if not _is_zero3_param(getattr(student_head, "weight", None)):
+            return loss_fn(student_hidden)
+        had_own_forward = "forward" in student_head.__dict__
+        own_forward = student_head.__dict__.get("forward")
+        student_head.forward = loss_fn  # the instance attribute shadows the class's forward for this call only
+        try:
+            return student_head(student_hidden)
+        finally:
+            if had_own_forward:
+                student_head.forward = own_forward
+            else:
+                del student_head.forward
+
+
+@contextmanager
+def _gathered(head: nn.Module | None) -> Iterator[None]:
+    """All-gather `head.weight` and `head.bias` under ZeRO-3 for reading only; whole parameters are left alone (ZeRO-3
+    keeps small "persistent" ones whole, and an outer gather may hold one: gathering it again would raise)."""
+    params = [
+        param for param in (getattr(head, "weight", None), getattr(head, "bias", None))
+        if _is_zero3_param(param) and param.ds_status.name != "AVAILABLE"
+    ]  # fmt: skip
+    if not params:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        yield
+
+
+def _is_zero3_param(param) -> bool:
+    return isinstance(param, torch.Tensor) and hasattr(param, "ds_id")  # set on every parameter ZeRO-3 partitions
 
 
 _LOGIT_MODIFIERS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier", "lm_head_multiplier")
