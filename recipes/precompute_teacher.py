@@ -21,6 +21,8 @@ output_dir: runs/student
 # 1. the store: one process, or one per GPU writing disjoint shards (re-run the same command to resume)
 python recipes/precompute_teacher.py --config distill.yaml
 accelerate launch --num_processes 8 recipes/precompute_teacher.py --config distill.yaml
+# on CPU (use_cpu: true): `--cpu` would start ONE process; DDP on gloo needs the multi-process config
+accelerate launch --config_file recipes/accelerate_configs/ddp_cpu.yaml recipes/precompute_teacher.py --config distill.yaml
 trl-distill cache-teacher --config distill.yaml          # the same, as a console script
 
 # 2. training reads the store (teacher_model_name_or_path is then not loaded):

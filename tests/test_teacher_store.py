@@ -2,7 +2,10 @@
 
 import json
 import os
+import pathlib
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -453,3 +456,96 @@ def test_cache_teacher_command_line(tmp_path, teacher, tokenizer, prompt_complet
     (tmp_path / "bad.yaml").write_text((tmp_path / "cache.yaml").read_text() + "not_a_field: 1\n")
     with pytest.raises(ValueError, match="not_a_field"):
         main(["cache-teacher", "--config", str(tmp_path / "bad.yaml")])
+
+
+# A launcher-independent record of who wrote what: the CLI, with the store's writers wrapped, one log per process.
+_TRACED_CACHE_TEACHER = """
+import json, os, sys
+import torch.distributed as dist
+from trl_distill.cli import main
+from trl_distill.teachers import cache
+
+log, real = [], (cache.write_shard, cache.write_json, cache.cache_teacher)
+cache.write_shard = lambda d, i, *a, **k: log.append(f"shard {i}") or real[0](d, i, *a, **k)
+cache.write_json = lambda path, data: log.append(os.path.basename(path)) or real[1](path, data)
+def cache_teacher(*args, **kwargs):
+    manifest = real[2](*args, **kwargs)
+    log.append(f"returned manifest: {manifest is not None}")
+    return manifest
+cache.cache_teacher = cache_teacher
+code = main(["cache-teacher", *sys.argv[2:]])
+log.append(f"process group left: {dist.is_initialized()}")
+with open(os.path.join(sys.argv[1], f"rank{os.environ['RANK']}.json"), "w") as handle:
+    json.dump(log, handle)
+sys.exit(code)
+"""
+
+
+def test_two_processes_write_disjoint_shards_and_the_same_store(
+    tmp_path, teacher, tokenizer, make_student, prompt_completion_dataset, eval_dataset
+):
+    """`accelerate launch` with 2 real processes (DDP on gloo): each writes its own shards, the main process alone
+    writes the manifest, every process returns it, the process group is destroyed; the store is byte for byte the
+    1-process one and trains to the same losses."""
+    from trl_distill.cli import main
+
+    root = pathlib.Path(__file__).resolve().parent.parent
+    teacher.save_pretrained(tmp_path / "teacher")
+    tokenizer.save_pretrained(tmp_path / "teacher")
+    (tmp_path / "data").mkdir()
+    prompt_completion_dataset.to_json(tmp_path / "data/train.jsonl")
+    eval_dataset.to_json(tmp_path / "data/test.jsonl")
+    (tmp_path / "cache.yaml").write_text(
+        f"teacher_model_name_or_path: {tmp_path / 'teacher'}\ndataset_name: {tmp_path / 'data'}\nkd_top_k: {K}\n"
+        f"kd_temperature: {TEMPERATURE}\nmax_length: 48\nuse_cpu: true\nbf16: false\noutput_dir: {tmp_path / 'out'}\n"
+        "rows_per_shard: 10\nteacher_batch_size: 4\nreport_to: none\ndisable_tqdm: true\n"
+    )  # 24 train rows -> shards 0-2, 8 test rows -> shard 3
+    (tmp_path / "traced.py").write_text(_TRACED_CACHE_TEACHER)
+    (tmp_path / "logs").mkdir()
+    one, two = tmp_path / "one", tmp_path / "two"
+    env = dict(os.environ, PYTHONPATH=str(root), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               OMP_NUM_THREADS="1", HF_DATASETS_DISABLE_PROGRESS_BARS="1")  # fmt: skip
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+              str(root / "recipes/accelerate_configs/ddp_cpu.yaml"), "--num_processes", "2", "--main_process_port",
+              "29519", str(tmp_path / "traced.py"), str(tmp_path / "logs"), "--config", str(tmp_path / "cache.yaml"),
+              "--teacher_cache", str(two)]  # fmt: skip
+    with open(tmp_path / "launch.log", "w") as log:
+        process = subprocess.Popen(launch, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
+    threads = torch.get_num_threads()
+    try:  # the 1-process store, written in this process meanwhile, with the launched processes' 1 thread: another
+        # thread count changes float rounding in the teacher's forward (a few stored words differ in the last bit)
+        torch.set_num_threads(1)
+        assert main(["cache-teacher", "--config", str(tmp_path / "cache.yaml"), "--teacher_cache", str(one)]) == 0
+        returncode = process.wait(timeout=120)
+    finally:
+        torch.set_num_threads(threads)
+        if process.poll() is None:
+            process.kill()
+    output = (tmp_path / "launch.log").read_text()
+    assert returncode == 0, output[-5000:]
+
+    logs = [json.loads((tmp_path / f"logs/rank{rank}.json").read_text()) for rank in (0, 1)]
+    written = [{entry for entry in log if entry.startswith("shard ")} for log in logs]
+    assert written == [{"shard 0", "shard 2"}, {"shard 1", "shard 3"}]  # process r writes shards r, r + 2
+    assert [log.count("manifest.json") for log in logs] == [1, 0]
+    assert [log[-2:] for log in logs] == [["returned manifest: True", "process group left: False"]] * 2
+    assert output.count("Teacher store ") == 1  # the summary is printed by the main process only
+
+    assert sorted(p.name for p in one.iterdir()) == sorted(p.name for p in two.iterdir())
+    for path in one.iterdir():
+        assert path.read_bytes() == (two / path.name).read_bytes(), path.name
+    stores = [TeacherStore(path, progress=False) for path in (one, two)]  # sizes and sha256 verified
+    assert len(stores[0].index) == 32 and set(stores[0].index) == set(stores[1].index)
+    assert all(torch.equal(stores[0].read(key), stores[1].read(key)) for key in stores[0].index)
+
+    losses = []
+    for path in (one, two):
+        trainer = DistillTrainer(
+            model=make_student(), args=config(tmp_path, teacher_cache=str(path)),
+            train_dataset=prompt_completion_dataset, eval_dataset=eval_dataset, processing_class=tokenizer,
+        )  # fmt: skip
+        trainer.train()
+        losses.append([(log["loss"], log["kd_loss"]) for log in trainer.state.log_history if "loss" in log])
+    assert len(losses[0]) == 2 and losses[0] == losses[1] and losses[0][0][1] > 0

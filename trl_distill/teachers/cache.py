@@ -5,7 +5,7 @@ The dataset is tokenized by TRL's own `SFTTrainer` (its dataset preparation and 
 (memory bounded by one shard, whatever the dataset size), batched, with a progress bar; a shard is written to a
 temporary file and renamed, then recorded, so an interrupted run resumes at the first unrecorded shard and gives the
 same files. Under `accelerate launch` / `torchrun`, process `r` of `n` writes shards `r, r + n, ...`, and the main
-process writes the manifest once every shard is recorded.
+process writes the manifest once every shard is recorded; every process returns once the manifest exists.
 """
 
 from __future__ import annotations
@@ -87,7 +87,10 @@ def cache_teacher(
         progress (`bool`): show a progress bar (on the main process).
 
     Returns:
-        The manifest (`dict`), or `None` when shards of other processes are still missing.
+        The manifest (`dict`), or `None` when `process_index`/`num_processes` were given and shards of other
+        processes are still missing. Under `accelerate launch` / `torchrun` every process returns the manifest, once
+        the main process has written it (a process that finishes its shards first waits for the others, up to the
+        process group's timeout: `ddp_timeout`, 30 minutes by default).
     """
     from accelerate import PartialState
     from tqdm.auto import tqdm
@@ -187,11 +190,21 @@ def cache_teacher(
         write_json(os.path.join(store_dir, record["file"].replace(".safetensors", ".json")), record)
     bar.close()
 
-    if distributed:
-        state.wait_for_everyone()
-    if distributed and not state.is_main_process:
-        return None
-    return _finish(store_dir, plan)
+    if not distributed:
+        return _finish(store_dir, plan)
+    # Every process waits for the others' last shard, the main process writes the manifest, and every process
+    # returns only once it exists: a script may open the store (e.g. build its `DistillTrainer`) right after.
+    state.wait_for_everyone()
+    if state.is_main_process and _finish(store_dir, plan) is None:
+        missing = [shard["file"] for shard in shards if _record(store_dir, shard) is None]
+        raise RuntimeError(
+            f"Teacher store {store_dir!r}: every process finished, but the main process does not see "
+            f"{len(missing)} of the {len(shards)} shards ({', '.join(missing[:3])}...). With several machines, "
+            "`teacher_cache` must be a directory they all share; re-run the same command to resume."
+        )
+    state.wait_for_everyone()
+    with open(os.path.join(store_dir, MANIFEST)) as handle:
+        return json.load(handle)
 
 
 def _batch_entries(batch: dict, backbone, head, top_k: int, args, vocab_size: int) -> torch.Tensor:

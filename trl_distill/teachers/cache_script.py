@@ -71,6 +71,7 @@ def load_datasets(script_args):
 
 def run_cache_teacher(parser=None, argv: Sequence[str] | None = None) -> int:
     """Parse `argv` (`--config x.yaml` and/or flags; unknown keys fail) and write the store; return an exit code."""
+    from accelerate import PartialState
     from transformers import AutoTokenizer
 
     from .cache import cache_teacher
@@ -93,11 +94,22 @@ def run_cache_teacher(parser=None, argv: Sequence[str] | None = None) -> int:
         rows_per_shard=cache_args.rows_per_shard,
         progress=not args.disable_tqdm,
     )
-    if manifest is not None:
+    if manifest is not None and PartialState().is_main_process:
         positions = sum(info["positions"] for info in manifest["splits"].values())
         print(
             f"Teacher store {args.teacher_cache}: {len(manifest['shards'])} shards, {positions} positions, "
             f"{manifest['total_bytes'] / max(positions, 1):.1f} bytes per position (k={manifest['top_k']}, "
             f"T={manifest['temperature']})."
         )
+    _finish_distributed()
     return 0
+
+
+def _finish_distributed() -> None:
+    """Under `accelerate launch` / `torchrun`: wait for every process, then destroy the process group (without it,
+    gloo runs sometimes abort after finishing)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
