@@ -217,3 +217,14 @@ def test_lora_student_and_no_teacher(tmp_path, tokenizer, make_student, make_tea
     assert verify_artifact(tmp_path).ok
     assert "library_name: peft" in (tmp_path / "README.md").read_text()
     assert any("no held-out figures" in p for p in verify_artifact(tmp_path, replay=True).problems)
+
+
+@pytest.mark.parametrize("bad", ["missing.pem", "not_a_key.pem"])
+def test_bad_signing_key_fails_before_training(tmp_path, tokenizer, make_student, prompt_completion_dataset, bad):
+    from trl_distill import DistillTrainer
+
+    (tmp_path / "not_a_key.pem").write_text("hello")
+    with pytest.raises(ValueError, match=r"`receipt_signing_key` .*(not a file|not a PEM private key)"):
+        DistillTrainer(model=make_student(), teacher_model=make_student(), processing_class=tokenizer,
+                       args=tiny_args(tmp_path / "out", receipt_signing_key=str(tmp_path / bad)),
+                       train_dataset=prompt_completion_dataset)  # fmt: skip

@@ -281,6 +281,8 @@ def generate_signing_key(private_path: str | os.PathLike, public_path: str | os.
 
 def _load_key(path: str | os.PathLike, *, private: bool, field: str):
     ed25519, serialization, _ = _ed25519()
+    if not Path(path).is_file():
+        raise ValueError(f"`{field}` {str(path)!r} is not a file (an Ed25519 PEM key, e.g. from `generate_signing_key`).")
     data = Path(path).read_bytes()
     try:
         key = (serialization.load_pem_private_key(data, password=None) if private
@@ -292,6 +294,11 @@ def _load_key(path: str | os.PathLike, *, private: bool, field: str):
     if not isinstance(key, expected):
         raise ValueError(f"`{field}` {str(path)!r} is a {type(key).__name__}; receipts are signed with Ed25519 keys.")
     return key
+
+
+def check_signing_key(private_key: str | os.PathLike) -> None:
+    """Load the `receipt_signing_key` once, so a missing or wrong key fails before training rather than at save time."""
+    _load_key(private_key, private=True, field="receipt_signing_key")
 
 
 def sign_receipt(output_dir: str | os.PathLike, private_key: str | os.PathLike) -> Path:

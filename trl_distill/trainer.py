@@ -20,6 +20,7 @@ from .modes import get_mode
 from .modes.on_policy import CompletionSource, check_prompt_column
 from .modes.token_offline import offline_mode
 from .provenance import save_artifact
+from .receipt import check_signing_key
 from .teachers import lm_head_and_backbone, load_teacher, teacher_tokenizer_source
 
 
@@ -90,6 +91,8 @@ class DistillTrainer(SFTTrainer):
         formatting_func: Callable | None = None,
     ):
         args = _as_distill_config(args, model)
+        if args.receipt_signing_key:  # a bad key must fail now, not after training when the receipt is signed
+            check_signing_key(args.receipt_signing_key)
         mode_cls = get_mode(args.distill_mode)
         if args.teacher_cache is not None:  # offline teacher (issue 6): targets come from a store, none is loaded
             mode_cls = offline_mode(mode_cls, teacher_model)
@@ -181,8 +184,11 @@ class DistillTrainer(SFTTrainer):
         batches, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
         if self.completion_source is None:
             return batches, num_items_in_batch
+        resampled = self.completion_source.resample(batches)
+        if resampled is batches:  # a dataset step: the count stands (recounting would cost another all-reduce)
+            return batches, num_items_in_batch
         # On-policy / `seq_kd` steps swap in generated completions; recount the window's tokens on the new batches.
-        return super().get_batch_samples(iter(self.completion_source.resample(batches)), len(batches), device)
+        return super().get_batch_samples(iter(resampled), len(batches), device)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"
