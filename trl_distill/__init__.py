@@ -29,7 +29,8 @@ _EXPORTS = {
     "linear_distillation_loss": "trl_distill.losses",
     # held-out measurement, receipt and verification (issue 7)
     "HeldOutKLCallback": "trl_distill.callbacks",
-    "append_stage": "trl_distill.receipt",
+    "append_stage": "trl_distill.artifact",
+    "save_artifact": "trl_distill.artifact",
     "verify_artifact": "trl_distill.verify",
     # offline teacher store (issue 6)
     "linear_top_k_distillation_loss": "trl_distill.losses",
@@ -65,7 +66,7 @@ if TYPE_CHECKING:
     from .teachers.generation import generate_teacher_completions
     from .trainer import DistillTrainer
     from .callbacks import HeldOutKLCallback
-    from .receipt import append_stage
+    from .artifact import append_stage, save_artifact
     from .verify import verify_artifact
     from .evaluation import heldout_metrics
     from .preference import teacher_ranked_pairs

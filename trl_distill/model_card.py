@@ -1,21 +1,25 @@
-"""The model card (`README.md`) of a distilled model, written from its receipt.
+"""The model card (`README.md`) of a distilled model: a pure function of its receipt.
+
+[`card_text`] renders the card from `distill_receipt.json` alone (the model name and tags are recorded in the receipt's
+`card` entry), so `trl-distill verify` regenerates it and compares it line by line: every claim of the card (the
+`model-index` figures the Hub displays, `base_model`, the teacher's name, the held-out table, the settings) is checked.
 
 Metadata: `base_model` (the student's starting point, when it is a Hub id), `tags` (with `distillation`), a
 `distillation` block (teacher, method, settings, held-out results, papers, the receipt's content id) and the held-out
-figures in `model-index` form. The text says the same for people, and how to verify and reproduce the artifact.
+figures in `model-index` form. The text says the same for people, and how to verify and reproduce the artifact. No
+local path is written: a model loaded from a directory is shown by the directory's name and its weights digest.
 """
 
 from __future__ import annotations
 
-import os
+import json
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 
-__all__ = [
-    "build_model_card", "distill_stage_of", "push_offline_error", "write_model_card", "write_trainer_model_card"
-]  # fmt: skip
+__all__ = ["CARD_NAME", "build_model_card", "card_text", "distill_stage_of", "write_model_card"]
 
 CARD_NAME = "README.md"
 BASE_TAGS = ("distillation", "trl-distill", "trl")
@@ -27,43 +31,79 @@ HELDOUT_METRICS = (  # key, model-index metric type, readable name
     ("student_perplexity", "perplexity", "student perplexity"),
     ("teacher_perplexity", "perplexity", "teacher perplexity"),
 )
+# What "Reproduce" sets besides the distillation settings (from the stage's `training` record).
+REPRODUCE_FIELDS = ("max_length", "learning_rate", "max_steps", "num_train_epochs", "per_device_train_batch_size",
+                    "gradient_accumulation_steps", "seed")  # fmt: skip
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 
 
 def distill_stage_of(receipt: Mapping) -> Mapping:
     """The stage the card describes: the last one with a teacher, else the last one."""
     stages = receipt.get("stages") or [{}]
-    with_teacher = [s for s in stages if (s.get("models") or {}).get("teacher")]
+    with_teacher = [s for s in stages if isinstance(s, Mapping) and (s.get("models") or {}).get("teacher")]
     return with_teacher[-1] if with_teacher else stages[-1]
 
 
-def _hub_id(name: str | None) -> str | None:
-    """`name` if it looks like a Hub repo id (not a local path), else None."""
-    if not name or os.path.isabs(name) or os.path.exists(name) or name.count("/") > 1 or name.startswith("."):
+def _is_path(value: str) -> bool:
+    return value.startswith(("/", "./", "../", "~")) or "\\" in value or not _HUB_ID.fullmatch(value)
+
+
+def public_name(record: Mapping | None) -> str | None:
+    """How the card names a model record: its Hub id, or `local:<directory name>` (never a local path)."""
+    name = (record or {}).get("name_or_path")
+    if not name:
         return None
-    return name
+    if record.get("local") or _is_path(str(name)):
+        return "local:" + Path(str(name).rstrip("/\\")).name
+    return str(name)
 
 
-def _metadata(receipt: Mapping, stage: Mapping, model_name: str, tags) -> dict[str, Any]:
+def _public_value(value: Any) -> Any:
+    """A setting as the card shows it: local paths become `local:<name>`."""
+    if isinstance(value, str) and value and _is_path(value) and ("/" in value or "\\" in value):
+        return "local:" + Path(value.rstrip("/\\")).name
+    if isinstance(value, Mapping):
+        return {k: _public_value(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_public_value(v) for v in value]
+    return value
+
+
+def _shown_settings(stage: Mapping) -> dict[str, Any]:
+    settings = dict(stage.get("settings") or {})
+    names = stage.get("applicable_settings")
+    if isinstance(names, list):
+        settings = {name: settings[name] for name in names if name in settings}
+    return {key: _public_value(value) for key, value in sorted(settings.items())}
+
+
+def _card_inputs(receipt: Mapping) -> tuple[str, list[str]]:
+    card = receipt.get("card") if isinstance(receipt.get("card"), Mapping) else {}
+    return str(card.get("model_name") or "model"), sorted(set(BASE_TAGS) | set(card.get("tags") or ()))
+
+
+def _metadata(receipt: Mapping, stage: Mapping) -> dict[str, Any]:
+    model_name, tags = _card_inputs(receipt)
     models = stage.get("models") or {}
     teacher, student = models.get("teacher") or {}, models.get("student") or {}
     heldout = (stage.get("results") or {}).get("heldout") or {}
-    metadata = {
-        "library_name": "peft" if student.get("adapters") else "transformers",
-        "tags": sorted(set(BASE_TAGS) | set(tags or ())),
-        "distillation": {
-            "teacher": teacher.get("name_or_path"),
-            "teacher_revision": teacher.get("revision"),
-            "student_base": student.get("name_or_path"),
-            "method": stage.get("method"),
-            "stages": [s.get("name") for s in receipt.get("stages", [])],
-            "settings": dict(stage.get("settings") or {}),
-            "heldout": dict(heldout),
-            "papers": [f"arXiv:{p['arxiv']}" for p in stage.get("papers") or []],
-            "receipt": receipt.get("content_id"),
-        },
+    metadata: dict[str, Any] = {"library_name": "peft" if student.get("adapters") else "transformers", "tags": tags}
+    student_name = public_name(student)
+    if student_name and not student_name.startswith("local:"):
+        metadata["base_model"] = student_name
+    metadata["distillation"] = {
+        "teacher": public_name(teacher),
+        "teacher_revision": teacher.get("revision"),
+        "teacher_weights_sha256": teacher.get("weights_sha256"),
+        "teacher_store_manifest_sha256": (teacher.get("store") or {}).get("manifest_sha256"),
+        "student_base": student_name,
+        "method": stage.get("method"),
+        "stages": [s.get("name") for s in receipt.get("stages", [])],
+        "settings": _shown_settings(stage),
+        "heldout": dict(heldout),
+        "papers": [f"arXiv:{p['arxiv']}" for p in stage.get("papers") or []],
+        "receipt": receipt.get("content_id"),
     }
-    if _hub_id(student.get("name_or_path")):
-        metadata["base_model"] = student["name_or_path"]
     if heldout:
         metadata["model-index"] = [{
             "name": model_name,
@@ -77,22 +117,37 @@ def _metadata(receipt: Mapping, stage: Mapping, model_name: str, tags) -> dict[s
     return metadata
 
 
-def _text(receipt: Mapping, stage: Mapping, model_name: str) -> str:
-    meta = _metadata(receipt, stage, model_name, ())["distillation"]
-    teacher = meta["teacher"] or "an in-memory teacher (no id recorded)"
-    student = meta["student_base"] or "a student built in memory"
+def _teacher_phrase(teacher: Mapping) -> str:
+    name = public_name(teacher)
+    if not name:
+        return "an in-memory teacher (no id recorded)"
+    digest = teacher.get("weights_sha256")
+    return f"{name} (weights sha256 {digest[:12]}…)" if name.startswith("local:") and digest else name
+
+
+def _text(receipt: Mapping, stage: Mapping, meta: Mapping) -> str:
+    model_name, _ = _card_inputs(receipt)
+    block = meta["distillation"]
+    teacher_record = (stage.get("models") or {}).get("teacher") or {}
+    teacher = _teacher_phrase(teacher_record)
+    student = block["student_base"] or "a student built in memory"
     lines = [f"# {model_name}", "", f"A student distilled from **{teacher}** into **{student}** with trl_distill "
-             f"(`DistillTrainer`, {meta['method']}).", ""]  # fmt: skip
-    if len(meta["stages"]) > 1:
-        lines += [f"Training stages, in order: {' → '.join(map(str, meta['stages']))}.", ""]
+             f"(`{stage.get('trainer') or 'DistillTrainer'}`, {block['method']}).", ""]  # fmt: skip
+    if len(block["stages"]) > 1:
+        lines += [f"Training stages, in order: {' → '.join(map(str, block['stages']))}.", ""]
     lines += ["## Distillation", "", "| setting | value |", "|---|---|"]
-    lines += [f"| teacher | `{teacher}` (revision {meta['teacher_revision'] or 'unrecorded'}) |"]
-    lines += [f"| `{k}` | `{v}` |" for k, v in sorted(meta["settings"].items())]
-    heldout = meta["heldout"]
+    lines += [f"| teacher | `{block['teacher'] or 'unrecorded'}` (revision {block['teacher_revision'] or 'unrecorded'}) |"]
+    if block["teacher_weights_sha256"]:
+        lines += [f"| teacher weights sha256 | `{block['teacher_weights_sha256']}` |"]
+    if block["teacher_store_manifest_sha256"]:
+        lines += [f"| offline teacher store (manifest sha256) | `{block['teacher_store_manifest_sha256']}` |"]
+    lines += [f"| `{k}` | `{v}` |" for k, v in block["settings"].items()]
+    heldout = block["heldout"]
     lines += ["", "## Held-out results", ""]
     if heldout:
+        rows_file = (stage.get("results") or {}).get("heldout_rows_file") or "not kept"
         lines += ["Teacher-forced, temperature 1, completion tokens of the held-out rows "
-                  f"(`distill_heldout_rows.jsonl`, {heldout.get('num_tokens')} tokens):", "",
+                  f"(`{rows_file}`, {heldout.get('num_tokens')} tokens):", "",
                   "| metric | value |", "|---|---|"]  # fmt: skip
         lines += [f"| {name} | {heldout[key]:.6g} |" for key, _, name in HELDOUT_METRICS if key in heldout]
     else:
@@ -100,16 +155,22 @@ def _text(receipt: Mapping, stage: Mapping, model_name: str) -> str:
     lines += ["", "## Receipt", ""]
     if receipt.get("content_id"):
         lines += [f"`distill_receipt.json` records the models, tokenizers, data fingerprints, settings, results, "
-                  f"library versions and the sha256 of every file. Its content id is `{receipt['content_id']}`.", "",
-                  "```bash", "trl-distill verify .            # re-hash every file against the receipt",
+                  f"library versions and the sha256 of every file. Its content id is `{receipt['content_id']}`. This "
+                  "card is generated from it, and `verify` regenerates and compares it.", "",
+                  "```bash", "trl-distill verify . --strict   # re-hash every file, regenerate this card",
                   "trl-distill verify . --replay   # also recompute the held-out figures with teacher and student",
                   "```"]  # fmt: skip
     else:
         lines += ["No receipt yet: `trainer.save_model()` writes `distill_receipt.json` beside the weights."]
+    training = stage.get("training") or {}
+    reproduce = {k: training[k] for k in REPRODUCE_FIELDS if training.get(k) is not None}
+    if (reproduce.get("max_steps") or 0) > 0:
+        reproduce.pop("num_train_epochs", None)  # `max_steps` overrides it
+    arguments = [f"    {k}={v!r}," for k, v in {**reproduce, **block["settings"]}.items()]
     lines += ["", "## Reproduce", "", "```python", "from trl_distill import DistillConfig, DistillTrainer", "",
-              f"args = DistillConfig(output_dir=\"out\", **{meta['settings']!r})",
-              f"trainer = DistillTrainer(model={meta['student_base'] or '<student>'!r}, "
-              f"teacher_model={meta['teacher'] or '<teacher>'!r}, args=args, train_dataset=...)",
+              "args = DistillConfig(", "    output_dir=\"out\",", *arguments, ")",
+              f"trainer = DistillTrainer(model={block['student_base'] or '<student>'!r}, "
+              f"teacher_model={block['teacher'] or '<teacher>'!r}, args=args, train_dataset=...)",
               "trainer.train()", "```", "", "## Papers", ""]  # fmt: skip
     lines += [f"- {p['title']}: https://arxiv.org/abs/{p['arxiv']}" for p in stage.get("papers") or []]
     versions = stage.get("libraries") or {}
@@ -117,53 +178,26 @@ def _text(receipt: Mapping, stage: Mapping, model_name: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def build_model_card(receipt: Mapping, *, model_name: str, tags=None):
-    """A `huggingface_hub.ModelCard` for the artifact `receipt` describes."""
+def card_text(receipt: Mapping) -> str:
+    """The exact text of the model card of the artifact `receipt` describes (YAML metadata, then Markdown)."""
     import yaml
+
+    receipt = json.loads(json.dumps(receipt, sort_keys=True))  # the card of a receipt, not of its keys' order
+    stage = distill_stage_of(receipt)
+    metadata = _metadata(receipt, stage)
+    header = yaml.safe_dump(metadata, sort_keys=False, allow_unicode=True, width=1000)
+    return f"---\n{header}---\n\n{_text(receipt, stage, metadata)}"
+
+
+def build_model_card(receipt: Mapping):
+    """A `huggingface_hub.ModelCard` holding [`card_text`]`(receipt)`."""
     from huggingface_hub import ModelCard
 
-    stage = distill_stage_of(receipt)
-    metadata = yaml.safe_dump(_metadata(receipt, stage, model_name, tags), sort_keys=False, allow_unicode=True)
-    return ModelCard(f"---\n{metadata}---\n\n{_text(receipt, stage, model_name)}")
+    return ModelCard(card_text(receipt))
 
 
-def write_model_card(output_dir, receipt: Mapping, *, model_name: str | None = None, tags=None,
-                     hub_model_id: str | None = None) -> Path:  # fmt: skip
-    """Write `output_dir/README.md` from `receipt`; the model name defaults to the Hub id's or directory's name."""
-    output_dir = Path(output_dir)
-    model_name = model_name or (hub_model_id or "").split("/")[-1] or output_dir.resolve().name
-    path = output_dir / CARD_NAME
-    build_model_card(receipt, model_name=model_name, tags=tags).save(path)
+def write_model_card(output_dir, receipt: Mapping) -> Path:
+    """Write `output_dir/README.md` as [`card_text`]`(receipt)`, byte for byte (what `verify` regenerates)."""
+    path = Path(output_dir) / CARD_NAME
+    path.write_bytes(card_text(receipt).encode("utf-8"))
     return path
-
-
-def trainer_tags(trainer) -> list[str]:
-    tags = list(getattr(trainer, "_tag_names", []))
-    return tags + list(getattr(getattr(trainer, "model", None), "model_tags", None) or [])
-
-
-def write_trainer_model_card(trainer, output_dir, *, model_name=None, tags=None) -> Path:
-    """`DistillTrainer.create_model_card`: the card of the receipt this trainer wrote in `output_dir`, or a draft."""
-    from .callbacks import heldout_results
-    from .provenance import distill_stage
-    from .receipt import FORMAT
-
-    written = getattr(trainer, "_written_receipts", {}).get(str(Path(output_dir).resolve()))
-    receipt = written or {"format": FORMAT, "stages": [distill_stage(trainer, heldout_results(trainer)[0])]}
-    tags = trainer_tags(trainer) + ([tags] if isinstance(tags, str) else list(tags or []))
-    return write_model_card(output_dir, receipt, model_name=model_name, tags=tags,
-                            hub_model_id=getattr(trainer, "hub_model_id", None))  # fmt: skip
-
-
-def push_offline_error(output_dir) -> Exception | None:
-    """The error `push_to_hub` raises in offline mode (`HF_HUB_OFFLINE=1`), or None when the Hub may be reached."""
-    from huggingface_hub import constants
-    from huggingface_hub.errors import OfflineModeIsEnabled
-
-    if not constants.is_offline_mode():
-        return None
-    return OfflineModeIsEnabled(
-        f"`push_to_hub` needs the Hub, but offline mode is on (HF_HUB_OFFLINE=1). The model, its card and "
-        f"distill_receipt.json are saved in {output_dir!r}: unset HF_HUB_OFFLINE (or point HF_ENDPOINT at a reachable "
-        "Hub) and push again, or upload that directory later with `huggingface-cli upload`."
-    )

@@ -1,34 +1,38 @@
 """What a `DistillTrainer` run records about itself: models, tokenizers, data, settings, results and papers.
 
-[`distill_stage`] turns a trainer into one receipt stage; [`save_artifact`] writes the held-out rows, the receipt, its
-signature and the model card beside weights that `save_model` just wrote.
+[`distill_stage`] turns a trainer into one receipt stage. This module only describes; `artifact` writes (receipt, card,
+signature), so `provenance`, `receipt` and `model_card` import none of each other.
+
+How a mode is described (its label and papers) comes from the mode class when it declares `describe(args)` and
+`papers` (see `trl_distill.modes`), else from [`MODE_DESCRIPTIONS`], the one table kept here.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
-import hashlib
-import json
 import logging
 import os
 import platform
+import types
 import weakref
 from collections.abc import Mapping
 from importlib import metadata
-from pathlib import Path
 from typing import Any
+
+from .digests import tokenizer_sha256, weights_sha256
 
 
 __all__ = [
     "HELDOUT_ROWS_NAME",
+    "MODE_DESCRIPTIONS",
+    "PAPERS",
+    "applicable_settings",
+    "describe_method",
     "distill_stage",
     "distillation_settings",
     "library_versions",
     "method_papers",
-    "save_artifact",
-    "state_dict_sha256",
-    "tokenizer_sha256",
 ]
 
 logger = logging.getLogger(__name__)
@@ -51,12 +55,20 @@ PAPERS = {
     "uld": ("2402.12030", "Towards Cross-Tokenizer Distillation: the Universal Logit Distillation Loss for LLMs"),
     "feature": ("1412.6550", "FitNets: Hints for Thin Deep Nets"),
 }
-_MODE_LABELS = {
-    "token": "token-level knowledge distillation",
-    "sequence": "sequence-level knowledge distillation",
-    "uld": "universal logit distillation (cross-tokenizer)",
-    "feature": "feature (hidden-state) distillation",
-}
+# Mode name -> (label, papers, settings that apply to it). Used when the mode class does not describe itself.
+MODE_DESCRIPTIONS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
+    "token": ("token-level knowledge distillation", ("kd",),
+              ("objective", "kd_temperature", "alpha", "loss_reduction", "kd_top_k", "teacher_cache")),
+    "sequence": ("sequence-level knowledge distillation (cross-entropy on the teacher's completions)", ("seq_kd",),
+                 ("loss_reduction", "teacher_completion_column", "teacher_do_sample", "teacher_num_beams",
+                  "max_completion_length")),
+    "uld": ("universal logit distillation (cross-tokenizer)", ("kd", "uld"),
+            ("objective", "kd_temperature", "alpha", "loss_reduction", "uld_top_k", "uld_distance",
+             "uld_exact_match")),
+}  # fmt: skip
+_ALWAYS = ("distill_mode", "teacher_model_name_or_path", "teacher_model_init_kwargs", "heldout_eval")
+_SAMPLING = ("max_completion_length", "temperature", "top_p", "top_k")
+_FEATURE = ("feature_weight", "feature_layer_map", "feature_loss", "feature_projection")
 _TEACHER_HASHES: "weakref.WeakKeyDictionary[Any, str | None]" = weakref.WeakKeyDictionary()
 
 
@@ -100,59 +112,99 @@ def distillation_settings(args) -> dict[str, Any]:
     }
 
 
-def method_papers(settings: Mapping[str, Any], mode=None) -> list[dict[str, str]]:
-    """arXiv ids and titles of the method: Hinton et al. plus what the objective, mode and options add."""
-    keys = ["kd"]
-    if settings.get("objective") == "reverse_kl":
-        keys.append("reverse_kl")
-    if settings.get("objective") in ("jsd", "generalized_jsd") or (settings.get("lmbda") or 0) > 0:
-        keys.append("gkd")
+def _mode_class(name):
+    from .modes import get_mode
+
+    try:
+        return get_mode(name)
+    except (ValueError, TypeError):
+        return None
+
+
+def _paper(entry) -> dict[str, str]:
+    """A paper declared as a key of [`PAPERS`], an `(arxiv, title)` pair or a `{"arxiv", "title"}` dict."""
+    if isinstance(entry, str) and entry in PAPERS:
+        entry = PAPERS[entry]
+    if isinstance(entry, Mapping):
+        return {"arxiv": str(entry["arxiv"]), "title": str(entry.get("title", ""))}
+    arxiv, title = entry
+    return {"arxiv": str(arxiv), "title": str(title)}
+
+
+def describe_method(settings: Mapping[str, Any], args=None) -> tuple[str, list[dict[str, str]]]:
+    """The method's label (as the receipt and card print it) and its papers, from the settings of a run.
+
+    The mode's own part comes from its class (`describe(args)`, `papers`) when it has them, else from
+    [`MODE_DESCRIPTIONS`]; then what the objective and options add: the divergence (for modes that use `objective`),
+    MiniLLM for reverse KL, GKD for JSD or on-policy samples (`lmbda > 0`), sequence-level KD for `seq_kd`, FitNets for
+    a feature term (`feature_weight > 0`).
+    """
+    name = settings.get("distill_mode")
+    mode_cls = _mode_class(name) if name else None
+    table = MODE_DESCRIPTIONS.get(name)
+    label, keys = (table[0], list(table[1])) if table else (f"{name} distillation", ["kd"])
+    describe = getattr(mode_cls, "describe", None)
+    if callable(describe):
+        try:
+            label = describe(args if args is not None else types.SimpleNamespace(**settings))
+        except (AttributeError, TypeError) as error:  # a describe written for a full config: keep the table's label
+            logger.debug("`%s.describe` failed on the recorded settings (%s)", mode_cls.__name__, error)
+    elif table and "objective" in table[2] and settings.get("objective"):
+        label += f" ({settings['objective']})"
+    declared = getattr(mode_cls, "papers", None)
+    papers = [_paper(p) for p in declared] if declared else [_paper(k) for k in keys]
+    objective_used = table is None or "objective" in table[2]
+    extra = []
+    if objective_used and settings.get("objective") == "reverse_kl":
+        extra.append("reverse_kl")
+    if (objective_used and settings.get("objective") in ("jsd", "generalized_jsd")) or (settings.get("lmbda") or 0) > 0:
+        extra.append("gkd")
+    if (settings.get("lmbda") or 0) > 0:
+        label += f", on-policy samples with probability lmbda={settings['lmbda']}"
     if settings.get("seq_kd"):
-        keys.append("seq_kd")
-    if settings.get("distill_mode") in PAPERS:
-        keys.append(settings["distill_mode"])
-    papers = [{"arxiv": PAPERS[k][0], "title": PAPERS[k][1]} for k in keys]
-    for paper in getattr(mode, "papers", ()) or ():  # a mode may declare its own: ({"arxiv": ..., "title": ...},)
-        papers.append({"arxiv": str(paper["arxiv"]), "title": str(paper.get("title", ""))})
+        extra.append("seq_kd")
+        label += ", on teacher-generated completions (seq_kd)"
+    if (settings.get("feature_weight") or 0) > 0:
+        extra.append("feature")
+        label += f" + feature (hidden-state) distillation ({settings.get('feature_loss')}, weight {settings['feature_weight']})"
+    papers += [_paper(k) for k in extra]
     seen, unique = set(), []
     for paper in papers:
         if paper["arxiv"] not in seen:
             seen.add(paper["arxiv"])
             unique.append(paper)
-    return unique
+    return label, unique
 
 
-def state_dict_sha256(model) -> str | None:
-    """sha256 over the names, dtypes, shapes and bytes of `model.state_dict()`, sorted by name.
+def method_papers(settings: Mapping[str, Any], mode=None) -> list[dict[str, str]]:
+    """arXiv ids and titles of the method (see [`describe_method`])."""
+    return describe_method(settings)[1]
 
-    `None` when the weights are not all materialized here (meta tensors, DeepSpeed ZeRO-3 shards).
+
+def applicable_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """The settings that shape this run's loss and targets (what the model card lists), from all recorded ones.
+
+    A mode class may declare them as `settings` (a tuple of field names); else [`MODE_DESCRIPTIONS`] says; a mode
+    neither knows keeps them all.
     """
-    import torch
-    from tqdm.auto import tqdm
-
-    state = model.state_dict()
-    digest = hashlib.sha256()
-    for name in tqdm(sorted(state), desc="Hashing teacher weights", disable=len(state) < 1000):
-        tensor = state[name]
-        if tensor.is_meta or hasattr(tensor, "ds_shape"):
-            return None
-        flat = tensor.detach().cpu().contiguous().reshape(-1)
-        digest.update(f"{name}|{flat.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(memoryview(flat.view(torch.uint8).numpy()))
-    return digest.hexdigest()
-
-
-def tokenizer_sha256(tokenizer) -> str | None:
-    """sha256 of what fixes token ids: the vocabulary, the special tokens and the chat template."""
-    tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
-    if tokenizer is None or not hasattr(tokenizer, "get_vocab"):
-        return None
-    payload = {
-        "vocab": sorted(tokenizer.get_vocab().items()),
-        "special_tokens": sorted(map(str, getattr(tokenizer, "all_special_tokens", []))),
-        "chat_template": getattr(tokenizer, "chat_template", None),
-    }
-    return hashlib.sha256(json.dumps(payload, ensure_ascii=False).encode("utf-8")).hexdigest()
+    name = settings.get("distill_mode")
+    declared = getattr(_mode_class(name), "settings", None) if name else None
+    if declared is None and name not in MODE_DESCRIPTIONS:
+        return dict(settings)
+    keys = list(_ALWAYS) + list(declared if declared is not None else MODE_DESCRIPTIONS[name][2])
+    if settings.get("objective") == "generalized_jsd" and "objective" in keys:
+        keys.append("beta")
+    if name == "sequence" and settings.get("teacher_do_sample"):
+        keys += ["temperature", "top_p", "top_k"]
+    if (settings.get("lmbda") or 0) > 0 or settings.get("seq_kd"):
+        keys += ["lmbda", "seq_kd", *_SAMPLING]
+    if (settings.get("feature_weight") or 0) > 0:
+        keys += list(_FEATURE)
+    if settings.get("heldout_eval"):
+        keys.append("heldout_max_rows")
+    unset_is_default = ("kd_top_k", "teacher_cache", "teacher_model_init_kwargs", "teacher_model_name_or_path")
+    return {key: settings[key] for key in dict.fromkeys(keys)
+            if key in settings and not (key in unset_is_default and settings[key] is None)}  # fmt: skip
 
 
 def _unwrap(model):
@@ -161,12 +213,18 @@ def _unwrap(model):
 
 
 def model_record(model, init_kwargs: Mapping | None = None) -> dict[str, Any]:
-    """Id/path, revision, architecture, dtype and parameter counts of a model (LoRA r/alpha for a PeftModel)."""
+    """Id/path, revision, architecture, dtype and parameter counts of a model (LoRA r/alpha for a PeftModel).
+
+    `local` says whether `name_or_path` was a local directory when recorded (the model card then shows only its
+    name: no local path is published).
+    """
     base = _unwrap(model)
     config = getattr(base, "config", None)
     parameters = list(model.parameters())
+    name = getattr(config, "_name_or_path", None) or None
     record = {
-        "name_or_path": getattr(config, "_name_or_path", None) or None,
+        "name_or_path": name,
+        "local": bool(name) and (os.path.isabs(name) or os.path.exists(name)),
         "revision": (init_kwargs or {}).get("revision"),
         "model_type": getattr(config, "model_type", None),
         "dtype": str(parameters[0].dtype).replace("torch.", "") if parameters else None,
@@ -188,15 +246,31 @@ def model_record(model, init_kwargs: Mapping | None = None) -> dict[str, Any]:
     return record
 
 
-def _teacher_record(trainer) -> dict[str, Any] | None:
+def teacher_record(trainer) -> dict[str, Any] | None:
+    """The teacher: the live one (its weights hashed once per model object), else the one behind `teacher_cache`.
+
+    A student trained from an offline store records the store's teacher (name, revision, dtype, `weights_sha256`,
+    tokenizer) and the store's `manifest_sha256`, so `trl-distill verify --replay` can check both.
+    """
     teacher = getattr(trainer, "teacher_model", None)
     if teacher is None:
-        return None
+        store_path = getattr(trainer.args, "teacher_cache", None)
+        if not store_path:
+            return None
+        from .teachers.store import TeacherStore
+
+        store = getattr(getattr(trainer, "distill_mode", None), "store", None)
+        if not isinstance(store, TeacherStore):
+            store = TeacherStore(store_path, verify_hashes=False)
+        record = store.teacher_record
+        name = record.get("name_or_path")
+        record["local"] = bool(name) and (os.path.isabs(name) or os.path.exists(name))
+        return record
     teacher = getattr(teacher, "module", teacher)
-    if teacher not in _TEACHER_HASHES:  # the teacher is frozen: hash its weights once per trainer lifetime
-        _TEACHER_HASHES[teacher] = state_dict_sha256(teacher)
-    record = model_record(teacher, trainer.args.teacher_model_init_kwargs
-                          if isinstance(trainer.args.teacher_model_init_kwargs, Mapping) else None)  # fmt: skip
+    if teacher not in _TEACHER_HASHES:  # the teacher is frozen: hash its weights once per model object
+        _TEACHER_HASHES[teacher] = weights_sha256(teacher)
+    kwargs = trainer.args.teacher_model_init_kwargs
+    record = model_record(teacher, kwargs if isinstance(kwargs, Mapping) else None)
     record["weights_sha256"] = _TEACHER_HASHES[teacher]
     record["tokenizer_sha256"] = tokenizer_sha256(getattr(trainer, "teacher_processing_class", None))
     return record
@@ -227,63 +301,37 @@ def _training_record(trainer) -> dict[str, Any]:
     return record
 
 
-def distill_stage(trainer, heldout: Mapping[str, float] | None = None, rows_file: str | None = None) -> dict[str, Any]:
-    """The receipt stage describing `trainer`'s run: method, models, settings, data, training, results, papers."""
+def distill_stage(
+    trainer,
+    heldout: Mapping[str, float] | None = None,
+    rows_file: str | None = None,
+    heldout_vocab_size: int | None = None,
+) -> dict[str, Any]:
+    """The receipt stage describing `trainer`'s run: method, models, settings, data, training, results, papers.
+
+    `heldout` (figures from `trl_distill.evaluation.heldout_metrics`), `rows_file` (the rows they were measured on,
+    relative to the artifact) and `heldout_vocab_size` (the logits compared; default `trainer.vocab_size`) go to
+    `results`.
+    """
     settings = distillation_settings(trainer.args)
-    mode = getattr(trainer, "distill_mode", None)
-    label = _MODE_LABELS.get(settings.get("distill_mode"), f"{settings.get('distill_mode')} distillation")
-    student = model_record(trainer.model, trainer.args.model_init_kwargs
-                           if isinstance(trainer.args.model_init_kwargs, Mapping) else None)  # fmt: skip
+    method, papers = describe_method(settings, trainer.args)
+    kwargs = trainer.args.model_init_kwargs
+    student = model_record(trainer.model, kwargs if isinstance(kwargs, Mapping) else None)
     student["tokenizer_sha256"] = tokenizer_sha256(trainer.processing_class)
-    results: dict[str, Any] = {"final_train_loss": _training_record(trainer)["final_train_loss"], "heldout": None}
+    training = _training_record(trainer)
+    results: dict[str, Any] = {"final_train_loss": training["final_train_loss"], "heldout": None}
     if heldout is not None:
-        results.update(heldout=dict(heldout), heldout_rows_file=rows_file, heldout_vocab_size=trainer.vocab_size)
+        vocab_size = heldout_vocab_size if heldout_vocab_size is not None else getattr(trainer, "vocab_size", None)
+        results.update(heldout=dict(heldout), heldout_rows_file=rows_file, heldout_vocab_size=vocab_size)
     return {
         "name": "distill",
-        "method": f"{label} ({settings.get('objective')})" if "objective" in settings else label,
+        "method": method,
         "trainer": type(trainer).__name__,
-        "papers": method_papers(settings, mode),
-        "models": {"teacher": _teacher_record(trainer), "student": student},
+        "papers": papers,
+        "models": {"teacher": teacher_record(trainer), "student": student},
         "settings": settings,
-        "training": _training_record(trainer),
+        "training": training,
         "data": {"train": dataset_record(trainer.train_dataset), "eval": dataset_record(trainer.eval_dataset)},
         "results": results,
         "libraries": library_versions(),
     }
-
-
-def _write_rows(path: Path, rows: list[Mapping]) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(jsonable(dict(row)), ensure_ascii=False, sort_keys=True) + "\n")
-
-
-def save_artifact(trainer, output_dir: str | os.PathLike) -> dict:
-    """
-    Make `output_dir` (where `save_model` just wrote the weights) a complete, verifiable artifact.
-
-    Writes the held-out rows measured at this step ([`HELDOUT_ROWS_NAME`], for `trl-distill verify --replay`), the
-    receipt (one stage: this run), its Ed25519 signature when `args.receipt_signing_key` is set, and the model card.
-    Returns the receipt.
-    """
-    from .callbacks import heldout_results
-    from .model_card import trainer_tags, write_model_card
-    from .receipt import new_receipt, sign_receipt, write_receipt
-
-    output_dir = Path(output_dir)
-    heldout, rows = heldout_results(trainer)
-    rows_path = output_dir / HELDOUT_ROWS_NAME
-    if rows is not None:
-        _write_rows(rows_path, rows)
-    elif rows_path.exists():
-        rows_path.unlink()  # from an earlier save: the figures it backed are not in this receipt
-    stage = distill_stage(trainer, heldout, HELDOUT_ROWS_NAME if rows is not None else None)
-    receipt = new_receipt(output_dir, [stage])
-    write_receipt(output_dir, receipt)
-    if trainer.args.receipt_signing_key:
-        sign_receipt(output_dir, trainer.args.receipt_signing_key)
-    hub_model_id = getattr(trainer, "hub_model_id", None)
-    write_model_card(output_dir, receipt, tags=trainer_tags(trainer), hub_model_id=hub_model_id)
-    trainer._written_receipts = {**getattr(trainer, "_written_receipts", {}), str(output_dir.resolve()): receipt}
-    logger.info("Wrote %s (content id %s) in %s", "distill_receipt.json", receipt["content_id"], output_dir)
-    return receipt

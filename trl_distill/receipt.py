@@ -18,7 +18,10 @@
   artifact (the receipt covers every file) and is repeated in the model card.
 - **Artifacts**: every file under the output directory except the receipt, its signature, the model card (which
   quotes the content id), hidden files and `checkpoint-*` / `runs` directories.
-- **Stages**: one entry per training stage (distill, then recovery, then DPO/GRPO...); [`append_stage`] adds one.
+- **Stages**: one entry per training stage (distill, then recovery, then DPO/GRPO...); `trl_distill.append_stage`
+  adds one.
+- **Card**: `{"model_name": ..., "tags": [...]}`, the inputs of the model card besides the stages (the card is a pure
+  function of the receipt, see `model_card.card_text`).
 - **Signature** (optional, `pip install trl_distill[sign]`): Ed25519 over the receipt's exact bytes, in
   `distill_receipt.sig`.
 """
@@ -26,7 +29,6 @@
 from __future__ import annotations
 
 import base64
-import copy
 import hashlib
 import json
 import logging
@@ -36,11 +38,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from .digests import file_sha256
+
 
 __all__ = [
     "RECEIPT_NAME",
     "SIGNATURE_NAME",
-    "append_stage",
     "canonical_bytes",
     "content_id",
     "generate_signing_key",
@@ -60,9 +63,10 @@ RECEIPT_NAME = "distill_receipt.json"
 SIGNATURE_NAME = "distill_receipt.sig"
 CARD_NAME = "README.md"
 _NOT_ARTIFACTS = {RECEIPT_NAME, SIGNATURE_NAME, CARD_NAME}
-_SKIPPED_DIRS = ("checkpoint-", "runs")
+# Top-level directories that are not the model: resume state, TensorBoard logs, and sequence-KD's teacher-generation
+# cache when an older default put it in the output directory (a cache of the training data, not to be published).
+_SKIPPED_DIRS = ("checkpoint-", "runs", "teacher_generations")
 _FLOAT_DIGITS = 12
-_CHUNK = 1 << 20
 _PROGRESS_BYTES = 256 << 20  # show a progress bar when hashing more than this
 
 
@@ -125,16 +129,6 @@ def artifact_paths(output_dir: str | os.PathLike) -> list[str]:
     return sorted(paths)
 
 
-def file_sha256(path: str | os.PathLike, progress=None) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-            if progress is not None:
-                progress.update(len(chunk))
-    return digest.hexdigest()
-
-
 def hash_files(root: str | os.PathLike, paths: list[str], desc: str = "Hashing artifact") -> dict[str, dict]:
     """`{path: {"sha256": hex, "bytes": size}}` for existing files `paths` under `root` (a progress bar when large)."""
     from tqdm.auto import tqdm
@@ -174,9 +168,15 @@ def load_receipt(location: str | os.PathLike) -> dict:
     return receipt
 
 
-def new_receipt(output_dir: str | os.PathLike, stages: list[Mapping]) -> dict:
-    """A receipt for `output_dir` as it is now: `stages`, the hashes of its artifact files and the content id."""
-    receipt = normalize({"format": FORMAT, "stages": list(stages), "artifacts": hash_artifacts(output_dir)})
+def new_receipt(output_dir: str | os.PathLike, stages: list[Mapping], card: Mapping | None = None) -> dict:
+    """A receipt for `output_dir` as it is now: `stages`, the card's inputs, the hashes of its files and the content id.
+
+    `card` is `{"model_name": str, "tags": [str, ...]}` (defaults: the directory's name, no extra tags).
+    """
+    card = {"model_name": Path(output_dir).resolve().name, "tags": [], **dict(card or {})}
+    card["tags"] = sorted(set(card["tags"] or ()))
+    body = {"format": FORMAT, "stages": list(stages), "card": card, "artifacts": hash_artifacts(output_dir)}
+    receipt = normalize(body)
     receipt["content_id"] = content_id(receipt)
     return receipt
 
@@ -193,54 +193,6 @@ def write_receipt(output_dir: str | os.PathLike, receipt: Mapping) -> Path:
     tmp.write_bytes(data)
     os.replace(tmp, path)  # never leave a half-written receipt
     return path
-
-
-def _check_stage(stage: Any) -> None:
-    if not isinstance(stage, Mapping):
-        raise TypeError(f"`stage` must be a dict, got {type(stage).__name__}.")
-    for key in ("name", "method"):
-        if not isinstance(stage.get(key), str) or not stage[key]:
-            raise ValueError(f"`stage[{key!r}]` must be a non-empty string, got {stage.get(key)!r}.")
-
-
-def append_stage(output_dir: str | os.PathLike, stage: Mapping, *, previous: str | os.PathLike | None = None) -> dict:
-    """
-    Record one more training stage in `output_dir/distill_receipt.json` and re-hash the artifact.
-
-    Loads the receipt of `output_dir` if there is one (else starts a new one), carries first the stages of
-    `previous` (the directory or receipt file of an earlier stage; skipped when they already lead the list), appends
-    `stage`, re-hashes every artifact file in `output_dir`, writes the receipt canonically and rewrites the model card
-    (`README.md`) from it. A signature of the old receipt is removed (sign again with [`sign_receipt`]).
-
-    Args:
-        output_dir (`str` or `os.PathLike`): The directory of the stage's artifact (weights, tokenizer...).
-        stage (`dict`): JSON-able, with at least `"name"` (e.g. `"recovery"`) and `"method"` (e.g. `"sft"`);
-            `"settings"`, `"results"` and `"models"` are optional. The library versions are added as `"libraries"`
-            unless given.
-        previous (`str` or `os.PathLike`, *optional*): Receipt (or its directory) of the stage this one continues.
-
-    Returns:
-        `dict`: the receipt as written (with its `content_id`).
-    """
-    from .provenance import library_versions
-
-    _check_stage(stage)
-    output_dir = Path(output_dir)
-    if not output_dir.is_dir():
-        raise FileNotFoundError(f"`output_dir` {str(output_dir)!r} is not a directory; save the stage's model there.")
-    stages = list(load_receipt(output_dir)["stages"]) if receipt_path(output_dir).is_file() else []
-    if previous is not None:
-        earlier = load_receipt(previous)["stages"]
-        if stages[: len(earlier)] != earlier:
-            stages = earlier + stages
-    stage = {"libraries": library_versions(), **copy.deepcopy(dict(stage))}
-    stages.append(normalize(stage, "stage"))
-    receipt = new_receipt(output_dir, stages)
-    write_receipt(output_dir, receipt)
-    from .model_card import write_model_card
-
-    write_model_card(output_dir, receipt)
-    return receipt
 
 
 # ---- signing --------------------------------------------------------------------------------------------------------
@@ -325,13 +277,20 @@ def signature_problem(output_dir: str | os.PathLike, public_key: str | os.PathLi
     signature_file = path.parent / SIGNATURE_NAME
     if not signature_file.is_file():
         return f"{SIGNATURE_NAME}: missing, but a public key was given: the receipt is not signed."
-    signature = json.loads(signature_file.read_text(encoding="utf-8"))
+    try:
+        signature = json.loads(signature_file.read_text(encoding="utf-8"))
+        raw_signature = base64.b64decode(signature["signature"], validate=True)
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as error:
+        return (f"{SIGNATURE_NAME}: not a trl_distill signature ({type(error).__name__}: {error}); sign the receipt "
+                "again with `trl_distill.receipt.sign_receipt`.")  # fmt: skip
+    if not isinstance(signature, dict):
+        return f"{SIGNATURE_NAME}: not a trl_distill signature (a JSON {type(signature).__name__})."
     key_id = _key_id(key)
     if signature.get("key_id") != key_id:
         return (f"{SIGNATURE_NAME}: signed by key {signature.get('key_id')}, not by the given public key {key_id} "
                 "(wrong key).")  # fmt: skip
     try:
-        key.verify(base64.b64decode(signature["signature"]), path.read_bytes())
+        key.verify(raw_signature, path.read_bytes())
     except invalid_signature:
         return (f"{SIGNATURE_NAME}: the signature by {key_id} does not match {RECEIPT_NAME} (content id now "
                 f"{content_id(load_receipt(path))}, signed {signature.get('content_id')}): the receipt changed after "

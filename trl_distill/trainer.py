@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from typing import Callable
 
 import torch
@@ -12,14 +13,13 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, TrainingArgumen
 from trl import SFTConfig, SFTTrainer
 
 from .alignment import shared_vocab_size
+from .artifact import push_offline_error, save_artifact, upload_error, write_trainer_model_card
 from .callbacks import add_heldout_callback
 from .config import DistillConfig
 from .features import add_projection_param_group, build_feature_projector, resume_projections, save_projections
-from .model_card import push_offline_error, write_trainer_model_card
 from .modes import get_mode
 from .modes.on_policy import CompletionSource, check_prompt_column
 from .modes.token_offline import offline_mode
-from .provenance import save_artifact
 from .receipt import check_signing_key
 from .teachers import lm_head_and_backbone, load_teacher, teacher_tokenizer_source
 
@@ -234,7 +234,8 @@ class DistillTrainer(SFTTrainer):
         self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
 
 
-    # Receipt, model card and Hub (issue 7): `provenance`, `model_card` and `callbacks` hold the logic.
+    # Receipt, model card and Hub (issue 7): `artifact` holds the logic (it writes; `provenance`, `receipt` and
+    # `model_card` describe, hash and render).
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         super()._save(output_dir, state_dict=state_dict)
         save_projections(self, output_dir)  # feature KD: beside the student, never inside it (before the receipt)
@@ -253,12 +254,28 @@ class DistillTrainer(SFTTrainer):
             write_trainer_model_card(self, self.args.output_dir, model_name=model_name, tags=tags)
 
     def push_to_hub(self, commit_message: str | None = "End of training", blocking: bool = True, **kwargs):
-        """Upload the weights, the model card and `distill_receipt.json` (as `Trainer.push_to_hub`)."""
-        error = push_offline_error(self.args.output_dir)
+        """Save the artifact (weights, card, `distill_receipt.json`), then upload it (as `Trainer.push_to_hub`).
+
+        The save comes first, so an unreachable Hub loses nothing: offline mode raises `OfflineModeIsEnabled` and a
+        failed upload raises [`~trl_distill.artifact.HubUploadError`], both naming the directory that holds the model.
+        """
+        output_dir = self.args.output_dir
+        self.save_model(_internal_call=True)  # before anything touches the network (transformers creates the repo first)
+        generations = os.path.join(output_dir, "teacher_generations")
+        if os.path.isdir(generations):
+            raise ValueError(
+                f"{generations!r} holds the teacher-generation cache of sequence-level KD (training targets, not "
+                "part of the model) and would be uploaded with it. Move it out of `output_dir` (and set "
+                f"`teacher_generation_cache_dir` elsewhere), then push again; the model is saved in {output_dir!r}."
+            )
+        error = push_offline_error(output_dir)
         if error is not None:
-            self.save_model(_internal_call=True)  # keep the artifact locally before refusing
             raise error
-        return super().push_to_hub(commit_message=commit_message, blocking=blocking, **kwargs)
+        try:
+            return super().push_to_hub(commit_message=commit_message, blocking=blocking, **kwargs)
+        except Exception as failure:  # any network/Hub error: say where the saved artifact is
+            repo_id = getattr(self, "hub_model_id", None) or self.args.hub_model_id
+            raise upload_error(output_dir, repo_id, failure) from failure
 
 
 def _as_distill_config(args, model) -> DistillConfig:

@@ -4,7 +4,8 @@ Every check says what it compared; a failure names what differs (a file, a recei
 
 1. the receipt parses, is in canonical form, and its content matches its `content_id`;
 2. every file it lists exists with the recorded sha256 (files it does not list are reported; with `strict` they fail);
-3. the model card quotes the same content id, settings and held-out figures;
+3. the model card is exactly the card the receipt gives (`model_card.card_text`, regenerated): any other line (an
+   edited `model-index` figure, teacher name, held-out table, an added `base_model`...) fails, naming the line;
 4. with a public key, `distill_receipt.sig` is a valid Ed25519 signature of the receipt by that key;
 5. with `replay`, teacher and student are reloaded and the held-out figures recomputed on the recorded rows, and
    must match the receipt within float noise (and the teacher's weights must hash as recorded).
@@ -13,7 +14,6 @@ Every check says what it compared; a failure names what differs (a file, a recei
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,8 +52,11 @@ def _check_receipt(path: Path, result: Verification) -> dict | None:
 
     try:
         receipt = load_receipt(path)
-    except (FileNotFoundError, ValueError) as error:
+    except (OSError, ValueError, UnicodeDecodeError) as error:
         result.problems.append(str(error))
+        return None
+    if not isinstance(receipt.get("stages"), list) or not all(isinstance(s, dict) for s in receipt["stages"]):
+        result.problems.append("distill_receipt.json: `stages` is not a list of stage records.")
         return None
     result.content_id = receipt.get("content_id")
     raw = (path / "distill_receipt.json").read_bytes()
@@ -75,6 +78,9 @@ def _check_files(path: Path, receipt: dict, result: Verification, strict: bool) 
     from .receipt import artifact_paths, hash_files
 
     recorded = receipt.get("artifacts") or {}
+    if not isinstance(recorded, dict) or not all(isinstance(e, dict) for e in recorded.values()):
+        result.problems.append("distill_receipt.json: `artifacts` is not a map of file records.")
+        return
     current = hash_files(path, sorted(recorded), desc="Verifying artifact")
     changed = 0
     for name, entry in sorted(recorded.items()):
@@ -96,43 +102,54 @@ def _check_files(path: Path, receipt: dict, result: Verification, strict: bool) 
             (result.problems if strict else result.notes).append(message)
 
 
-def _differences(prefix: str, card: dict, receipt: dict) -> list[str]:
+_MAX_CARD_LINES = 12
+
+
+def card_differences(text: str, expected: str) -> list[str]:
+    """The lines where the card `text` differs from the card the receipt gives (`expected`), named by line number."""
+    import difflib
+
+    have, want = text.splitlines(), expected.splitlines()
     problems = []
-    for key in sorted(set(card) | set(receipt)):
-        a, b = card.get(key), receipt.get(key)
-        same = (math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12) if isinstance(a, (int, float)) and
-                isinstance(b, (int, float)) and not isinstance(a, bool) else a == b)  # fmt: skip
-        if not same:
-            problems.append(f"{prefix}{key}: README.md says {a!r}, distill_receipt.json says {b!r}")
+    for tag, i1, i2, j1, j2 in difflib.SequenceMatcher(None, have, want, autojunk=False).get_opcodes():
+        if tag == "equal":
+            continue
+        for offset in range(max(i2 - i1, j2 - j1)):
+            line_no, ours, theirs = i1 + offset + 1, i1 + offset < i2, j1 + offset < j2
+            if ours and theirs:
+                problems.append(f"README.md line {line_no}: says {have[i1 + offset]!r}, the receipt gives "
+                                f"{want[j1 + offset]!r}")  # fmt: skip
+            elif ours:
+                problems.append(f"README.md line {line_no}: {have[i1 + offset]!r} is not in the card the receipt gives")
+            else:
+                problems.append(f"README.md after line {i2}: missing {want[j1 + offset]!r}, which the receipt gives")
+    if len(problems) > _MAX_CARD_LINES:
+        problems = problems[:_MAX_CARD_LINES] + [f"README.md: {len(problems) - _MAX_CARD_LINES} more differing lines"]
     return problems
 
 
 def _check_card(path: Path, receipt: dict, result: Verification) -> None:
-    from huggingface_hub import metadata_load
+    from .model_card import CARD_NAME, card_text
 
-    from .model_card import distill_stage_of
-
-    card = path / "README.md"
+    card = path / CARD_NAME
     if not card.is_file():
-        result.notes.append("README.md: no model card to compare")
+        result.problems.append(f"{CARD_NAME}: missing (the receipt gives a model card; regenerate it with "
+                               "`trl_distill.model_card.write_model_card(dir, receipt)`)")  # fmt: skip
         return
-    block = (metadata_load(card) or {}).get("distillation")
-    if not isinstance(block, dict):
-        result.notes.append("README.md: not a trl_distill model card (no `distillation` metadata)")
+    try:
+        text = card.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as error:
+        result.problems.append(f"{CARD_NAME}: not UTF-8 text ({error})")
         return
-    stage = distill_stage_of(receipt)
-    problems = []
-    if block.get("receipt") != receipt.get("content_id"):
-        problems.append(
-            f"README.md quotes receipt {block.get('receipt')}, the receipt's id is {receipt.get('content_id')}"
-        )
-    teacher = ((stage.get("models") or {}).get("teacher") or {}).get("name_or_path")
-    problems += _differences("", {"teacher": block.get("teacher")}, {"teacher": teacher})
-    problems += _differences("settings.", block.get("settings") or {}, stage.get("settings") or {})
-    problems += _differences("heldout.", block.get("heldout") or {}, (stage.get("results") or {}).get("heldout") or {})
+    try:
+        expected = card_text(receipt)
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        result.problems.append(f"{CARD_NAME}: the receipt cannot give a card ({type(error).__name__}: {error})")
+        return
+    problems = card_differences(text.replace("\r\n", "\n"), expected)
     result.problems += problems
     if not problems:
-        result.passed.append("README.md quotes this receipt (content id, teacher, settings, held-out figures)")
+        result.passed.append(f"{CARD_NAME} is the card the receipt gives (metadata, model-index, text: regenerated)")
 
 
 def _check_signature(path: Path, public_key, result: Verification) -> None:
@@ -141,10 +158,17 @@ def _check_signature(path: Path, public_key, result: Verification) -> None:
     signed = (path / SIGNATURE_NAME).is_file()
     if public_key is None:
         if signed:
-            key_id = json.loads((path / SIGNATURE_NAME).read_text(encoding="utf-8")).get("key_id")
+            try:
+                key_id = json.loads((path / SIGNATURE_NAME).read_text(encoding="utf-8")).get("key_id")
+            except (ValueError, AttributeError, UnicodeDecodeError):
+                result.problems.append(f"{SIGNATURE_NAME}: not a trl_distill signature (unreadable JSON)")
+                return
             result.notes.append(f"{SIGNATURE_NAME}: signed by {key_id}; pass a public key to check it")
         return
-    problem = signature_problem(path, public_key)
+    try:
+        problem = signature_problem(path, public_key)
+    except (ValueError, OSError, ImportError) as error:  # a missing or malformed key file
+        problem = f"public key: {error}"
     if problem:
         result.problems.append(problem)
     else:
@@ -190,7 +214,8 @@ def verify_artifact(
     if replay:
         from .replay import replay_problems
 
-        problems, passed = replay_problems(path, receipt, teacher=teacher, rtol=rtol, atol=atol, device=device)
+        problems, passed, notes = replay_problems(path, receipt, teacher=teacher, rtol=rtol, atol=atol, device=device)
         result.problems += problems
         result.passed += passed
+        result.notes += notes
     return result

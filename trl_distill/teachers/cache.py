@@ -10,7 +10,6 @@ process writes the manifest once every shard is recorded; every process returns 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -19,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..digests import file_sha256, tokenizer_sha256, weights_sha256
 from ..losses import teacher_top_k_targets
 from . import codec
 from .live import lm_head_and_backbone, load_teacher
@@ -28,11 +28,10 @@ from .store import (
     STORE_FORMAT,
     STORE_VERSION,
     batch_row_keys,
-    file_sha256,
     fingerprint,
+    seal_manifest,
     shard_name,
     tokenization_settings,
-    tokenizer_fingerprint,
     write_json,
     write_shard,
 )
@@ -42,15 +41,6 @@ logger = logging.getLogger(__name__)
 
 # Keys of a collated batch that are not model inputs.
 _NON_MODEL_KEYS = ("labels", "seq_lengths", "completion_mask", "assistant_masks")
-
-
-def weights_sha256(model: nn.Module) -> str:
-    """sha256 of every parameter's name, dtype, shape and bytes (identifies the teacher's weights)."""
-    digest = hashlib.sha256()
-    for name, param in sorted(model.named_parameters(), key=lambda item: item[0]):
-        digest.update(f"{name}|{param.dtype}|{tuple(param.shape)}".encode())
-        digest.update(param.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 def cache_teacher(
@@ -147,7 +137,7 @@ def cache_teacher(
             "dtype": str(next(teacher.parameters()).dtype).replace("torch.", ""),
             "weights_sha256": weights_sha256(teacher),
         },
-        "tokenizer_sha256": tokenizer_fingerprint(tokenizer),
+        "tokenizer_sha256": tokenizer_sha256(tokenizer),
         "vocab_size": vocab_size,
         "top_k": top_k,
         "temperature": float(args.kd_temperature),
@@ -281,5 +271,6 @@ def _finish(store_dir: str, plan: dict) -> dict | None:
         info["fingerprint"] = fingerprint(keys)
         info["positions"] = sum(s["positions"] for s in manifest["shards"] if s["split"] == split)
     manifest["total_bytes"] = sum(shard["bytes"] for shard in manifest["shards"])
+    manifest = seal_manifest(manifest)  # its digest, which the store and every student's receipt record
     write_json(os.path.join(store_dir, MANIFEST), manifest)
     return manifest

@@ -10,6 +10,10 @@ shard-00000.json          the shard's record, written once its file is complete:
 manifest.json             plan + every shard's record + per-split row counts and fingerprints; written last
 ```
 
+`manifest.json` records `manifest_sha256`, the sha256 of its own canonical JSON without that key
+([`manifest_sha256`]); a student trained from the store records the same digest in its receipt. A manifest whose
+content no longer matches it (an edited `temperature` or `top_k`, say) is refused when the store is opened.
+
 Rows are found by content, not by position: a row's key is a hash of its token ids and labels exactly as the collator
 gives them to the model. Shuffling, another `seed` or a subset of the cached rows therefore read the right targets,
 and a row the store does not hold (another dataset, tokenizer or `max_length`) is an error, never a wrong target.
@@ -26,6 +30,7 @@ from typing import Any, Iterable
 
 import torch
 
+from ..digests import file_sha256, json_sha256, tokenizer_sha256
 from ..losses import TopKTargets
 from . import codec
 
@@ -35,7 +40,7 @@ STORE_VERSION = 1
 MANIFEST = "manifest.json"
 PLAN = "plan.json"
 _KEY_BYTES = 16
-_HASH_BLOCK = 1 << 22
+MANIFEST_DIGEST = "manifest_sha256"
 
 
 def shard_name(index: int) -> str:
@@ -74,21 +79,6 @@ def fingerprint(keys: Iterable[bytes]) -> str:
     return digest.hexdigest()
 
 
-def tokenizer_fingerprint(tokenizer) -> str:
-    """sha256 of what decides token ids: vocabulary, merges, normalization, added tokens, chat template, bos/eos."""
-    tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        state = json.loads(backend.to_str())
-        for volatile in ("truncation", "padding"):  # set by the last call with `padding=`/`truncation=`
-            state.pop(volatile, None)
-    else:
-        state = sorted(tokenizer.get_vocab().items())
-    state = {"backend": state, "chat_template": getattr(tokenizer, "chat_template", None),
-             "bos": tokenizer.bos_token, "eos": tokenizer.eos_token}  # fmt: skip
-    return hashlib.sha256(json.dumps(state, sort_keys=True, default=str).encode()).hexdigest()
-
-
 def tokenization_settings(trainer) -> dict[str, Any]:
     """The settings of an `SFTTrainer` (or `DistillTrainer`) that decide the rows' tokens and labels."""
     args = trainer.args
@@ -105,12 +95,74 @@ def tokenization_settings(trainer) -> dict[str, Any]:
     }
 
 
-def file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(_HASH_BLOCK):
-            digest.update(block)
-    return digest.hexdigest()
+def manifest_sha256(manifest: dict) -> str:
+    """sha256 of the canonical JSON of a store manifest without its `manifest_sha256` key."""
+    return json_sha256({key: value for key, value in manifest.items() if key != MANIFEST_DIGEST})
+
+
+def seal_manifest(manifest: dict) -> dict:
+    """`manifest` with its `manifest_sha256` set (what `cache_teacher` writes)."""
+    body = {key: value for key, value in manifest.items() if key != MANIFEST_DIGEST}
+    return {**body, MANIFEST_DIGEST: manifest_sha256(body)}
+
+
+def read_manifest(path: str) -> dict:
+    """Open the manifest of the store at `path` and check it is intact; each error names the file, field and fix.
+
+    Raises:
+        FileNotFoundError: no `manifest.json` (an unfinished or missing store).
+        ValueError: not JSON, not a version-1 store, no `manifest_sha256`, or a content that does not hash to it (the
+            message names the fields that differ from `plan.json`, e.g. an edited `temperature`).
+    """
+    manifest_path = os.path.join(path, MANIFEST)
+    if not os.path.isfile(manifest_path):
+        hint = (
+            "its write was not finished: run `trl-distill cache-teacher` again with the same settings to resume it"
+            if os.path.isfile(os.path.join(path, PLAN))
+            else "create it with `trl-distill cache-teacher` (or `trl_distill.cache_teacher`)"
+        )
+        raise FileNotFoundError(f"`teacher_cache={path!r}` has no {MANIFEST}: {hint}.")
+    try:
+        with open(manifest_path, encoding="utf-8") as handle:
+            manifest = json.load(handle)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(
+            f"`teacher_cache={path!r}`: {MANIFEST} is not valid JSON ({error}); the file was damaged or edited. "
+            "Re-run `trl-distill cache-teacher` with the original settings into an empty directory."
+        ) from None
+    if not isinstance(manifest, dict) or manifest.get("format") != STORE_FORMAT or manifest.get("version") != STORE_VERSION:
+        found = manifest if not isinstance(manifest, dict) else (manifest.get("format"), manifest.get("version"))
+        raise ValueError(
+            f"`teacher_cache={path!r}`: {MANIFEST} is not a version-{STORE_VERSION} trl_distill teacher store "
+            f"(format, version: {found!r})."
+        )
+    recorded = manifest.get(MANIFEST_DIGEST)
+    if recorded is None:
+        raise ValueError(
+            f"`teacher_cache={path!r}`: {MANIFEST} records no `{MANIFEST_DIGEST}` (written by an older trl_distill), "
+            "so its settings cannot be trusted. Re-run `trl-distill cache-teacher` into an empty directory."
+        )
+    computed = manifest_sha256(manifest)
+    if computed != recorded:
+        raise ValueError(
+            f"`teacher_cache={path!r}`: {MANIFEST} was edited after the store was written (its content hashes to "
+            f"{computed[:12]}..., it records `{MANIFEST_DIGEST}` {str(recorded)[:12]}...){_edited_fields(path, manifest)}. "
+            "The stored targets are exact only for the settings they were computed with: restore the original "
+            f"{MANIFEST}, or re-run `trl-distill cache-teacher` with the settings you want into an empty directory."
+        )
+    return manifest
+
+
+def _edited_fields(path: str, manifest: dict) -> str:
+    """`; fields that differ from plan.json: ...` when `plan.json` is there to compare with, else ``."""
+    try:
+        with open(os.path.join(path, PLAN), encoding="utf-8") as handle:
+            plan = json.load(handle)
+    except (OSError, ValueError):
+        return ""
+    changed = [f"`{key}` {plan[key]!r} -> {manifest.get(key)!r}" for key in sorted(plan)
+               if key != "shards" and manifest.get(key) != plan[key]]  # fmt: skip
+    return f"; fields that differ from {PLAN}: {', '.join(changed)}" if changed else ""
 
 
 def write_json(path: str, data: dict) -> None:
@@ -144,6 +196,8 @@ def write_shard(directory: str, index: int, keys: list[bytes], counts: list[int]
 class TeacherStore:
     """Read access to a finished store: verification against a training run, and per-batch targets.
 
+    Opening a store checks its manifest against its `manifest_sha256` ([`read_manifest`]).
+
     Args:
         path (`str`): the store directory (it holds `manifest.json`).
         verify_hashes (`bool`): check every shard's size and sha256 against the manifest now (a corrupted or
@@ -152,27 +206,24 @@ class TeacherStore:
 
     def __init__(self, path: str, *, verify_hashes: bool = True, progress: bool = True):
         self.path = os.fspath(path)
-        manifest_path = os.path.join(self.path, MANIFEST)
-        if not os.path.isfile(manifest_path):
-            hint = (
-                "its write was not finished: run `trl-distill cache-teacher` again with the same settings to resume it"
-                if os.path.isfile(os.path.join(self.path, PLAN))
-                else "create it with `trl-distill cache-teacher` (or `trl_distill.cache_teacher`)"
-            )
-            raise FileNotFoundError(f"`teacher_cache={self.path!r}` has no {MANIFEST}: {hint}.")
-        with open(manifest_path) as handle:
-            self.manifest = json.load(handle)
-        if self.manifest.get("format") != STORE_FORMAT or self.manifest.get("version") != STORE_VERSION:
-            raise ValueError(
-                f"`teacher_cache={self.path!r}`: {MANIFEST} is not a version-{STORE_VERSION} trl_distill teacher store "
-                f"(format {self.manifest.get('format')!r}, version {self.manifest.get('version')!r})."
-            )
+        self.manifest = read_manifest(self.path)
         self.top_k = self.manifest["top_k"]
         self.vocab_size = self.manifest["vocab_size"]
         if verify_hashes:
             self.verify_files(progress=progress)
         self._handles: dict[int, Any] = {}
         self._index: dict[bytes, tuple[int, int, int]] | None = None
+
+    @property
+    def teacher_record(self) -> dict[str, Any]:
+        """What a receipt records of the teacher behind this store: its manifest's teacher, tokenizer and digest."""
+        record = dict(self.manifest.get("teacher") or {})
+        record["tokenizer_sha256"] = self.manifest.get("tokenizer_sha256")
+        record["vocab_size"] = self.vocab_size
+        record["store"] = {"manifest_sha256": self.manifest[MANIFEST_DIGEST], "top_k": self.top_k,
+                           "temperature": self.manifest.get("temperature"),
+                           "splits": {name: info.get("fingerprint") for name, info in self.manifest["splits"].items()}}
+        return record
 
     def verify_files(self, *, progress: bool = True) -> None:
         """Every shard of the manifest exists, has its recorded size and sha256; raise naming the first that does not."""
@@ -202,7 +253,7 @@ class TeacherStore:
     def check_run(self, *, tokenizer, vocab_size: int, top_k: int, temperature: float, tokenization: dict) -> None:
         """Refuse a training run the store's targets are not exact for; each error names the field and the fix."""
         where = f"the teacher store at {self.path!r}"
-        if self.manifest["tokenizer_sha256"] != tokenizer_fingerprint(tokenizer):
+        if self.manifest["tokenizer_sha256"] != tokenizer_sha256(tokenizer):
             raise ValueError(
                 f"The student's tokenizer differs from the one {where} was tokenized with (tokenizer sha256 "
                 f"{self.manifest['tokenizer_sha256'][:12]}... in {MANIFEST}): its rows would not match. Pass the "
