@@ -62,6 +62,8 @@ class _Handler(BaseHTTPRequestHandler):
             files = json.loads(body)["files"]
             return self._reply(200, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
                                                for f in files], "commitOid": "0" * 40})  # fmt: skip
+        if match and self.server.failing_commits:  # a Hub that accepts the repo but fails the upload
+            return self._reply(403, {"error": "upload refused by the test stand-in"})
         if match:
             repo = self.server.repos.setdefault(match.group(1), {})
             for line in body.decode().splitlines():
@@ -80,13 +82,21 @@ class _Server(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), _Handler)
         self.repos: dict[str, dict[str, bytes]] = {}
         self.requests: list[tuple[str, str]] = []
+        self.failing_commits = False
 
 
 class LocalHub:
-    """Start the stand-in on a free port of 127.0.0.1 on enter; stop it on exit."""
+    """Start the stand-in on a free port of 127.0.0.1 on enter; stop it on exit.
+
+    With `failing_commits=True` it creates repos but answers every commit with 403 (an upload that fails).
+    """
+
+    def __init__(self, failing_commits: bool = False):
+        self.failing_commits = failing_commits
 
     def __enter__(self) -> "LocalHub":
         self.server = _Server()
+        self.server.failing_commits = self.failing_commits
         self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.repos = self.server.repos
         self.requests = self.server.requests

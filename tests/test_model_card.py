@@ -1,5 +1,6 @@
 """The model card (metadata, model-index, text) and the upload to a local Hub stand-in."""
 
+import json
 import os
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from huggingface_hub.errors import OfflineModeIsEnabled
 from tests.distill_artifacts import tiny_args
 from tests.hub_server import LocalHub
 from trl_distill import DistillTrainer
-from trl_distill.model_card import build_model_card
+from trl_distill.model_card import build_model_card, card_text, write_model_card
 from trl_distill.receipt import RECEIPT_NAME, load_receipt
 
 
@@ -21,24 +22,28 @@ HELDOUT = {"kl_teacher_student": 0.25, "kl_student_teacher": 0.3, "top1_agreemen
            "student_perplexity": 3.0, "teacher_perplexity": 2.5, "perplexity_gap": 0.5, "num_tokens": 100}  # fmt: skip
 
 
-def receipt_for(student: str, teacher: str) -> dict:
+def receipt_for(student: str, teacher: str, *, local: bool = False) -> dict:
+    settings = {"objective": "forward_kl", "kd_temperature": 2.0, "alpha": 0.9, "lmbda": 0.0}
     stage = {
         "name": "distill",
         "method": "token-level knowledge distillation (forward_kl)",
-        "models": {"teacher": {"name_or_path": teacher, "revision": "main"}, "student": {"name_or_path": student}},
-        "settings": {"objective": "forward_kl", "kd_temperature": 2.0, "alpha": 0.9, "lmbda": 0.0},
+        "models": {"teacher": {"name_or_path": teacher, "revision": "main"},
+                   "student": {"name_or_path": student, "local": local}},
+        "settings": settings,
         "results": {"heldout": HELDOUT},
         "papers": [{"arxiv": "1503.02531", "title": "Distilling the Knowledge in a Neural Network"}],
         "libraries": {"torch": "2.13.0"},
-    }
-    return {"format": "trl-distill-receipt/1", "stages": [stage], "content_id": "sha256:" + "ab" * 32}
+    }  # fmt: skip
+    return {"format": "trl-distill-receipt/1", "stages": [stage], "card": {"model_name": "tiny", "tags": ["x"]},
+            "content_id": "sha256:" + "ab" * 32}  # fmt: skip
 
 
 def test_card_metadata_and_text(tmp_path):
     receipt = receipt_for("Qwen/Qwen2.5-0.5B", "Qwen/Qwen2.5-7B-Instruct")
-    card = build_model_card(receipt, model_name="tiny", tags=["x"])
-    card.save(tmp_path / "README.md")
+    write_model_card(tmp_path, receipt)
     text = (tmp_path / "README.md").read_text()
+    assert text == card_text(receipt) == card_text(json.loads(json.dumps(receipt)))  # a pure function of the receipt
+    assert build_model_card(receipt).data.to_dict()["distillation"]["teacher"] == "Qwen/Qwen2.5-7B-Instruct"
     metadata = yaml.safe_load(text.split("---")[1])  # the YAML header parses
     assert metadata["base_model"] == "Qwen/Qwen2.5-0.5B"
     assert {"distillation", "trl-distill", "x"} <= set(metadata["tags"])
@@ -51,9 +56,50 @@ def test_card_metadata_and_text(tmp_path):
     for phrase in ("distilled from **Qwen/Qwen2.5-7B-Instruct**", "trl-distill verify .", "--replay",
                    "https://arxiv.org/abs/1503.02531", "sha256:" + "ab" * 32, "DistillConfig("):  # fmt: skip
         assert phrase in text, phrase
-    # A local path is not a Hub id: no `base_model` (the Hub would reject it).
-    local = build_model_card(receipt_for(str(tmp_path), "Qwen/Qwen2.5-7B-Instruct"), model_name="tiny")
-    assert "base_model" not in yaml.safe_load(str(local).split("---")[1])
+    # A local path is not a Hub id: no `base_model` (the Hub would reject it), and the path is not published.
+    for student, local in ((str(tmp_path / "student"), False), ("student_dir", True)):
+        local_card = card_text(receipt_for(student, str(tmp_path / "teacher"), local=local))
+        assert "base_model" not in yaml.safe_load(local_card.split("---")[1])
+        assert str(tmp_path) not in local_card and "local:teacher" in local_card
+
+
+def test_card_lists_the_settings_that_apply_and_how_to_reproduce(tmp_path):
+    from trl_distill import DistillConfig
+    from trl_distill.provenance import applicable_settings, distillation_settings
+
+    cases = {
+        "token": dict(objective="generalized_jsd", beta=0.3),
+        "sequence": dict(distill_mode="sequence", teacher_generation_cache_dir=str(tmp_path / "gen")),
+        "uld": dict(distill_mode="uld", uld_top_k=8),
+        "feature": dict(feature_weight=0.5),
+    }
+    shown = {}
+    for name, kwargs in cases.items():
+        args = DistillConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, activation_checkpointing=False,
+                             teacher_model_name_or_path=str(tmp_path / "teacher"), **kwargs)  # fmt: skip
+        shown[name] = applicable_settings(distillation_settings(args))
+    total = len(distillation_settings(args))
+    assert total > 30 and all(len(s) < total / 2 for s in shown.values()), {k: len(v) for k, v in shown.items()}
+    assert shown["token"]["beta"] == 0.3 and "uld_top_k" not in shown["token"] and "feature_weight" not in shown["token"]
+    assert "objective" not in shown["sequence"] and "kd_temperature" not in shown["sequence"]
+    assert "teacher_num_beams" in shown["sequence"] and "beta" not in shown["uld"] and shown["uld"]["uld_top_k"] == 8
+    assert shown["feature"]["feature_weight"] == 0.5 and "feature_layer_map" in shown["feature"]
+
+    receipt = receipt_for("Qwen/Qwen2.5-0.5B", str(tmp_path / "teacher"), local=False)
+    stage = receipt["stages"][0]
+    stage["settings"] = distillation_settings(args)
+    stage["applicable_settings"] = sorted(shown["feature"])
+    stage["training"] = {"max_length": 512, "learning_rate": 2e-5, "max_steps": 100, "num_train_epochs": 3.0,
+                         "per_device_train_batch_size": 8, "gradient_accumulation_steps": 2, "seed": 0}  # fmt: skip
+    text = card_text(receipt)
+    settings_rows = [line for line in text.split("## Held-out")[0].splitlines() if line.startswith("| `")]
+    assert len(settings_rows) == len(shown["feature"])
+    reproduce = text.split("## Reproduce")[1].split("## Papers")[0]
+    for phrase in ("max_length=512", "learning_rate=2e-05", "max_steps=100", "per_device_train_batch_size=8",
+                   "gradient_accumulation_steps=2", "feature_weight=0.5"):  # fmt: skip
+        assert phrase in reproduce, phrase
+    assert "num_train_epochs" not in reproduce  # `max_steps` overrides it
+    assert str(tmp_path) not in text
 
 
 def test_create_model_card_before_any_receipt(tmp_path, tokenizer, make_student, make_teacher,
@@ -96,8 +142,52 @@ trainer = DistillTrainer(
     processing_class=tokenizer,
 )
 trainer.train()
+if sys.argv[2:] == ["expect-failure"]:  # the model was never saved before this call: push_to_hub must save it first
+    from trl_distill.artifact import HubUploadError
+
+    try:
+        trainer.push_to_hub()
+    except HubUploadError as error:
+        print("UPLOAD-ERROR:", error)
+        sys.exit(3)
+    sys.exit(0)
 trainer.push_to_hub()
 """
+
+
+def run_push(tmp_path, endpoint, *extra):
+    script = tmp_path / "push.py"
+    script.write_text(textwrap.dedent(PUSH_SCRIPT))
+    repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "HF_ENDPOINT": endpoint, "HF_HUB_OFFLINE": "0", "HF_TOKEN": "hf_local_test",
+           "HF_HOME": str(tmp_path / "hf_home"), "PYTHONPATH": repo_root, "HF_HUB_ETAG_TIMEOUT": "2",
+           "HF_HUB_DOWNLOAD_TIMEOUT": "2"}  # fmt: skip
+    return subprocess.run([sys.executable, str(script), str(tmp_path / "out"), *extra], env=env, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+
+
+@pytest.mark.parametrize("hub", ["unreachable", "failing upload"])
+def test_failed_upload_keeps_the_artifact_and_says_where(tmp_path, hub):
+    """Offline mode NOT set, the Hub down (nothing listens) or refusing the commit: the model is saved, verified."""
+    from trl_distill.verify import verify_artifact
+
+    if hub == "unreachable":
+        import socket
+
+        with socket.socket() as probe:  # a port nothing listens on
+            probe.bind(("127.0.0.1", 0))
+            endpoint = f"http://127.0.0.1:{probe.getsockname()[1]}"
+        process = run_push(tmp_path, endpoint, "expect-failure")
+    else:
+        with LocalHub(failing_commits=True) as server:
+            process = run_push(tmp_path, server.endpoint, "expect-failure")
+            assert ("POST", "/api/repos/create") in server.requests and not server.repos["user/tiny-distilled"]
+    assert process.returncode == 3, process.stdout[-2000:] + process.stderr[-4000:]
+    message = process.stdout.split("UPLOAD-ERROR:")[1]
+    out = tmp_path / "out"
+    assert str(out) in message and "Nothing is lost" in message and "model.safetensors" in message
+    assert {"model.safetensors", "README.md", RECEIPT_NAME} <= {p.name for p in out.iterdir()}
+    assert verify_artifact(out, strict=True).ok
 
 
 def test_push_to_hub_uploads_weights_card_and_receipt(tmp_path):
