@@ -230,3 +230,93 @@ def test_bad_signing_key_fails_before_training(tmp_path, tokenizer, make_student
         DistillTrainer(model=make_student(), teacher_model=make_student(), processing_class=tokenizer,
                        args=tiny_args(tmp_path / "out", receipt_signing_key=str(tmp_path / bad)),
                        train_dataset=prompt_completion_dataset)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "old,new",
+    [
+        ("      value: ", "      value: 0.0001  #"),  # a `model-index` figure, what the Hub displays
+        ("A student distilled from **local:teacher", "A student distilled from **meta-llama/Llama-3.1-405B"),
+        ("| KL(teacher‖student) | ", "| KL(teacher‖student) | 0.0001 |  "),  # the held-out table
+        ("library_name: transformers\n", "library_name: transformers\nbase_model: Qwen/Qwen2.5-0.5B\n"),
+        ("distill_mode: token", "distill_mode: uld"),  # the `distillation` metadata block
+    ],
+)
+def test_every_claim_of_the_card_is_verified(artifact, old, new):
+    card = artifact / "README.md"
+    text = card.read_text(encoding="utf-8")
+    assert old in text
+    card.write_text(text.replace(old, new, 1), encoding="utf-8")
+    problems = verify_artifact(artifact).problems
+    assert problems and all(p.startswith("README.md") for p in problems), problems
+    assert any(new.split("\n")[-2 if new.endswith("\n") else 0][:20] in p for p in problems), problems
+
+
+def test_damaged_card_signature_and_keys_are_fail_lines(artifact, keys, tmp_path, capsys):
+    card = artifact / "README.md"
+    card.write_text("---\ntags: [unclosed\n  - : :\n---\n# hi\n", encoding="utf-8")  # malformed YAML
+    assert any(p.startswith("README.md line 2:") for p in verify_artifact(artifact).problems)
+    card.unlink()
+    assert any(p.startswith("README.md: missing") for p in verify_artifact(artifact).problems)
+    (artifact / SIGNATURE_NAME).write_bytes(b"\x00garbage{")
+    for public_key in (None, keys / "owner.pub"):
+        problems = verify_artifact(artifact, public_key=public_key).problems
+        assert any(p.startswith(f"{SIGNATURE_NAME}: not a trl_distill signature") for p in problems), problems
+    (artifact / SIGNATURE_NAME).write_text(json.dumps({"key_id": "x", "signature": "!!!"}))
+    assert any("not a trl_distill signature" in p for p in verify_artifact(artifact, public_key=keys / "owner.pub").problems)
+    (tmp_path / "garbage.pub").write_bytes(b"-----BEGIN PUBLIC KEY-----\nnope\n-----END PUBLIC KEY-----\n")
+    for bad in (tmp_path / "garbage.pub", tmp_path / "absent.pub", keys / "owner.pem"):
+        problems = verify_artifact(artifact, public_key=bad).problems
+        assert any(p.startswith("public key: `public_key`") for p in problems), problems
+        assert main(["verify", str(artifact), "--public-key", str(bad)]) == 1
+    assert "FAIL  public key" in capsys.readouterr().out
+
+
+def test_replay_reports_a_teacher_of_another_vocabulary_or_a_missing_path(artifact, tmp_path, other_tokenizer):
+    other_vocab = saved_teacher(other_tokenizer, tmp_path / "small_vocab_teacher")
+    problems = verify_artifact(artifact, replay=True, teacher=other_vocab).problems
+    assert any("has a vocabulary of" in p and "another tokenizer's model" in p for p in problems), problems
+    assert any("not the teacher this student was distilled from" in p for p in problems)
+    problems = verify_artifact(artifact, replay=True, teacher=str(tmp_path / "no_such_teacher")).problems
+    assert any(p.startswith("replay: cannot load the teacher from") for p in problems), problems
+
+
+@pytest.mark.parametrize(
+    "settings,method,papers",
+    [
+        (dict(distill_mode="token", objective="reverse_kl"), "token-level knowledge distillation (reverse_kl)",
+         ["1503.02531", "2306.08543"]),
+        (dict(distill_mode="sequence", objective="forward_kl"), "sequence-level knowledge distillation", ["1606.07947"]),
+        (dict(distill_mode="uld", objective="forward_kl", uld_distance="l1"), "universal logit distillation",
+         ["1503.02531", "2402.12030"]),
+        (dict(distill_mode="token", objective="forward_kl", feature_weight=0.5, feature_loss="mse"),
+         "+ feature (hidden-state) distillation", ["1503.02531", "1412.6550"]),
+        (dict(distill_mode="token", objective="jsd", lmbda=0.5), "on-policy", ["1503.02531", "2306.13649"]),
+    ],
+)  # fmt: skip
+def test_receipts_describe_each_mode(settings, method, papers):
+    from trl_distill.provenance import describe_method
+
+    label, found = describe_method(settings)
+    assert method in label and [p["arxiv"] for p in found] == papers, (label, found)
+    if settings["distill_mode"] != "token":
+        assert "(forward_kl)" not in label
+
+
+def test_heldout_figures_measured_outside_the_trainer(tmp_path, tokenizer, prompt_completion_dataset, eval_dataset):
+    """What `recipes/distill.py` does: measure after training, then record the figures in the receipt and card."""
+    from trl_distill import heldout_metrics, save_artifact
+
+    teacher = saved_teacher(tokenizer, tmp_path / "teacher")
+    trainer = train_and_save(tokenizer, tmp_path / "out", teacher, prompt_completion_dataset, None, max_steps=1)
+    assert load_receipt(tmp_path / "out")["stages"][0]["results"]["heldout"] is None
+    rows = [dict(row) for row in eval_dataset.select(range(4))]
+    figures = heldout_metrics(trainer.model, trainer.teacher_model, tokenizer, rows, vocab_size=trainer.vocab_size)
+    (tmp_path / "out" / "stage.json").write_text("{}")  # a file the recipe writes beside the model, before this
+    receipt = save_artifact(trainer, tmp_path / "out", heldout=figures, heldout_rows=rows)
+    assert receipt["stages"][0]["results"]["heldout"]["kl_teacher_student"] == pytest.approx(figures["kl_teacher_student"])
+    assert "Not measured" not in (tmp_path / "out" / "README.md").read_text()
+    result = verify_artifact(tmp_path / "out", strict=True, replay=True)
+    assert result.ok, result.report()
+    with pytest.raises(ValueError, match="`heldout_rows`"):
+        save_artifact(trainer, tmp_path / "out", heldout=figures)

@@ -66,6 +66,12 @@ MODE_DESCRIPTIONS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
             ("objective", "kd_temperature", "alpha", "loss_reduction", "uld_top_k", "uld_distance",
              "uld_exact_match")),
 }  # fmt: skip
+# What the label adds per mode: the divergence for token KD, the distance (and exact-match divergence) for ULD.
+_LABEL_DETAILS = {
+    "token": lambda s: f" ({s.get('objective')})",
+    "uld": lambda s: f" ({s.get('uld_distance')} distance between sorted probabilities"
+    + (f"; {s.get('objective')} on exactly matching tokens)" if s.get("uld_exact_match") else ")"),
+}
 _ALWAYS = ("distill_mode", "teacher_model_name_or_path", "teacher_model_init_kwargs", "heldout_eval")
 _SAMPLING = ("max_completion_length", "temperature", "top_p", "top_k")
 _FEATURE = ("feature_weight", "feature_layer_map", "feature_loss", "feature_projection")
@@ -149,8 +155,8 @@ def describe_method(settings: Mapping[str, Any], args=None) -> tuple[str, list[d
             label = describe(args if args is not None else types.SimpleNamespace(**settings))
         except (AttributeError, TypeError) as error:  # a describe written for a full config: keep the table's label
             logger.debug("`%s.describe` failed on the recorded settings (%s)", mode_cls.__name__, error)
-    elif table and "objective" in table[2] and settings.get("objective"):
-        label += f" ({settings['objective']})"
+    elif name in _LABEL_DETAILS:
+        label += _LABEL_DETAILS[name](settings)
     declared = getattr(mode_cls, "papers", None)
     papers = [_paper(p) for p in declared] if declared else [_paper(k) for k in keys]
     objective_used = table is None or "objective" in table[2]
