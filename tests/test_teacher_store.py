@@ -17,6 +17,7 @@ from trl_distill.demo.task import make_task_dataset
 from trl_distill.demo.tiny import build_tiny_model
 from trl_distill.losses import linear_distillation_loss, linear_top_k_distillation_loss, teacher_top_k_targets
 from trl_distill.teachers import codec
+from trl_distill.teachers import store as store_module
 from trl_distill.teachers.store import MANIFEST
 
 
@@ -354,11 +355,93 @@ def test_different_dataset_is_refused(tmp_path, store, tokenizer, make_student):
 
 
 def test_a_subset_in_another_order_is_accepted(tmp_path, store, tokenizer, make_student, prompt_completion_dataset):
+    """Rows are found by content: a shuffled subset reads, row by row, exactly what the writer stored for each row."""
     subset = prompt_completion_dataset.select([9, 3, 17, 0, 5, 22])
-    DistillTrainer(
+    trainer = DistillTrainer(
         model=make_student(), args=config(tmp_path, teacher_cache=str(store), max_steps=1), train_dataset=subset,
         processing_class=tokenizer,
-    ).train()  # fmt: skip
+    )  # fmt: skip
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(subset))])
+    reader = TeacherStore(store, progress=False)
+    targets = reader.targets(batch, K)
+    in_loss = batch["labels"][:, 1:] != -100
+    for row, key in enumerate(store_module.batch_row_keys(batch)):
+        expected = codec.fold(codec.decode(WRITTEN[key], reader.vocab_size), K)  # what the writer stored for this row
+        assert torch.equal(targets.ids[row][in_loss[row]], expected.ids)
+        torch.testing.assert_close(targets.log_probs[row][in_loss[row]], expected.log_probs, rtol=0, atol=0)
+    assert len({key for key in store_module.batch_row_keys(batch)}) == len(subset)
+    before = trainer.model.lm_head.weight.detach().clone()
+    trainer.train()
+    losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+    assert losses and all(torch.isfinite(torch.tensor(losses))) and not torch.equal(before, trainer.model.lm_head.weight)
+
+
+def edit_manifest(path, edit):
+    manifest = json.loads((path / MANIFEST).read_text())
+    edit(manifest)
+    (path / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+
+
+@pytest.mark.parametrize(
+    "edit,match",
+    [
+        (lambda m: m.update(temperature=1.0), r"manifest.json was edited after the store was written .*`temperature`"),
+        (lambda m: m.update(top_k=K + 4), rf"manifest.json was edited .*`top_k` {K} -> {K + 4}"),
+        (lambda m: m.pop("manifest_sha256"), "records no `manifest_sha256`"),
+        ("not json", "manifest.json is not valid JSON"),
+    ],
+)
+def test_an_edited_manifest_is_refused(tmp_path, store, tokenizer, make_student, prompt_completion_dataset, edit, match):
+    """Without the digest an edited temperature would silently train on T=2 log-probabilities as T=1."""
+    copy = copy_store(store, tmp_path)
+    if isinstance(edit, str):
+        (copy / MANIFEST).write_text("{" + (copy / MANIFEST).read_text()[:50])
+    else:
+        edit_manifest(copy, edit)
+    with pytest.raises(ValueError, match=match):
+        TeacherStore(copy, progress=False)
+    with pytest.raises(ValueError, match=match):
+        DistillTrainer(
+            model=make_student(), args=config(tmp_path, teacher_cache=str(copy), kd_temperature=1.0, kd_top_k=K),
+            train_dataset=prompt_completion_dataset, processing_class=tokenizer,
+        )  # fmt: skip
+
+
+def test_student_from_a_store_records_its_teacher_and_replay_checks_them(
+    tmp_path, tokenizer, prompt_completion_dataset, make_student
+):
+    from tests.distill_artifacts import saved_teacher
+    from trl_distill.digests import weights_sha256
+    from trl_distill.receipt import load_receipt
+    from trl_distill.verify import verify_artifact
+
+    teacher_path = saved_teacher(tokenizer, tmp_path / "teacher")
+    store_dir = tmp_path / "store"
+    args = config(tmp_path, teacher_cache=str(store_dir), teacher_model_init_kwargs={"dtype": "float32"})
+    manifest = cache_teacher(teacher_path, prompt_completion_dataset, args=args, processing_class=tokenizer,
+                             rows_per_shard=16, batch_size=8, progress=False)  # fmt: skip
+    trainer = DistillTrainer(model=make_student(), args=args, train_dataset=prompt_completion_dataset,
+                             processing_class=tokenizer)  # fmt: skip
+    trainer.train()
+    trainer.save_model()
+    out = pathlib.Path(args.output_dir)
+    teacher = load_receipt(out)["stages"][0]["models"]["teacher"]
+    live = build_tiny_model(tokenizer, hidden_size=64, num_layers=2, num_heads=4, seed=2)
+    assert teacher["name_or_path"] == teacher_path and teacher["store"]["manifest_sha256"] == manifest["manifest_sha256"]
+    assert teacher["weights_sha256"] == manifest["teacher"]["weights_sha256"] == weights_sha256(live)  # one definition
+    card = (out / "README.md").read_text()
+    assert "local:teacher" in card and manifest["manifest_sha256"] in card and "in-memory teacher" not in card
+    result = verify_artifact(out, replay=True)
+    assert result.ok and any("weights hash as recorded" in m for m in result.passed), result.report()
+    assert any("store's manifest matches" in m for m in result.passed), result.report()
+    # The store is rewritten with another temperature and a digest recomputed to match: the receipt still pins it.
+    edit_manifest(store_dir, lambda m: m.update(temperature=1.0))
+    edit_manifest(store_dir, lambda m: m.update(manifest_sha256=store_module.manifest_sha256(m)))
+    problems = verify_artifact(out, replay=True).problems
+    assert any("not the store this student was trained from" in p for p in problems), problems
+    other = saved_teacher(tokenizer, tmp_path / "other", seed=7)
+    problems = verify_artifact(out, replay=True, teacher=other).problems
+    assert any("not the teacher this student was distilled from" in p for p in problems), problems
 
 
 @pytest.mark.parametrize(
