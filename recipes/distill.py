@@ -34,7 +34,7 @@ import stage  # noqa: E402
 from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config  # noqa: E402
 from trl.models import unwrap_model_for_generation  # noqa: E402
 
-from trl_distill import DistillConfig, DistillTrainer  # noqa: E402
+from trl_distill import DistillConfig, DistillTrainer, heldout_metrics, save_artifact  # noqa: E402
 
 
 @dataclass
@@ -69,6 +69,7 @@ def run(script_args: DistillScriptArguments, model_args: ModelConfig, training_a
     results = stage.train_and_save(trainer, training_args.output_dir)
     if not trainer.is_deepspeed_enabled:
         results["rank_weight_digests"] = stage.rank_weight_digests(trainer.model)
+    figures = None
     if not trainer.distill_mode.requires_shared_vocab:
         stage.logger.warning("Held-out KL is measured only for shared-vocabulary modes.")
     elif rows and trainer.teacher_model is not None:
@@ -76,11 +77,15 @@ def run(script_args: DistillScriptArguments, model_args: ModelConfig, training_a
         # models are gathered whole on every rank for it, as TRL does to generate; elsewhere this only unwraps them.
         with (unwrap_model_for_generation(trainer.model_wrapped, trainer.accelerator) as student,
               unwrap_model_for_generation(trainer.teacher_model, trainer.accelerator) as teacher):  # fmt: skip
-            results.update(stage.measure(student, teacher, trainer.processing_class, rows, prefix="heldout_"))
+            figures = heldout_metrics(student, teacher, trainer.processing_class, rows, vocab_size=trainer.vocab_size)
+        results.update({f"heldout_{key}": value for key, value in figures.items()})
     models = stage.models_record(training_args.output_dir, model_args.model_name_or_path,
                                  training_args.teacher_model_name_or_path, adapters=model_args.use_peft)  # fmt: skip
     method = f"DistillTrainer distill_mode={training_args.distill_mode} objective={training_args.objective}"
-    return stage.finish_stage("distill", method, (script_args, model_args, training_args), results, models, trainer)
+    record = stage.finish_stage("distill", method, (script_args, model_args, training_args), results, models, trainer)
+    if trainer.accelerator.is_main_process:  # the receipt and card now carry the figures and cover stage.json
+        save_artifact(trainer, training_args.output_dir, heldout=figures, heldout_rows=rows if figures else None)
+    return record
 
 
 def main(argv: list[str] | None = None) -> dict:

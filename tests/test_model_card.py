@@ -122,6 +122,22 @@ def test_push_to_hub_offline_keeps_the_artifact(tmp_path, tokenizer, make_studen
     assert (tmp_path / RECEIPT_NAME).exists() and (tmp_path / "model.safetensors").exists()
 
 
+def test_teacher_generation_cache_is_never_published(tmp_path, tokenizer, make_student, make_teacher,
+                                                     prompt_completion_dataset):  # fmt: skip
+    from trl_distill.teachers.generation import default_generation_cache_dir
+
+    assert not default_generation_cache_dir().startswith(str(tmp_path))
+    trainer = DistillTrainer(model=make_student(), teacher_model=make_teacher(), args=tiny_args(tmp_path, max_steps=1),
+                             train_dataset=prompt_completion_dataset, processing_class=tokenizer)  # fmt: skip
+    cache = tmp_path / "teacher_generations" / "abc"  # where an older default put sequence-KD's completions
+    cache.mkdir(parents=True)
+    (cache / "shard-00000.arrow").write_bytes(b"training data")
+    with pytest.raises(ValueError, match="teacher-generation cache .* would be uploaded"):
+        trainer.push_to_hub()
+    receipt = load_receipt(tmp_path)  # saved before refusing, without the cache
+    assert "model.safetensors" in receipt["artifacts"] and not any("teacher_generations" in f for f in receipt["artifacts"])
+
+
 PUSH_SCRIPT = """
 import sys
 import torch

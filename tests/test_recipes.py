@@ -123,6 +123,15 @@ def test_distill_recipe_trains_saves_and_measures(runs):
     # the command-line override won over the YAML, and the settings record it
     assert record["settings"]["max_steps"] == 2 and record["settings"]["kd_temperature"] == 1.0
     assert record["models"]["teacher"] == {"name_or_path": "runs/recipes/tiny/teacher-quick"}
+    # the receipt and card carry the held-out figures of stage.json, and the whole directory verifies strictly
+    from trl_distill.receipt import load_receipt
+    from trl_distill.verify import verify_artifact
+
+    heldout = load_receipt(out)["stages"][0]["results"]["heldout"]
+    assert heldout["kl_teacher_student"] == pytest.approx(record["results"]["heldout_kl_teacher_student"], rel=1e-9)
+    assert "Not measured" not in (out / "README.md").read_text()
+    result = verify_artifact(out, strict=True)
+    assert result.ok, result.report()
 
 
 def test_ddp_two_processes_end_with_identical_weights_and_one_output(runs):

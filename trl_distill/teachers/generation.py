@@ -34,6 +34,17 @@ _COMPLETE_FILE = "complete.json"
 _KEY_FILE = "fingerprint.json"
 
 
+def default_generation_cache_dir() -> str:
+    """Where teacher completions are cached when `teacher_generation_cache_dir` is unset.
+
+    `$XDG_CACHE_HOME/trl_distill/teacher_generations` (default `~/.cache/...`): never inside `output_dir`, whose
+    content is the model that `push_to_hub` uploads (the completions are training data). The fingerprinted
+    sub-directories make a shared cache safe: another teacher, tokenizer, dataset or setting writes elsewhere.
+    """
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(root, "trl_distill", "teacher_generations")
+
+
 def prompt_token_ids(tokenizer, prompt: str | list[dict]) -> list[int]:
     """Token ids of a prompt as `SFTTrainer` renders it: plain text as is, messages through the chat template."""
     if isinstance(prompt, str):
