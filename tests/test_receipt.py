@@ -320,3 +320,31 @@ def test_heldout_figures_measured_outside_the_trainer(tmp_path, tokenizer, promp
     assert result.ok, result.report()
     with pytest.raises(ValueError, match="`heldout_rows`"):
         save_artifact(trainer, tmp_path / "out", heldout=figures)
+
+
+def test_receipt_card_and_provenance_are_leaves():
+    """`artifact` owns saving; `receipt`, `model_card` and `provenance` import none of each other (no cycle, issue 14)."""
+    import ast
+    import pathlib
+
+    package = pathlib.Path(__file__).resolve().parents[1] / "trl_distill"
+    leaves = {"receipt", "model_card", "provenance", "digests"}
+
+    def imported(module):
+        tree = ast.parse((package / f"{module}.py").read_text())
+        names = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module:
+                names.add(node.module.split(".")[0])
+            elif isinstance(node, ast.ImportFrom) and node.level == 1:  # `from . import a, b`
+                names.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("trl_distill."):
+                names.add(node.module.split(".")[1])
+        return names
+
+    assert imported("model_card") == set() and imported("digests") == set()
+    assert imported("receipt") == {"digests"}
+    assert imported("provenance") & leaves == {"digests"} and not imported("provenance") & {"artifact", "trainer"}
+    assert {"receipt", "model_card", "provenance"} <= imported("artifact")
+    for module in ("artifact", "provenance", "model_card"):
+        assert "_written_receipts" not in (package / f"{module}.py").read_text()  # no private state on the trainer
