@@ -38,7 +38,7 @@ def main() -> None:
     from trl_distill.demo.task import make_task_dataset, task_corpus
     from trl_distill.demo.tiny import build_tiny_model, build_tokenizer, save_pretrained_pair
     from trl_distill.evaluation import heldout_metrics
-    from trl_distill.provenance import state_dict_sha256
+    from trl_distill.digests import weights_sha256
     from trl_distill.receipt import hash_artifacts, new_receipt, write_receipt
     from trl_distill.verify import verify_artifact
 
@@ -57,7 +57,7 @@ def main() -> None:
             save_pretrained_pair(teacher, tokenizer, out)  # the artifact: the teacher-sized model's files
             write_receipt(out, new_receipt(out, [{"name": "bench", "method": "none"}]))
             cells = [
-                _median_seconds(lambda: state_dict_sha256(teacher), args.repeats),
+                _median_seconds(lambda: weights_sha256(teacher), args.repeats),
                 _median_seconds(lambda: hash_artifacts(out), args.repeats),
                 _median_seconds(lambda: verify_artifact(out), args.repeats),
                 _median_seconds(lambda: heldout_metrics(student, teacher, tokenizer, rows), args.repeats),
