@@ -80,7 +80,8 @@ def test_card_lists_the_settings_that_apply_and_how_to_reproduce(tmp_path):
         shown[name] = applicable_settings(distillation_settings(args))
     total = len(distillation_settings(args))
     assert total > 30 and all(len(s) < total / 2 for s in shown.values()), {k: len(v) for k, v in shown.items()}
-    assert shown["token"]["beta"] == 0.3 and "uld_top_k" not in shown["token"] and "feature_weight" not in shown["token"]
+    assert shown["token"]["beta"] == 0.3 and "uld_top_k" not in shown["token"]
+    assert "feature_weight" not in shown["token"]
     assert "objective" not in shown["sequence"] and "kd_temperature" not in shown["sequence"]
     assert "teacher_num_beams" in shown["sequence"] and "beta" not in shown["uld"] and shown["uld"]["uld_top_k"] == 8
     assert shown["feature"]["feature_weight"] == 0.5 and "feature_layer_map" in shown["feature"]
@@ -135,7 +136,8 @@ def test_teacher_generation_cache_is_never_published(tmp_path, tokenizer, make_s
     with pytest.raises(ValueError, match="teacher-generation cache .* would be uploaded"):
         trainer.push_to_hub()
     receipt = load_receipt(tmp_path)  # saved before refusing, without the cache
-    assert "model.safetensors" in receipt["artifacts"] and not any("teacher_generations" in f for f in receipt["artifacts"])
+    assert "model.safetensors" in receipt["artifacts"]
+    assert not any("teacher_generations" in name for name in receipt["artifacts"])
 
 
 PUSH_SCRIPT = """

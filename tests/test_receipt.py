@@ -263,7 +263,8 @@ def test_damaged_card_signature_and_keys_are_fail_lines(artifact, keys, tmp_path
         problems = verify_artifact(artifact, public_key=public_key).problems
         assert any(p.startswith(f"{SIGNATURE_NAME}: not a trl_distill signature") for p in problems), problems
     (artifact / SIGNATURE_NAME).write_text(json.dumps({"key_id": "x", "signature": "!!!"}))
-    assert any("not a trl_distill signature" in p for p in verify_artifact(artifact, public_key=keys / "owner.pub").problems)
+    problems = verify_artifact(artifact, public_key=keys / "owner.pub").problems
+    assert any("not a trl_distill signature" in p for p in problems)
     (tmp_path / "garbage.pub").write_bytes(b"-----BEGIN PUBLIC KEY-----\nnope\n-----END PUBLIC KEY-----\n")
     for bad in (tmp_path / "garbage.pub", tmp_path / "absent.pub", keys / "owner.pem"):
         problems = verify_artifact(artifact, public_key=bad).problems
@@ -286,7 +287,8 @@ def test_replay_reports_a_teacher_of_another_vocabulary_or_a_missing_path(artifa
     [
         (dict(distill_mode="token", objective="reverse_kl"), "token-level knowledge distillation (reverse_kl)",
          ["1503.02531", "2306.08543"]),
-        (dict(distill_mode="sequence", objective="forward_kl"), "sequence-level knowledge distillation", ["1606.07947"]),
+        (dict(distill_mode="sequence", objective="forward_kl"), "sequence-level knowledge distillation",
+         ["1606.07947"]),
         (dict(distill_mode="uld", objective="forward_kl", uld_distance="l1"), "universal logit distillation",
          ["1503.02531", "2402.12030"]),
         (dict(distill_mode="token", objective="forward_kl", feature_weight=0.5, feature_loss="mse"),
@@ -314,7 +316,8 @@ def test_heldout_figures_measured_outside_the_trainer(tmp_path, tokenizer, promp
     figures = heldout_metrics(trainer.model, trainer.teacher_model, tokenizer, rows, vocab_size=trainer.vocab_size)
     (tmp_path / "out" / "stage.json").write_text("{}")  # a file the recipe writes beside the model, before this
     receipt = save_artifact(trainer, tmp_path / "out", heldout=figures, heldout_rows=rows)
-    assert receipt["stages"][0]["results"]["heldout"]["kl_teacher_student"] == pytest.approx(figures["kl_teacher_student"])
+    recorded = receipt["stages"][0]["results"]["heldout"]
+    assert recorded["kl_teacher_student"] == pytest.approx(figures["kl_teacher_student"])
     assert "Not measured" not in (tmp_path / "out" / "README.md").read_text()
     result = verify_artifact(tmp_path / "out", strict=True, replay=True)
     assert result.ok, result.report()
@@ -323,7 +326,7 @@ def test_heldout_figures_measured_outside_the_trainer(tmp_path, tokenizer, promp
 
 
 def test_receipt_card_and_provenance_are_leaves():
-    """`artifact` owns saving; `receipt`, `model_card` and `provenance` import none of each other (no cycle, issue 14)."""
+    """`artifact` owns saving; `receipt`, `model_card` and `provenance` import none of each other (issue 14)."""
     import ast
     import pathlib
 

@@ -373,7 +373,8 @@ def test_a_subset_in_another_order_is_accepted(tmp_path, store, tokenizer, make_
     before = trainer.model.lm_head.weight.detach().clone()
     trainer.train()
     losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
-    assert losses and all(torch.isfinite(torch.tensor(losses))) and not torch.equal(before, trainer.model.lm_head.weight)
+    assert losses and all(torch.isfinite(torch.tensor(losses)))
+    assert not torch.equal(before, trainer.model.lm_head.weight)
 
 
 def edit_manifest(path, edit):
@@ -391,7 +392,8 @@ def edit_manifest(path, edit):
         ("not json", "manifest.json is not valid JSON"),
     ],
 )
-def test_an_edited_manifest_is_refused(tmp_path, store, tokenizer, make_student, prompt_completion_dataset, edit, match):
+def test_an_edited_manifest_is_refused(tmp_path, store, tokenizer, make_student, prompt_completion_dataset, edit,
+                                       match):  # fmt: skip
     """Without the digest an edited temperature would silently train on T=2 log-probabilities as T=1."""
     copy = copy_store(store, tmp_path)
     if isinstance(edit, str):
@@ -427,7 +429,8 @@ def test_student_from_a_store_records_its_teacher_and_replay_checks_them(
     out = pathlib.Path(args.output_dir)
     teacher = load_receipt(out)["stages"][0]["models"]["teacher"]
     live = build_tiny_model(tokenizer, hidden_size=64, num_layers=2, num_heads=4, seed=2)
-    assert teacher["name_or_path"] == teacher_path and teacher["store"]["manifest_sha256"] == manifest["manifest_sha256"]
+    assert teacher["name_or_path"] == teacher_path
+    assert teacher["store"]["manifest_sha256"] == manifest["manifest_sha256"]
     assert teacher["weights_sha256"] == manifest["teacher"]["weights_sha256"] == weights_sha256(live)  # one definition
     card = (out / "README.md").read_text()
     assert "local:teacher" in card and manifest["manifest_sha256"] in card and "in-memory teacher" not in card

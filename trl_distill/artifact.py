@@ -197,7 +197,8 @@ def push_offline_error(output_dir) -> Exception | None:
 
 def upload_error(output_dir, hub_model_id: str | None, error: BaseException) -> HubUploadError:
     """What `push_to_hub` raises when the upload fails: the cause, and what was saved where (nothing is lost)."""
-    files = sorted(receipts.load_receipt(output_dir)["artifacts"]) if receipts.receipt_path(output_dir).is_file() else []
+    saved = receipts.receipt_path(output_dir).is_file()
+    files = sorted(receipts.load_receipt(output_dir)["artifacts"]) if saved else []
     shown = ", ".join(files[:8]) + (f" and {len(files) - 8} more" if len(files) > 8 else "")
     message = (
         f"`push_to_hub` could not upload to {hub_model_id or 'the Hub'!r} ({type(error).__name__}: {error}). Nothing "

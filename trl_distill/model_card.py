@@ -136,7 +136,8 @@ def _text(receipt: Mapping, stage: Mapping, meta: Mapping) -> str:
     if len(block["stages"]) > 1:
         lines += [f"Training stages, in order: {' → '.join(map(str, block['stages']))}.", ""]
     lines += ["## Distillation", "", "| setting | value |", "|---|---|"]
-    lines += [f"| teacher | `{block['teacher'] or 'unrecorded'}` (revision {block['teacher_revision'] or 'unrecorded'}) |"]
+    revision = block["teacher_revision"] or "unrecorded"
+    lines += [f"| teacher | `{block['teacher'] or 'unrecorded'}` (revision {revision}) |"]
     if block["teacher_weights_sha256"]:
         lines += [f"| teacher weights sha256 | `{block['teacher_weights_sha256']}` |"]
     if block["teacher_store_manifest_sha256"]:

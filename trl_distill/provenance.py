@@ -163,7 +163,8 @@ def describe_method(settings: Mapping[str, Any], args=None) -> tuple[str, list[d
     extra = []
     if objective_used and settings.get("objective") == "reverse_kl":
         extra.append("reverse_kl")
-    if (objective_used and settings.get("objective") in ("jsd", "generalized_jsd")) or (settings.get("lmbda") or 0) > 0:
+    jsd = objective_used and settings.get("objective") in ("jsd", "generalized_jsd")
+    if jsd or (settings.get("lmbda") or 0) > 0:
         extra.append("gkd")
     if (settings.get("lmbda") or 0) > 0:
         label += f", on-policy samples with probability lmbda={settings['lmbda']}"
@@ -172,7 +173,8 @@ def describe_method(settings: Mapping[str, Any], args=None) -> tuple[str, list[d
         label += ", on teacher-generated completions (seq_kd)"
     if (settings.get("feature_weight") or 0) > 0:
         extra.append("feature")
-        label += f" + feature (hidden-state) distillation ({settings.get('feature_loss')}, weight {settings['feature_weight']})"
+        label += (f" + feature (hidden-state) distillation ({settings.get('feature_loss')}, weight "
+                  f"{settings['feature_weight']})")
     papers += [_paper(k) for k in extra]
     seen, unique = set(), []
     for paper in papers:

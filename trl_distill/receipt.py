@@ -169,7 +169,7 @@ def load_receipt(location: str | os.PathLike) -> dict:
 
 
 def new_receipt(output_dir: str | os.PathLike, stages: list[Mapping], card: Mapping | None = None) -> dict:
-    """A receipt for `output_dir` as it is now: `stages`, the card's inputs, the hashes of its files and the content id.
+    """A receipt for `output_dir` as it is now: stages, the card's inputs, the hashes of its files and the content id.
 
     `card` is `{"model_name": str, "tags": [str, ...]}` (defaults: the directory's name, no extra tags).
     """

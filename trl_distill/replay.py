@@ -43,7 +43,7 @@ def _short(digest) -> str:
 
 
 def _check_store(teacher_record: dict, settings: dict) -> tuple[list[str], list[str], list[str]]:
-    """The offline store a student was trained from, when still reachable: its manifest digest must be the recorded one."""
+    """The offline store a student was trained from, when still here: its manifest digest must be the recorded one."""
     from .teachers.store import read_manifest
 
     recorded = (teacher_record.get("store") or {}).get("manifest_sha256")
@@ -75,7 +75,8 @@ def replay_problems(path: Path, receipt: dict, *, teacher: str | None, rtol: flo
     if not recorded and not teacher_record:
         return ["replay: the last stage recorded no held-out figures to recompute (train with an eval set)."], [], []
     if not source:
-        return ["replay: the receipt names no teacher to load (it was built in memory); pass `--teacher PATH`."], [], []
+        problem = "replay: the receipt names no teacher to load (it was built in memory); pass `--teacher PATH`."
+        return [problem], [], []
     problems, passed, notes = _check_store(teacher_record, stage.get("settings") or {})
     try:
         import torch
@@ -89,8 +90,8 @@ def replay_problems(path: Path, receipt: dict, *, teacher: str | None, rtol: flo
         ).to(device)
     except (OSError, ValueError, ImportError, RuntimeError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        return problems + [f"replay: cannot load the teacher from {source!r} ({first_line}); pass `--teacher PATH`."], \
-            passed, notes  # fmt: skip
+        problems.append(f"replay: cannot load the teacher from {source!r} ({first_line}); pass `--teacher PATH`.")
+        return problems, passed, notes
     digest = weights_sha256(teacher_model)
     if teacher_record.get("weights_sha256") and digest != teacher_record["weights_sha256"]:
         problems.append(
@@ -122,8 +123,10 @@ def replay_problems(path: Path, receipt: dict, *, teacher: str | None, rtol: flo
 
         figures = heldout_metrics(student, teacher_model, tokenizer, rows, vocab_size=vocab_size)
     except (OSError, ValueError, RuntimeError, IndexError, KeyError) as error:
-        return problems + [f"replay: the held-out figures could not be recomputed ({type(error).__name__}: "
-                           f"{str(error).strip().splitlines()[0] if str(error).strip() else ''})."], passed, notes  # fmt: skip
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        cause = f"{type(error).__name__}: {first_line}"
+        problems.append(f"replay: the held-out figures could not be recomputed ({cause}).")
+        return problems, passed, notes
     figure_problems = []
     for key, value in sorted(recorded.items()):
         if key not in figures:

@@ -130,11 +130,11 @@ def read_manifest(path: str) -> dict:
             f"`teacher_cache={path!r}`: {MANIFEST} is not valid JSON ({error}); the file was damaged or edited. "
             "Re-run `trl-distill cache-teacher` with the original settings into an empty directory."
         ) from None
-    if not isinstance(manifest, dict) or manifest.get("format") != STORE_FORMAT or manifest.get("version") != STORE_VERSION:
-        found = manifest if not isinstance(manifest, dict) else (manifest.get("format"), manifest.get("version"))
+    kind = (manifest.get("format"), manifest.get("version")) if isinstance(manifest, dict) else None
+    if kind != (STORE_FORMAT, STORE_VERSION):
         raise ValueError(
             f"`teacher_cache={path!r}`: {MANIFEST} is not a version-{STORE_VERSION} trl_distill teacher store "
-            f"(format, version: {found!r})."
+            f"(format, version: {kind if kind is not None else type(manifest).__name__!r})."
         )
     recorded = manifest.get(MANIFEST_DIGEST)
     if recorded is None:
@@ -146,7 +146,8 @@ def read_manifest(path: str) -> dict:
     if computed != recorded:
         raise ValueError(
             f"`teacher_cache={path!r}`: {MANIFEST} was edited after the store was written (its content hashes to "
-            f"{computed[:12]}..., it records `{MANIFEST_DIGEST}` {str(recorded)[:12]}...){_edited_fields(path, manifest)}. "
+            f"{computed[:12]}..., it records `{MANIFEST_DIGEST}` {str(recorded)[:12]}...)"
+            f"{_edited_fields(path, manifest)}. "
             "The stored targets are exact only for the settings they were computed with: restore the original "
             f"{MANIFEST}, or re-run `trl-distill cache-teacher` with the settings you want into an empty directory."
         )
