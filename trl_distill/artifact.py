@@ -54,7 +54,8 @@ def trainer_tags(trainer) -> list[str]:
 
 
 def _model_name(trainer, output_dir: Path) -> str:
-    return (getattr(trainer, "hub_model_id", None) or "").split("/")[-1] or output_dir.resolve().name
+    hub_id = getattr(trainer, "hub_model_id", None) or getattr(trainer.args, "hub_model_id", None) or ""
+    return hub_id.split("/")[-1] or output_dir.resolve().name
 
 
 def save_artifact(

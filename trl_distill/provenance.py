@@ -166,6 +166,8 @@ def describe_method(settings: Mapping[str, Any], args=None) -> tuple[str, list[d
     jsd = objective_used and settings.get("objective") in ("jsd", "generalized_jsd")
     if jsd or (settings.get("lmbda") or 0) > 0:
         extra.append("gkd")
+    if settings.get("teacher_cache"):
+        label += ", from an offline teacher store"
     if (settings.get("lmbda") or 0) > 0:
         label += f", on-policy samples with probability lmbda={settings['lmbda']}"
     if settings.get("seq_kd"):
