@@ -84,8 +84,10 @@ def test_receipt_bytes_are_stable_across_runs_with_the_same_seed(tmp_path, token
     assert load_receipt(out)["content_id"] != json.loads(receipts[0])["content_id"]  # another data order: new weights
 
 
-def test_fresh_artifact_verifies(artifact, keys, capsys):
+def test_fresh_artifact_verifies(artifact, built, keys, capsys):
     receipt = load_receipt(artifact)
+    card = (artifact / "README.md").read_text(encoding="utf-8")
+    assert str(built) not in card and "local:teacher" in card  # the teacher's local path is not published
     (stage,) = receipt["stages"]
     assert stage["models"]["teacher"]["weights_sha256"] and stage["results"]["heldout"]["kl_teacher_student"] > 0
     assert stage["settings"]["kd_temperature"] == 2.0 and "receipt_signing_key" not in stage["settings"]
