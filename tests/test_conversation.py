@@ -89,6 +89,12 @@ def loss_tokens(dataset):
     return sum(sum(label != -100 for label in row["labels"][1:]) for row in dataset)
 
 
+def distill(rows, tokenizer, *, student, teacher, args, **kwargs):
+    """A `DistillTrainer` on `rows` (a list of dicts)."""
+    return DistillTrainer(model=student, teacher_model=teacher, args=args, train_dataset=Dataset.from_list(rows),
+                          processing_class=tokenizer, **kwargs)  # fmt: skip
+
+
 def prepared(trainer):
     return [(row["input_ids"], row["labels"]) for row in trainer.train_dataset]
 
@@ -123,7 +129,7 @@ def test_as_prompt_completion_every_container(chat_rows):
     pc = Dataset.from_list(expected)
     assert as_prompt_completion(pc) is pc and as_prompt_completion(None) is None
     bad = Dataset.from_list([*chat_rows[:2], {"messages": chat_rows[2]["messages"][:-1], "row_id": 2}])
-    with pytest.raises(ValueError, match="Row 2 of the `messages` dataset: conversation does not end with an assistant"):
+    with pytest.raises(ValueError, match="Row 2 of the `messages` dataset: conversation does not end with an"):
         as_prompt_completion(bad)
 
 
@@ -147,6 +153,19 @@ def test_base_teacher_without_template_is_refused_for_conversational_prompts(tok
         prompt_token_ids(base, [{"role": "user", "content": "hi"}])
 
 
+def test_generate_teacher_completions_accepts_messages(chat_tokenizer, make_teacher, chat_rows):
+    from trl_distill import generate_teacher_completions
+
+    teacher = make_teacher()
+    teacher.generation_config.pad_token_id = chat_tokenizer.pad_token_id
+    out = generate_teacher_completions(teacher, chat_tokenizer, Dataset.from_list(chat_rows[:2]),
+                                       max_completion_length=3, show_progress=False)  # fmt: skip
+    assert out["prompt"] == [r["messages"][:-1] for r in chat_rows[:2]] and "messages" not in out.column_names
+    assert all(c[0]["role"] == "assistant" for c in out["teacher_completion"])
+    with pytest.raises(ValueError, match="this function's `prompt_column` argument"):
+        generate_teacher_completions(teacher, chat_tokenizer, Dataset.from_list([{"text": "x"}]), show_progress=False)
+
+
 # --- every mode -----------------------------------------------------------------------------------------------
 
 
@@ -159,13 +178,12 @@ def test_plain_sft_puts_the_whole_conversation_in_the_loss_distill_only_the_fina
         args=SFTConfig(output_dir=str(tmp_path / "sft"), use_cpu=True, bf16=False, report_to="none"),
     )  # fmt: skip
     everything = loss_tokens(sft.train_dataset)
-    ours = DistillTrainer(model=make_student(), teacher_model=make_teacher(), args=config(tmp_path),
-                          train_dataset=Dataset.from_list(chat_rows), processing_class=chat_tokenizer)  # fmt: skip
-    hand = DistillTrainer(model=make_student(), teacher_model=make_teacher(), args=config(tmp_path),
-                          train_dataset=Dataset.from_list(by_hand(chat_rows)), processing_class=chat_tokenizer)  # fmt: skip
+    models = dict(student=make_student(), teacher=make_teacher(), args=config(tmp_path))
+    ours = distill(chat_rows, chat_tokenizer, **models)
+    hand = distill(by_hand(chat_rows), chat_tokenizer, **models)
     assert prepared(ours) == prepared(hand)
     assert loss_tokens(ours.train_dataset) == loss_tokens(hand.train_dataset) < everything / 3
-    for row, raw in zip(ours.train_dataset, chat_rows):
+    for row, raw in zip(ours.train_dataset, chat_rows, strict=True):
         ids, labels = row["input_ids"], row["labels"]
         start = next(i for i, label in enumerate(labels) if label != -100)
         # The loss covers the final answer and its end of turn; the default system prompt is in the prompt.
@@ -187,13 +205,10 @@ def _kd_tokens(trainer):
 def test_token_modes_train_on_the_final_assistant_turn(
     tmp_path, chat_tokenizer, make_student, make_teacher, chat_rows, settings
 ):
-    hand = DistillTrainer(model=make_student(), teacher_model=make_teacher(), args=config(tmp_path, **settings),
-                          train_dataset=Dataset.from_list(by_hand(chat_rows)), processing_class=chat_tokenizer)  # fmt: skip
-    trainer = DistillTrainer(
-        model=make_student(), teacher_model=make_teacher(), args=config(tmp_path, **settings),
-        train_dataset=Dataset.from_list(chat_rows), eval_dataset=Dataset.from_list(conversations(4, split="test")),
-        processing_class=chat_tokenizer,
-    )  # fmt: skip
+    models = dict(student=make_student(), teacher=make_teacher(), args=config(tmp_path, **settings))
+    hand = distill(by_hand(chat_rows), chat_tokenizer, **models)
+    held_out = Dataset.from_list(conversations(4, split="test"))
+    trainer = distill(chat_rows, chat_tokenizer, **models, eval_dataset=held_out)
     assert prepared(trainer) == prepared(hand)
     trainer.train()
     # One batch holds every row: each step's KD tokens are the completion tokens of the prompt/completion rows.
@@ -217,9 +232,9 @@ def test_held_out_measures_the_training_tokens(tmp_path, chat_tokenizer, make_st
     assert raw == pytest.approx(pc)
     assert logged["heldout_num_tokens"] == raw["num_tokens"] == loss_tokens(trainer.eval_dataset)
     assert logged["heldout_kl_teacher_student"] == pytest.approx(raw["kl_teacher_student"], rel=1e-6)
+    whole = [chat_tokenizer.apply_chat_template(r["messages"], tokenize=False) for r in held_out]
     everything = heldout_metrics(student, teacher, chat_tokenizer,
-                                 [{"input_ids": chat_tokenizer(text=chat_tokenizer.apply_chat_template(r["messages"], tokenize=False))["input_ids"]}
-                                  for r in held_out])
+                                 [{"input_ids": chat_tokenizer(text=text)["input_ids"]} for text in whole])
     assert raw["num_tokens"] < everything["num_tokens"] / 3  # what measuring the whole conversation would count
 
 
@@ -233,10 +248,9 @@ def test_generating_modes_accept_messages(tmp_path, chat_tokenizer, make_student
     student.generation_config.pad_token_id = chat_tokenizer.pad_token_id
     teacher = make_teacher()
     teacher.generation_config.pad_token_id = chat_tokenizer.pad_token_id
-    hand = DistillTrainer(model=make_student(), teacher_model=make_teacher(), args=config(tmp_path, **settings),
-                          train_dataset=Dataset.from_list(by_hand(chat_rows)), processing_class=chat_tokenizer)  # fmt: skip
-    trainer = DistillTrainer(model=student, teacher_model=teacher, args=config(tmp_path, **settings),
-                             train_dataset=Dataset.from_list(chat_rows), processing_class=chat_tokenizer)  # fmt: skip
+    models = dict(student=student, teacher=teacher, args=config(tmp_path, **settings))
+    hand = distill(by_hand(chat_rows), chat_tokenizer, **models)
+    trainer = distill(chat_rows, chat_tokenizer, **models)
     assert prepared(trainer) == prepared(hand)
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(N_ROWS)])
     for row, start in enumerate(completion_starts(batch["labels"], batch["attention_mask"])):
@@ -266,8 +280,8 @@ def test_sequence_mode_accepts_messages(tmp_path, chat_tokenizer, make_student, 
     base = copy.deepcopy(chat_tokenizer)
     base.chat_template = None
     with pytest.raises(ValueError, match="teacher's tokenizer .*has no chat template"):
-        DistillTrainer(args=config(tmp_path / "base", distill_mode="sequence"), train_dataset=Dataset.from_list(chat_rows),
-                       **{**kwargs, "teacher_processing_class": base})  # fmt: skip
+        DistillTrainer(args=config(tmp_path / "base", distill_mode="sequence"),
+                       train_dataset=Dataset.from_list(chat_rows), **{**kwargs, "teacher_processing_class": base})
 
 
 def test_uld_trains_on_the_final_turn(tmp_path, chat_tokenizer, other_tokenizer, make_student, chat_rows):
@@ -288,21 +302,20 @@ def test_offline_store_from_messages(tmp_path, chat_tokenizer, make_student, mak
     args = config(tmp_path, teacher_cache=str(store), kd_top_k=8)
     manifest = cache_teacher(make_teacher(), Dataset.from_list(chat_rows), args=args, processing_class=chat_tokenizer,
                              progress=False)  # fmt: skip
-    hand = DistillTrainer(model=make_student(), teacher_model=None, args=args,
-                          train_dataset=Dataset.from_list(by_hand(chat_rows)), processing_class=chat_tokenizer)  # fmt: skip
     assert sum(shard["rows"] for shard in manifest["shards"]) == N_ROWS
-    trainer = DistillTrainer(model=make_student(), teacher_model=None, args=args,
-                             train_dataset=Dataset.from_list(chat_rows), processing_class=chat_tokenizer)  # fmt: skip
+    hand = distill(by_hand(chat_rows), chat_tokenizer, student=make_student(), teacher=None, args=args)
+    trainer = distill(chat_rows, chat_tokenizer, student=make_student(), teacher=None, args=args)
     assert prepared(trainer) == prepared(hand)
     trainer.train()
     assert _kd_tokens(trainer) == [loss_tokens(hand.train_dataset)] * 2
 
 
-def test_error_for_rows_without_a_final_assistant_turn(tmp_path, chat_tokenizer, make_student, make_teacher, chat_rows):
+def test_error_for_rows_without_a_final_assistant_turn(
+    tmp_path, chat_tokenizer, make_student, make_teacher, chat_rows
+):
     rows = [*chat_rows[:3], {"messages": chat_rows[3]["messages"][:-1], "row_id": 3}]
-    with pytest.raises(ValueError, match="Row 3 of the `messages` dataset: conversation does not end with an assistant"):
-        DistillTrainer(model=make_student(), teacher_model=make_teacher(), args=config(tmp_path),
-                       train_dataset=Dataset.from_list(rows), processing_class=chat_tokenizer)  # fmt: skip
+    with pytest.raises(ValueError, match="Row 3 of the `messages` dataset: conversation does not end with an"):
+        distill(rows, chat_tokenizer, student=make_student(), teacher=make_teacher(), args=config(tmp_path))
 
 
 # --- the real SmolLM2 -----------------------------------------------------------------------------------------
@@ -344,15 +357,15 @@ def test_smollm2_distills_only_the_assistant_answer(tmp_path, smollm2):
                      args=SFTConfig(output_dir=str(tmp_path / "sft"), use_cpu=True, bf16=False, report_to="none"))
     before = loss_tokens(sft.train_dataset)  # SFT's `messages` path: the whole conversation, system prompt included
     args = config(tmp_path, per_device_train_batch_size=2, max_steps=1, learning_rate=1e-5)
-    hand = DistillTrainer(model=student, teacher_model=teacher, args=args, processing_class=tokenizer,
-                          train_dataset=Dataset.from_list(by_hand([{**r, "row_id": i} for i, r in enumerate(SMOL_ROWS)])))
-    trainer = DistillTrainer(model=student, teacher_model=teacher, args=args, processing_class=tokenizer,
-                             train_dataset=Dataset.from_list(SMOL_ROWS))  # fmt: skip
+    rows = [{**row, "row_id": i} for i, row in enumerate(SMOL_ROWS)]
+    hand = distill(by_hand(rows), tokenizer, student=student, teacher=teacher, args=args)
+    trainer = distill(rows, tokenizer, student=student, teacher=teacher, args=args)
     after = loss_tokens(trainer.train_dataset)
-    print(f"SmolLM2 2-row batch: {before} loss tokens via SFT's messages path, {after} now "
-          f"(prompt/completion: {loss_tokens(hand.train_dataset)}, total {sum(len(r['input_ids']) for r in sft.train_dataset)})")
+    total = sum(len(row["input_ids"]) for row in sft.train_dataset)
+    print(f"SmolLM2 2-row batch: {before} of {total} tokens in the loss via SFT's messages path, {after} now "
+          f"(as prompt/completion rows: {loss_tokens(hand.train_dataset)})")
     assert after == loss_tokens(hand.train_dataset) < before / 2
-    for row, raw in zip(trainer.train_dataset, SMOL_ROWS):
+    for row, raw in zip(trainer.train_dataset, SMOL_ROWS, strict=True):
         start = next(i for i, label in enumerate(row["labels"]) if label != -100)
         assert tokenizer.decode(row["input_ids"][start:]) == raw["messages"][-1]["content"] + "<|im_end|>\n"
         assert tokenizer.decode(row["input_ids"][:start]).endswith("<|im_start|>assistant\n")

@@ -43,7 +43,9 @@ MESSAGES = "messages"
 
 def _check_messages(messages: Any, where: str) -> None:
     if not isinstance(messages, Sequence) or isinstance(messages, str) or not messages:
-        raise ValueError(f"{where}: `messages` must be a non-empty list of {{'role', 'content'}} dicts, got {messages!r}.")
+        raise ValueError(
+            f"{where}: `messages` must be a non-empty list of {{'role', 'content'}} dicts, got {messages!r}."
+        )
     for message in messages:
         if not isinstance(message, Mapping) or "role" not in message:
             raise ValueError(f"{where}: every message needs a `role` (and `content`), got {message!r}.")
@@ -158,8 +160,8 @@ def expand_assistant_turns(dataset):
         raise ValueError(f"`expand_assistant_turns` needs a `messages` column (columns: {_columns(dataset)}).")
 
     def expand_batch(batch: dict, indices: list[int]) -> dict:
-        rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
-        out = [new for row, index in zip(rows, indices) for new in expand(row, index)]
+        rows = [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)]
+        out = [new for row, index in zip(rows, indices, strict=True) for new in expand(row, index)]
         return {key: [row[key] for row in out] for key in (out[0] if out else {})}
 
     return dataset.map(expand_batch, batched=True, with_indices=True, remove_columns=_columns(dataset))
