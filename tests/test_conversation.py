@@ -371,3 +371,21 @@ def test_smollm2_distills_only_the_assistant_answer(tmp_path, smollm2):
         assert tokenizer.decode(row["input_ids"][:start]).endswith("<|im_start|>assistant\n")
     trainer.train()
     assert _kd_tokens(trainer) == [after]
+
+
+GEMMA = pathlib.Path(os.path.expanduser("~/.cache/trl_distill/models/gemma-3-270m"))
+
+
+def test_base_gemma_teacher_gets_the_named_error_for_messages(smollm2):
+    """Gemma-3-270m is a base model without a chat template: sequence-level KD on `messages` says how to fix it."""
+    if not (GEMMA / "tokenizer.json").is_file():
+        pytest.skip(f"gemma-3-270m is not converted at {GEMMA} (see trl_distill/real_models.py).")
+    from transformers import AutoTokenizer
+
+    from trl_distill import generate_teacher_completions
+
+    gemma = AutoTokenizer.from_pretrained(GEMMA)
+    assert not gemma.chat_template
+    _, load = smollm2
+    with pytest.raises(ValueError, match=r"has no chat template.*chat_template = student_tokenizer.chat_template"):
+        generate_teacher_completions(load(1), gemma, Dataset.from_list(SMOL_ROWS), show_progress=False)

@@ -4,9 +4,11 @@
 `{"prompt": messages[:-1], "completion": [messages[-1]]}`: the distillation loss (and the cross-entropy, the held-out
 KL and perplexity) covers the *final* assistant turn, its end-of-turn token included; everything before it (system
 prompt, user turns, earlier assistant turns) is the prompt, seen as context only. The last message must come from the
-assistant. TRL's `SFTTrainer` then renders each side with its own tokenizer's chat template (the prompt with the
-generation prompt appended, the completion as the rest of the full rendering), so no `{% generation %}` markers are
-needed, and a template that adds a default system prompt (SmolLM2) adds it to the prompt, outside the loss.
+assistant. `DistillTrainer` (training and eval sets, unless a `formatting_func` is given) and `cache_teacher` split
+rows this way before TRL's `SFTTrainer` tokenizes them, and `heldout_metrics` splits raw rows the same way. TRL then
+renders each side with its own tokenizer's chat template (the prompt with the generation prompt appended, the
+completion as the rest of the full rendering), so no `{% generation %}` markers are needed, and a template that adds a
+default system prompt (SmolLM2) adds it to the prompt, outside the loss.
 
 **Why the final turn only.** It is the one rule every mode can follow: on-policy steps (`lmbda > 0`), `seq_kd=True`
 and `distill_mode="sequence"` generate *one* completion per row, after the prompt, so a row can only have one turn in
