@@ -42,7 +42,9 @@ def test_save_to_disk_directories_and_a_directory_of_files(tmp_path):
 
     from trl_distill.scripts.data import load_splits
 
-    DatasetDict({"train": Dataset.from_list(ROWS[:4]), "test": Dataset.from_list(ROWS[4:])}).save_to_disk(tmp_path / "dd")
+    DatasetDict({"train": Dataset.from_list(ROWS[:4]), "test": Dataset.from_list(ROWS[4:])}).save_to_disk(
+        tmp_path / "dd"
+    )
     train, test = load_splits(_args(tmp_path / "dd"))
     assert len(train) == 4 and test["completion"] == [" answer 4", " answer 5"]
     Dataset.from_list(ROWS).save_to_disk(tmp_path / "one")  # a single Dataset: the train split, no test split
@@ -137,9 +139,18 @@ def test_launch_flags_are_split_from_the_recipes_and_typos_are_named():
             "-1e-3", "--debug", "--main_process_port=29501", "--accelerate_config", "zero3"]  # fmt: skip
     recipe, launch = split_launch_args(argv, parser)
     assert recipe == ["--config", "x.yaml", "--max_steps", "3", "--learning_rate", "-1e-3", "--debug"]
-    assert launch == ["--num_processes", "2", "--multi_gpu", "--main_process_port=29501", "--accelerate_config", "zero3"]
+    assert launch == [
+        "--num_processes",
+        "2",
+        "--multi_gpu",
+        "--main_process_port=29501",
+        "--accelerate_config",
+        "zero3",
+    ]
     resolved = resolve_accelerate_config(launch)
-    assert resolved[0] == "--config_file" and resolved[1].endswith("zero3.yaml") and pathlib.Path(resolved[1]).is_file()
+    assert (
+        resolved[0] == "--config_file" and resolved[1].endswith("zero3.yaml") and pathlib.Path(resolved[1]).is_file()
+    )
     with pytest.raises(ValueError, match=r"unknown flag `--kd_temprature`.*Did you mean `--kd_temperature`"):
         split_launch_args(["--config", "x.yaml", "--kd_temprature", "2"], parser)
     with pytest.raises(ValueError, match=r"`--accelerate_config zero9`: no such file.*zero3"):

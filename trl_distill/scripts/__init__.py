@@ -150,8 +150,9 @@ def short_help(command: Command, prog: str, *, launcher: bool) -> str:
     """The concise `--help` of `command` (`--help-all` prints every field). `launcher`: the `trl-distill` form,
     which also takes `accelerate launch` flags."""
     width = max(len(flag) for flag, _ in command.flags) + 2
+    launch_flags = " [accelerate launch flags]" if launcher else ""
     lines = [
-        f"usage: {prog} --config CONFIG.yaml [--<field> VALUE ...]" + (" [accelerate launch flags]" if launcher else ""),
+        f"usage: {prog} --config CONFIG.yaml [--<field> VALUE ...]{launch_flags}",
         "",
         textwrap.fill(command.summary, width=100),
         "",

@@ -30,7 +30,7 @@ def _looks_local(name: str) -> bool:
         name.startswith(("/", ".", "~"))
         or os.path.splitext(name)[1].lower() in FILE_BUILDERS
         or name.count("/") > 1
-        or os.sep != "/" and os.sep in name
+        or (os.sep != "/" and os.sep in name)
     )
 
 

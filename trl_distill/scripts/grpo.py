@@ -54,7 +54,9 @@ def load_reward(path: str):
         return function
 
     def per_row(prompts, completions, **kwargs):
-        return [float(function(p, c if isinstance(c, str) else c[-1]["content"])) for p, c in zip(prompts, completions)]
+        return [
+            float(function(p, c if isinstance(c, str) else c[-1]["content"])) for p, c in zip(prompts, completions)
+        ]
 
     per_row.__name__ = attr  # TRL logs each reward under its function's name
     return per_row

@@ -81,7 +81,9 @@ def read_config_path(args: list[str]) -> str:
     """The value of `--config` in `args`, checked to be an existing file (a `FileNotFoundError` naming it if not)."""
     index = args.index("--config")
     if index + 1 >= len(args) or args[index + 1].startswith("--"):
-        raise ValueError("`--config` needs a value: the recipe's YAML file, e.g. `--config recipes/configs/tiny.yaml`.")
+        raise ValueError(
+            "`--config` needs a value: the recipe's YAML file, e.g. `--config recipes/configs/tiny.yaml`."
+        )
     path = args[index + 1]
     if not os.path.isfile(path):
         raise FileNotFoundError(f"`--config {path}`: no such file (relative paths start at {os.getcwd()!r}).")
