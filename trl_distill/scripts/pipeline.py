@@ -16,7 +16,7 @@ what a stage's section leaves unset:
   full-precision model it quantizes and also reports KL to the `distill` stage's teacher (`reference_teacher`).
 
 Each stage writes its record to `<its output_dir>/stage.json`; the pipeline writes them all, in order, to
-`<output_dir>/pipeline.json`, and chains them into one receipt with `trl_distill.receipt.append_stage` (the last
+`<output_dir>/pipeline.json`, and chains them into one receipt with `trl_distill.append_stage` (the last
 stage's `distill_receipt.json` lists every stage).
 """
 
@@ -86,12 +86,12 @@ def stage_mapping(name: str, index: int, output_dir: str, common: dict, section:
 def _append_to_receipt(output_dir: str, record: dict, previous: str | None) -> bool:
     """Append `record` to `output_dir`'s receipt, after the stages of `previous` (the previous stage's directory)."""
     try:
-        from trl_distill import receipt
+        from trl_distill.artifact import append_stage
     except ImportError:
-        stage.logger.warning("trl_distill.receipt is not available: the combined receipt is not written.")
+        stage.logger.warning("trl_distill.artifact is not available: the combined receipt is not written.")
         return False
     if int(os.environ.get("RANK", "0")) == 0:
-        receipt.append_stage(output_dir, record, previous=previous)
+        append_stage(output_dir, record, previous=previous)
     return True
 
 

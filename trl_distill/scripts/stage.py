@@ -4,7 +4,7 @@ Not a recipe itself: `distill.py`, `qat.py`, `dpo.py`, `grpo.py` and `pipeline.p
 datasets come from [`~trl_distill.scripts.data.load_splits`] (one loader for every command).
 
 A recipe's result is a **stage record**, written to `<output_dir>/stage.json` and handed to the next stage of a
-pipeline; its keys are those of a receipt stage (`trl_distill.receipt.append_stage`):
+pipeline; its keys are those of a receipt stage (`trl_distill.append_stage`):
 
 ```
 {"name": "distill", "method": "...", "settings": {non-default fields}, "results": {held-out metrics, ...},
