@@ -8,9 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trl_distill import DistillConfig, DistillMode, DistillTrainer, available_modes, register_mode
+from trl_distill import DistillConfig, DistillMode, DistillTrainer, MetricsSink, ModeContext, available_modes
+from trl_distill import register_mode
 from trl_distill.batch import model_inputs
-from trl_distill.modes import MetricsSink, ModeContext, OfflineTokenMode, SequenceMode, TokenMode, ULDMode, get_mode
+from trl_distill.modes import OfflineTokenMode, SequenceMode, TokenMode, ULDMode, get_mode
 
 
 def config(tmp_path, **kwargs):
