@@ -249,8 +249,7 @@ class DistillTrainer(SFTTrainer):
             [torch.as_tensor(metrics[n], dtype=torch.float32, device=self.accelerator.device).detach() for n in names]
         )
         gathered = self.accelerator.gather_for_metrics(values.unsqueeze(0)).reshape(-1, len(names)).mean(0).tolist()
-        for name, value in zip(names, gathered):
-            self._metrics[mode][name].append(value)
+        self.metrics_sink.log(dict(zip(names, gathered)), split=mode)
         if mode == "train":
             if "attention_mask" in inputs:
                 local = inputs["attention_mask"].sum()
