@@ -23,9 +23,17 @@ How the pieces fit (the README's three knobs, and where each lives in the packag
 - An **extra term** (feature KD) is built by the trainer and handed to the mode in the context; a mode with
   `supports_feature_term = True` adds it to its loss.
 
-A new mode (e.g. MiniLLM's policy-gradient reverse KL, or context distillation) is a `DistillMode` subclass with
-`compute_loss`; a new teacher source (an HTTP-served teacher, a sampled store) is a mode variant returned by
-`for_teacher_cache()`-style hooks or a context field; neither needs the trainer edited beyond wiring a new field.
+Extending it:
+
+- a new mode (e.g. MiniLLM's policy-gradient reverse KL, context distillation) is a registered `DistillMode`
+  subclass with `compute_loss`, reading only its `ModeContext`; new config fields it needs are checked in its
+  `validate_config`, and it names itself with `label` / `describe(args)` / `papers`;
+- a new top-k teacher source (a served teacher over HTTP, a store of sampled positions) subclasses
+  [`OfflineTokenMode`] and overrides `open_teacher_targets(context)` to return an object with
+  `targets(inputs, top_k) -> TopKTargets`; the mode that should use it returns that class from its
+  `for_teacher_cache()` (or a sibling hook chosen by the new config field, added to `resolve_mode`);
+- a new completion source goes in `sources/` and is wired in `DistillTrainer.get_batch_samples`; modes that can score
+  it set `supports_generated_completions`.
 """
 
 from .base import DistillMode, available_modes, get_mode, register_mode, resolve_mode

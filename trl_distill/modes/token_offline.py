@@ -38,10 +38,20 @@ class OfflineTokenMode(DistillMode):
 
     def __init__(self, context):
         super().__init__(context)
-        args = context.args
         check_plain_lm_head(context.student, "student")
-        self.store = TeacherStore(args.teacher_cache, progress=not args.disable_tqdm)
-        self.store.check_run(
+        self.store = self.open_teacher_targets(context)
+
+    def open_teacher_targets(self, context):
+        """The teacher *source*: an object whose `targets(inputs, top_k)` gives the batch's
+        [`~trl_distill.losses.TopKTargets`] (`ids`, `log_probs`: one row per response position, in order).
+
+        This is the hook a new top-k teacher source overrides in a subclass (e.g. a served teacher queried over HTTP,
+        or a store of sampled positions); the loss below is unchanged. The default opens `teacher_cache` as a
+        [`~trl_distill.teachers.store.TeacherStore`] and verifies it against this run (see the class docstring).
+        """
+        args = context.args
+        store = TeacherStore(args.teacher_cache, progress=not args.disable_tqdm)
+        store.check_run(
             tokenizer=context.tokenizer,
             vocab_size=context.vocab_size,
             top_k=args.kd_top_k,
@@ -50,11 +60,12 @@ class OfflineTokenMode(DistillMode):
         )
         for name, dataset in context.prepared_datasets():
             if hasattr(dataset, "select_columns") and hasattr(dataset, "__len__"):
-                self.store.check_dataset(dataset, name)
+                store.check_dataset(dataset, name)
             else:
                 logger.warning(
                     "The %s dataset is iterable: its rows are looked up in the teacher store batch by batch.", name
                 )
+        return store
 
     @classmethod
     def describe(cls, args) -> str:
