@@ -116,6 +116,7 @@ THIRD_PARTY = {
     "losses": {"torch"},
     "alignment": {"torch", "transformers", "tokenizers"},
     "batch": set(),
+    "conversation": set(),
     "inference": {"torch"},
     "terms.layer_map": set(),
 }
@@ -124,12 +125,13 @@ INTERNAL = {
     "losses": set(),
     "alignment": set(),
     "batch": set(),
+    "conversation": set(),
     "inference": set(),
     "terms.layer_map": set(),
     "terms": {"losses", "inference"},
-    "teachers": {"losses", "alignment", "batch", "inference", "config"},  # config: the cache-teacher parser only
-    "sources": {"teachers", "inference", "batch", "losses"},
-    "modes": {"losses", "alignment", "teachers", "batch", "inference", "terms"},
+    "teachers": {"losses", "alignment", "batch", "conversation", "inference", "config"},  # config: the CLI parser
+    "sources": {"teachers", "inference", "batch", "conversation", "losses"},
+    "modes": {"losses", "alignment", "teachers", "batch", "conversation", "inference", "terms"},
     "config": {"losses", "modes", "terms"},  # terms.layer_map, a stdlib-only leaf (its package's init comes along)
 }
 

@@ -48,12 +48,16 @@ _EXPORTS = {
     "qat_convert": "trl_distill.quantization",
     "unwrap_fake_quantized": "trl_distill.quantization",
     "generate_teacher_completions": "trl_distill.teachers.generation",
+    # conversational rows (issue 12): `messages` split at the final assistant turn, in every mode
+    "as_prompt_completion": "trl_distill.conversation",
+    "expand_assistant_turns": "trl_distill.conversation",
 }
 
 __all__ = ["__version__", *sorted(_EXPORTS)]
 
 if TYPE_CHECKING:
     from .config import DistillConfig
+    from .conversation import as_prompt_completion, expand_assistant_turns
     from .losses import (
         distillation_loss,
         feature_distillation_loss,
