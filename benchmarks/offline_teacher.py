@@ -159,13 +159,13 @@ def main(argv=None) -> int:
         print(json.dumps({"steps_per_s": time_training(mode, store, args.steps, int(rows))}))
         return 0
 
-    from trl_distill.demo.runner import _quiet_progress
+    from trl_distill.demo.runner import quiet_progress
 
     torch.set_num_threads(1)  # as in the timed processes and the demo: the machine is shared
     repeats, steps = (1, 3) if args.quick else (args.repeats, args.steps)
     n_rows = 32 * (steps + 1)
     work = tempfile.mkdtemp(prefix="offline_teacher_")
-    with _quiet_progress(False):
+    with quiet_progress(False):
         write_store(os.path.join(work, "warm-up"), 16, 8)  # imports and first calls, kept out of the write time
         stores = {k: write_store(os.path.join(work, f"k{k}"), k, n_rows) for k in TOP_KS}
         tokenizer, _, teacher = _setup(8)

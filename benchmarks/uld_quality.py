@@ -75,10 +75,13 @@ def _uld(setup, tokenizer, name, settings, verbose):
 
 
 def _measure(setup, model, tokenizer):
+    from trl_distill.demo.task import is_correct
     from trl_distill.evaluation import heldout_metrics, task_accuracy
 
     perplexity = heldout_metrics(model, None, tokenizer, setup.test_dataset)["student_perplexity"]
-    accuracy = task_accuracy(model, tokenizer, setup.test_dataset, max_new_tokens=MAX_NEW_TOKENS)
+    accuracy = task_accuracy(
+        model, tokenizer, setup.test_dataset, max_new_tokens=MAX_NEW_TOKENS, is_correct=is_correct
+    )
     return {"perplexity": perplexity, "accuracy": accuracy}
 
 

@@ -20,7 +20,7 @@ from trl_distill import heldout_metrics
 from trl_distill.conversation import prompt_token_ids, split_conversation
 from trl_distill.demo.task import make_task_dataset
 from trl_distill.demo.tiny import build_tiny_model
-from trl_distill.modes.on_policy import completion_starts
+from trl_distill.sources import completion_starts
 
 
 DEFAULT_SYSTEM = "You are a careful assistant."

@@ -1,5 +1,6 @@
 """Feature (hidden-state) KD: the loss against its float64 reference, layer maps, projections, and the trainer wiring."""
 
+import dataclasses
 import json
 import os
 
@@ -8,7 +9,7 @@ import torch
 
 from tests.reference_features import reference_feature_loss
 from trl_distill import DistillConfig, DistillTrainer
-from trl_distill.features import (
+from trl_distill.terms import (
     FEATURE_PROJECTIONS_NAME,
     FeatureProjector,
     default_layer_map,
@@ -218,15 +219,13 @@ def test_config_validation(tmp_path, kwargs, match):
         DistillConfig(output_dir=str(tmp_path), use_cpu=True, **kwargs)
 
 
-def test_config_refuses_other_modes_and_warns_on_an_unused_map(tmp_path, monkeypatch):
-    import trl_distill.config as config_module
-
+def test_config_refuses_other_modes_and_warns_on_an_unused_map(tmp_path):
     with pytest.warns(UserWarning, match="feature_layer_map.*ignored"):
         DistillConfig(output_dir=str(tmp_path), use_cpu=True, feature_layer_map="0:1")
-    # A mode built in parallel (e.g. ULD) must not silently drop the feature term.
-    monkeypatch.setattr(config_module, "DISTILL_MODES", ("token", "uld"))
-    with pytest.raises(ValueError, match="`feature_weight=1.0` is supported with `distill_mode='token'` only"):
-        DistillConfig(output_dir=str(tmp_path), use_cpu=True, distill_mode="uld", feature_weight=1.0)
+    # A mode without `supports_feature_term` (e.g. ULD, sequence) must not silently drop the feature term.
+    for mode in ("uld", "sequence"):
+        with pytest.raises(ValueError, match="`feature_weight=1.0` is supported with `distill_mode='token'` only"):
+            DistillConfig(output_dir=str(tmp_path), use_cpu=True, distill_mode=mode, feature_weight=1.0)
 
 
 # --------------------------------------------------------------------------------------------------------- trainer
@@ -299,7 +298,8 @@ def test_feature_term_reaches_the_student_and_is_off_by_default(
     with_features, metrics = first_layer_grad()
     assert "feature_kd_loss" in metrics
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in trainer.feature_projector.parameters())
-    trainer.feature_projector = None  # the same batch without the feature term
+    # The same batch through a token mode built without the feature term.
+    trainer.distill_mode = type(trainer.distill_mode)(dataclasses.replace(trainer.mode_context, feature_term=None))
     without, metrics = first_layer_grad()
     assert "feature_kd_loss" not in metrics and not torch.allclose(with_features, without)
 

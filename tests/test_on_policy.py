@@ -10,7 +10,7 @@ from datasets import Dataset
 from tests.test_sequence import count_generate, one_thread  # noqa: F401  (one_thread: autouse fixture)
 from tests.test_trainer import config, snapshot
 from trl_distill import DistillTrainer
-from trl_distill.modes.on_policy import completion_batch, completion_starts, on_policy_coin
+from trl_distill.sources import completion_batch, completion_starts, on_policy_coin
 from trl_distill.teachers.generation import generate_completion_ids
 
 

@@ -22,6 +22,8 @@ _EXPORTS = {
     "DistillConfig": "trl_distill.config",
     "DistillTrainer": "trl_distill.trainer",
     "DistillMode": "trl_distill.modes",
+    "MetricsSink": "trl_distill.modes",
+    "ModeContext": "trl_distill.modes",
     "available_modes": "trl_distill.modes",
     "register_mode": "trl_distill.modes",
     "distillation_loss": "trl_distill.losses",
@@ -63,7 +65,7 @@ if TYPE_CHECKING:
         linear_distillation_loss,
         linear_top_k_distillation_loss,
     )
-    from .modes import DistillMode, available_modes, register_mode
+    from .modes import DistillMode, MetricsSink, ModeContext, available_modes, register_mode
     from .teachers.cache import cache_teacher
     from .scripts.cache_teacher import CacheTeacherArguments, cache_teacher_parser, run_cache_teacher
     from .teachers.store import TeacherStore

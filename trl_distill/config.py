@@ -9,11 +9,9 @@ from typing import Any
 
 from trl import SFTConfig
 
-from .features import FEATURE_PROJECTION_MODES, parse_layer_map
 from .losses import FEATURE_LOSSES, OBJECTIVES, REDUCTIONS, ULD_DISTANCES
-
-
-DISTILL_MODES = ("token", "uld", "sequence")
+from .modes import available_modes, get_mode
+from .terms.layer_map import FEATURE_PROJECTION_MODES, parse_layer_map
 
 
 def _positive_int(value) -> bool:
@@ -42,6 +40,8 @@ class DistillConfig(SFTConfig):
             its own tokenizer, tokens are paired by character offsets and compared by sorted top-k probabilities.
             `"sequence"`: sequence-level KD: plain cross-entropy on the teacher's generated completions (any two
             tokenizers).
+            Any name registered with [`~trl_distill.register_mode`] (before the config is created) is accepted; the
+            mode's own `validate_config` then checks the settings it depends on.
 
     Parameters that control how the gap is measured:
         objective (`str`, *optional*, defaults to `"forward_kl"`):
@@ -154,7 +154,7 @@ class DistillConfig(SFTConfig):
         default="token",
         metadata={"help": "What is matched. 'token': token-level (logit) KD; needs a shared vocabulary. 'uld': "
             "cross-tokenizer KD (character-offset alignment, sorted top-k matching). 'sequence': cross-entropy on the "
-            "teacher's generated completions (any tokenizers).", "choices": DISTILL_MODES},
+            "teacher's generated completions (any tokenizers); or a mode registered with `register_mode`."},
     )
 
     # How the gap is measured
@@ -297,8 +297,12 @@ class DistillConfig(SFTConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.distill_mode not in DISTILL_MODES:
-            raise ValueError(f"`distill_mode` must be one of {DISTILL_MODES}, got {self.distill_mode!r}.")
+        if self.distill_mode not in available_modes():  # the registry is the only place modes are known
+            raise ValueError(
+                f"`distill_mode` must be one of the registered modes {available_modes()}, got {self.distill_mode!r}. "
+                "A mode of your own must be registered (`@trl_distill.register_mode(name)`) before the config is "
+                "created."
+            )
         if self.objective not in OBJECTIVES:
             raise ValueError(
                 f"`objective` must be one of {OBJECTIVES}, got {self.objective!r}. (Use 'generalized_jsd' with `beta` "
@@ -356,20 +360,6 @@ class DistillConfig(SFTConfig):
             raise ValueError(f"`uld_top_k` must be None (whole vocabulary) or an integer >= 1, got {self.uld_top_k!r}.")
         if self.uld_distance not in ULD_DISTANCES:
             raise ValueError(f"`uld_distance` must be one of {ULD_DISTANCES}, got {self.uld_distance!r}.")
-        if self.distill_mode == "uld" and self.kd_top_k is not None:
-            warnings.warn(
-                f"`kd_top_k={self.kd_top_k}` is ignored with `distill_mode='uld'`, whose sorted matching keeps "
-                f"`uld_top_k={self.uld_top_k}` entries per side.",
-                UserWarning,
-                stacklevel=3,
-            )
-        if self.distill_mode == "uld" and not self.uld_exact_match and self.objective != "forward_kl":
-            warnings.warn(
-                f"`objective={self.objective!r}` is ignored with `distill_mode='uld'` unless `uld_exact_match=True` "
-                "(it then measures the identity-matched tokens); the sorted matching uses `uld_distance`.",
-                UserWarning,
-                stacklevel=3,
-            )
         # Feature (hidden-state) KD (issue 5).
         if isinstance(self.feature_weight, bool) or not (
             isinstance(self.feature_weight, (int, float)) and math.isfinite(self.feature_weight) and self.feature_weight >= 0
@@ -382,12 +372,6 @@ class DistillConfig(SFTConfig):
                 f"`feature_projection` must be one of {FEATURE_PROJECTION_MODES}, got {self.feature_projection!r}."
             )
         self.feature_layer_map = parse_layer_map(self.feature_layer_map)
-        if self.feature_weight > 0 and self.distill_mode != "token":
-            raise ValueError(
-                f"`feature_weight={self.feature_weight}` is supported with `distill_mode='token'` only (it needs the "
-                f"teacher run on the same token positions), got `distill_mode={self.distill_mode!r}`. Set "
-                "`feature_weight=0` or use the token mode."
-            )
         if self.feature_weight > 0 and self.teacher_cache is not None:
             raise ValueError(
                 f"`feature_weight={self.feature_weight}` needs the teacher's hidden states, which `teacher_cache` does not "
@@ -403,6 +387,9 @@ class DistillConfig(SFTConfig):
 
         # Where the completions come from (issue 3).
         self._check_completion_sources()
+        # What the mode itself needs (feature term, generated completions, teacher store, its own fields): the mode
+        # class owns those checks, so a mode registered by the user validates its settings too.
+        get_mode(self.distill_mode).validate_config(self)
 
     def _check_completion_sources(self) -> None:
         if not (isinstance(self.lmbda, (int, float)) and 0.0 <= self.lmbda <= 1.0):
@@ -418,19 +405,6 @@ class DistillConfig(SFTConfig):
         for name in ("max_completion_length", "teacher_num_beams", "teacher_generation_batch_size"):
             if not _positive_int(getattr(self, name)):
                 raise ValueError(f"`{name}` must be a positive integer, got {getattr(self, name)!r}.")
-        if self.distill_mode == "sequence" and (self.lmbda > 0 or self.seq_kd):
-            raise ValueError(
-                f"`distill_mode='sequence'` trains on teacher text with cross-entropy, so `lmbda={self.lmbda}` / "
-                f"`seq_kd={self.seq_kd}` have nothing to score student samples with. Use `distill_mode='token'` for "
-                "on-policy distillation (`lmbda > 0`) or fresh teacher generations (`seq_kd=True`)."
-            )
-        if self.distill_mode == "uld" and (self.lmbda > 0 or self.seq_kd):
-            raise ValueError(
-                f"`distill_mode='uld'` with `lmbda={self.lmbda}` / `seq_kd={self.seq_kd}` is not supported: generated "
-                "batches carry the student's token ids only, while ULD re-reads each row's text with the teacher's "
-                "tokenizer. Use `distill_mode='token'` (shared vocabulary) for on-policy distillation, or "
-                "`distill_mode='sequence'` across tokenizers."
-            )
         if self.teacher_cache is not None and (self.lmbda > 0 or self.seq_kd):
             raise ValueError(
                 f"`teacher_cache` with `lmbda={self.lmbda}` / `seq_kd={self.seq_kd}`: an offline store only holds the "

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from .conversation import is_messages_row, split_conversation
+from .inference import eval_mode, generate_text
 
 
 __all__ = ["generate_completions", "heldout_metrics", "task_accuracy", "tokenize_prompt_completion"]
@@ -73,32 +74,9 @@ def _rows(dataset: Any, columns: tuple[str, ...]) -> list[Mapping]:
     return rows
 
 
-def _model_device(model) -> torch.device:
-    return next(model.parameters()).device
-
-
 def _check_batch_size(batch_size: int) -> None:
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"`batch_size` must be a positive int, got {batch_size!r}.")
-
-
-class _EvalMode:
-    """Put models in eval mode under `torch.no_grad()` and restore each model's own train/eval flag afterwards."""
-
-    def __init__(self, *models):
-        self.models = [model for model in models if model is not None]
-
-    def __enter__(self):
-        self.flags = [model.training for model in self.models]
-        self.no_grad = torch.no_grad()
-        self.no_grad.__enter__()
-        for model in self.models:
-            model.eval()
-
-    def __exit__(self, *exc):
-        for model, flag in zip(self.models, self.flags):
-            model.train(flag)
-        return self.no_grad.__exit__(*exc)
 
 
 def _completion_logprobs(model, input_ids, attention_mask, positions, vocab_size):
@@ -108,7 +86,7 @@ def _completion_logprobs(model, input_ids, attention_mask, positions, vocab_size
     Returns `[N, vocab_size]` float32 log-softmax (computed in fp32 whatever the model dtype), where `positions` is
     the `[B, T-1]` boolean mask of shifted positions whose next token is a completion token.
     """
-    device = _model_device(model)
+    device = next(model.parameters()).device
     logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
     # Padded vocabularies (e.g. Qwen2.5: 151936 rows for 151665 tokens) hold logits no token maps to; both
     # distributions are renormalized over the shared first `vocab_size` entries.
@@ -230,7 +208,7 @@ def heldout_metrics(
     def per_token(values: torch.Tensor):
         return values.double().cpu().numpy()
 
-    with _EvalMode(student, teacher):
+    with eval_mode(student, teacher):
         for start in range(0, len(rows), batch_size):
             encoded = [_encode_row(tokenizer, row) for row in rows[start : start + batch_size]]
             input_ids, attention_mask, completion_mask = _padded_batch(encoded, pad_id)
@@ -283,23 +261,13 @@ def generate_completions(
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"`max_new_tokens` must be a positive int, got {max_new_tokens!r}.")
     prompts = list(prompts)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    device = _model_device(model)
     completions = []
-    with _EvalMode(model):
+    with eval_mode(model):
         for start in range(0, len(prompts), batch_size):
-            batch = tokenizer(
-                text=prompts[start : start + batch_size], padding=True, padding_side="left", return_tensors="pt"
-            ).to(device)
-            output = model.generate(
-                **batch,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=pad_id,
-                eos_token_id=tokenizer.eos_token_id,
-            )
-            new_tokens = output[:, batch["input_ids"].shape[1] :]
-            completions.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
+            completions.extend(
+                generate_text(model, tokenizer, prompts[start : start + batch_size], max_new_tokens=max_new_tokens,
+                              do_sample=False)
+            )  # fmt: skip
     return completions
 
 
@@ -310,7 +278,7 @@ def task_accuracy(
     *,
     max_new_tokens: int = 8,
     batch_size: int = 32,
-    is_correct: Callable[[str, str], bool] | None = None,
+    is_correct: Callable[[str, str], bool],
 ) -> float:
     """
     Fraction of prompts whose greedy completion is correct.
@@ -323,14 +291,14 @@ def task_accuracy(
         max_new_tokens (`int`, *optional*, defaults to `8`): Generation budget per prompt; the demo task's answers
             take at most three tokens plus end-of-sequence.
         batch_size (`int`, *optional*, defaults to `32`): Prompts per `generate` call.
-        is_correct (`Callable[[str, str], bool]`, *optional*): Scorer `(prompt, completion_text) -> bool`; defaults to
-            the demo task's `trl_distill.demo.task.is_correct`.
+        is_correct (`Callable[[str, str], bool]`): Scorer `(prompt, completion_text) -> bool`, e.g. the demo task's
+            `trl_distill.demo.task.is_correct` (the library does not guess a task).
 
     Returns:
         `float` in `[0, 1]`.
     """
-    if is_correct is None:
-        from trl_distill.demo.task import is_correct
+    if not callable(is_correct):
+        raise TypeError(f"`is_correct` must be a callable `(prompt, completion) -> bool`, got {is_correct!r}.")
     prompts = [row["prompt"] for row in _rows(dataset, ("prompt",))]
     completions = generate_completions(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
     return sum(is_correct(p, c) for p, c in zip(prompts, completions)) / len(prompts)

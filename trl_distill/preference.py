@@ -23,6 +23,7 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 
 from .evaluation import tokenize_prompt_completion
+from .inference import eval_mode, generate_text
 
 
 def teacher_scores(teacher, tokenizer, prompts: list, completions: list, *, batch_size: int = 16) -> list[float]:
@@ -41,10 +42,8 @@ def teacher_scores(teacher, tokenizer, prompts: list, completions: list, *, batc
         raise ValueError(f"`prompts` and `completions` differ in length: {len(prompts)} vs {len(completions)}.")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = next(teacher.parameters()).device
-    was_training = teacher.training
-    teacher.eval()
     scores = []
-    with torch.no_grad():
+    with eval_mode(teacher):
         for start in range(0, len(prompts), batch_size):
             batch = zip(prompts[start : start + batch_size], completions[start : start + batch_size])
             rows = [tokenize_prompt_completion(tokenizer, p, c) for p, c in batch]
@@ -57,7 +56,6 @@ def teacher_scores(teacher, tokenizer, prompts: list, completions: list, *, batc
             mask = target_mask[:, 1:].to(device)
             totals, counts = (token_logp * mask).sum(-1), mask.sum(-1)
             scores.extend(t.item() / c.item() if c.item() else -math.inf for t, c in zip(totals, counts))
-    teacher.train(was_training)
     return scores
 
 
@@ -68,23 +66,15 @@ def sample_completions(
     """`num_samples` sampled completions of each plain-text prompt (left-padded batches, special tokens skipped)."""
     from tqdm.auto import tqdm
 
-    device = next(model.parameters()).device
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    was_training = model.training
-    model.eval()
     samples = []
-    with torch.random.fork_rng(devices=[]), torch.no_grad():
+    with torch.random.fork_rng(devices=[]), eval_mode(model):
         torch.manual_seed(seed)
         for start in tqdm(range(0, len(prompts), batch_size), desc="sampling student completions", disable=not progress):
-            batch = tokenizer(text=prompts[start : start + batch_size], padding=True, padding_side="left",
-                              return_tensors="pt").to(device)  # fmt: skip
-            output = model.generate(
-                **batch, do_sample=True, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
-                num_return_sequences=num_samples, pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id,
+            texts = generate_text(
+                model, tokenizer, prompts[start : start + batch_size], do_sample=True, temperature=temperature,
+                top_p=top_p, max_new_tokens=max_new_tokens, num_return_sequences=num_samples,
             )  # fmt: skip
-            texts = tokenizer.batch_decode(output[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
             samples.extend(texts[i : i + num_samples] for i in range(0, len(texts), num_samples))
-    model.train(was_training)
     return samples
 
 

@@ -17,12 +17,12 @@ from .artifact import push_offline_error, save_artifact, upload_error, write_tra
 from .callbacks import add_heldout_callback
 from .config import DistillConfig
 from .conversation import as_prompt_completion
-from .features import add_projection_param_group, build_feature_projector, resume_projections, save_projections
-from .modes import get_mode
-from .modes.on_policy import CompletionSource, check_prompt_column
-from .modes.token_offline import offline_mode
+from .modes import MetricsSink, ModeContext, resolve_mode
 from .receipt import check_signing_key
+from .sources import CompletionSource, check_prompt_column
 from .teachers import lm_head_and_backbone, load_teacher, teacher_tokenizer_source
+from .teachers.store import tokenization_settings
+from .terms import build_feature_term
 
 
 logger = logging.getLogger(__name__)
@@ -92,49 +92,38 @@ class DistillTrainer(SFTTrainer):
         peft_config=None,
         formatting_func: Callable | None = None,
     ):
+        # The order below is forced by what each step needs; each step says what it must come before.
+        # 1. Config and mode class: a wrong mode or setting fails before anything is loaded.
         args = _as_distill_config(args, model)
         if args.receipt_signing_key:  # a bad key must fail now, not after training when the receipt is signed
             check_signing_key(args.receipt_signing_key)
-        mode_cls = get_mode(args.distill_mode)
-        if args.teacher_cache is not None:  # offline teacher (issue 6): targets come from a store, none is loaded
-            mode_cls = offline_mode(mode_cls, teacher_model)
-
-        # Teacher first: a wrong teacher or tokenizer should fail before the dataset is tokenized.
-        if args.teacher_cache is None:
-            teacher_model = teacher_model if teacher_model is not None else args.teacher_model_name_or_path
-        if teacher_model is None and mode_cls.requires_teacher:
+        if args.teacher_cache is not None and teacher_model is not None:
             raise ValueError(
-                f"`distill_mode={args.distill_mode!r}` needs a teacher: pass `teacher_model` (a model or a Hub id / "
-                "local path) or set `teacher_model_name_or_path` in the config."
+                "`teacher_cache` replaces the teacher: its targets are read from the store, so `teacher_model` must "
+                "not be given (got one). Pass `teacher_model=None`, or unset `teacher_cache` to distill from the live "
+                "teacher."
             )
-        distributed = args.distributed_state.distributed_type in ("MULTI_GPU", "DEEPSPEED")
-        teacher, teacher_source = None, None
-        if teacher_model is not None:
-            teacher, teacher_source = load_teacher(
-                teacher_model,
-                args.teacher_model_init_kwargs,
-                trust_remote_code=args.trust_remote_code,
-                distributed=distributed,
-            )
-        teacher_tokenizer = teacher_processing_class
-        if teacher_tokenizer is None and teacher is not None:
-            teacher_tokenizer = _load_teacher_tokenizer(teacher_source, args, from_string=isinstance(teacher_model, str))
-        vocab_size = None
-        if mode_cls.requires_shared_vocab and processing_class is not None and teacher_tokenizer is not None:
-            vocab_size = shared_vocab_size(_text_tokenizer(processing_class), _text_tokenizer(teacher_tokenizer))
+        # The teacher *source*: a live model, or (`teacher_cache`) the mode's offline variant reading a store.
+        mode_cls = resolve_mode(args)
 
-        # Conversational rows (issue 12, trl_distill/conversation.py): `messages` -> prompt/completion split at the
-        # final assistant turn, the one rule every mode and the held-out measurement follow.
+        # 2. Teacher and its tokenizer, before the dataset is tokenized (a wrong teacher or vocabulary fails fast).
+        teacher, teacher_source, teacher_tokenizer, vocab_size = _load_teacher_side(
+            mode_cls, args, teacher_model, teacher_processing_class, processing_class
+        )
+
+        # 3. Raw rows, before `SFTTrainer` tokenizes them. Conversational rows (issue 12, trl_distill/conversation.py):
+        # `messages` -> prompt/completion split at the final assistant turn, the one rule every mode and the held-out
+        # measurement follow. Then modes that train on other targets (sequence-level KD: the teacher's completions)
+        # rewrite them; on-policy / `seq_kd` training needs prompts to generate from.
         if formatting_func is None:
             train_dataset, eval_dataset = as_prompt_completion(train_dataset), as_prompt_completion(eval_dataset)
-        # Modes that train on other targets (sequence-level KD: the teacher's completions) rewrite the raw rows here,
-        # before `SFTTrainer` tokenizes them; on-policy / `seq_kd` training needs prompts to generate from.
         train_dataset = mode_cls.prepare_train_dataset(
             train_dataset, teacher=teacher, teacher_source=teacher_source, args=args,
             teacher_tokenizer=teacher_tokenizer if teacher_tokenizer is not None else processing_class,
         )  # fmt: skip
         check_prompt_column(train_dataset, args)
 
+        # 4. SFTTrainer: loads/wraps the student (PEFT), tokenizes the datasets, builds the accelerator.
         super().__init__(
             model=model,
             args=args,
@@ -151,6 +140,8 @@ class DistillTrainer(SFTTrainer):
             formatting_func=formatting_func,
         )
 
+        # 5. Vocabulary (the student's tokenizer may only exist now) and lm_head checks; the teacher placed like the
+        # student (needs the accelerator).
         student_tokenizer = _text_tokenizer(self.processing_class)
         self.teacher_processing_class = teacher_tokenizer if teacher_tokenizer is not None else student_tokenizer
         if not mode_cls.requires_shared_vocab:
@@ -162,11 +153,44 @@ class DistillTrainer(SFTTrainer):
         if teacher is not None and mode_cls.requires_shared_vocab:
             _check_lm_head_rows(teacher, "teacher", self.vocab_size)
         self.teacher_model = self._prepare_teacher(teacher) if teacher is not None else None
-        # Feature KD (issue 5): learned projections trained beside the student, never part of it (features.py).
-        self.feature_projector = build_feature_projector(self)
-        self.distill_mode = mode_cls(self)
+
+        # 6. Extra terms (feature KD, issue 5): need the placed student and teacher; trained beside the student, never
+        # part of it (terms/feature.py). Before the mode, which receives them.
+        self.feature_term = build_feature_term(
+            args, self.model, self.teacher_model, sharded=self.is_deepspeed_enabled or self.is_fsdp_enabled,
+            add_callback=self.add_callback,
+        )  # fmt: skip
+
+        # 7. The mode, from what it may read (never the trainer itself).
+        self.metrics_sink = MetricsSink(self._metrics)
+        self.mode_context = ModeContext(
+            args=args,
+            student=self.model,
+            teacher=self.teacher_model,
+            tokenizer=student_tokenizer,
+            teacher_tokenizer=_text_tokenizer(self.teacher_processing_class),
+            vocab_size=self.vocab_size,
+            train_dataset=self.train_dataset,
+            eval_dataset=self.eval_dataset,
+            tokenization=tokenization_settings(self),
+            metrics=self.metrics_sink,
+            feature_term=self.feature_term,
+        )
+        self.distill_mode = mode_cls(self.mode_context)
+
+        # 8. Callbacks and the completion source, which read the placed teacher and the prepared datasets.
         add_heldout_callback(self)  # held-out KL / perplexity at each evaluation and at the end (`heldout_eval`)
-        self.completion_source = CompletionSource(self) if args.lmbda > 0 or args.seq_kd else None
+        self.completion_source = None
+        if args.lmbda > 0 or args.seq_kd:  # where the samples come from (sources/): on-policy / fresh teacher text
+            self.completion_source = CompletionSource(
+                args, tokenizer=student_tokenizer, teacher=self.teacher_model, accelerator=self.accelerator,
+                metrics=self.metrics_sink,
+            )  # fmt: skip
+
+    @property
+    def feature_projector(self):
+        """The feature-KD projections (`None` when `feature_weight == 0`)."""
+        return self.feature_term.projector if self.feature_term is not None else None
 
     def _prepare_teacher(self, teacher: nn.Module) -> nn.Module:
         """Place the teacher like the student, for inference only (no DDP wrapper, no optimizer state)."""
@@ -176,21 +200,23 @@ class DistillTrainer(SFTTrainer):
             return prepare_deepspeed(teacher, self.accelerator)
         return self.accelerator.prepare_model(teacher, evaluation_mode=True)
 
-    # Feature-KD projections: in the optimizer, in checkpoints and beside the exported student (features.py).
+    # Feature-KD projections: in the optimizer, in checkpoints and beside the exported student (terms/feature.py).
     def create_optimizer(self, model=None):
         optimizer = super().create_optimizer(model)
-        add_projection_param_group(self, optimizer)
+        if self.feature_term is not None:
+            self.feature_term.add_param_groups(optimizer, weight_decay=self.args.weight_decay)
         return optimizer
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         super()._load_from_checkpoint(resume_from_checkpoint, model)
-        resume_projections(self, resume_from_checkpoint)
+        if self.feature_term is not None:
+            self.feature_term.resume(resume_from_checkpoint)
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         batches, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
         if self.completion_source is None:
             return batches, num_items_in_batch
-        resampled = self.completion_source.resample(batches)
+        resampled = self.completion_source.resample(batches, step=self.state.global_step, student=self.model_wrapped)
         if resampled is batches:  # a dataset step: the count stands (recounting would cost another all-reduce)
             return batches, num_items_in_batch
         # On-policy / `seq_kd` steps swap in generated completions; recount the window's tokens on the new batches.
@@ -229,8 +255,7 @@ class DistillTrainer(SFTTrainer):
             [torch.as_tensor(metrics[n], dtype=torch.float32, device=self.accelerator.device).detach() for n in names]
         )
         gathered = self.accelerator.gather_for_metrics(values.unsqueeze(0)).reshape(-1, len(names)).mean(0).tolist()
-        for name, value in zip(names, gathered):
-            self._metrics[mode][name].append(value)
+        self.metrics_sink.log(dict(zip(names, gathered)), split=mode)
         if mode == "train":
             if "attention_mask" in inputs:
                 local = inputs["attention_mask"].sum()
@@ -244,7 +269,9 @@ class DistillTrainer(SFTTrainer):
     # `model_card` describe, hash and render).
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         super()._save(output_dir, state_dict=state_dict)
-        save_projections(self, output_dir)  # feature KD: beside the student, never inside it (before the receipt)
+        # Feature KD: the projections beside the student, never inside it (before the receipt hashes the files).
+        if self.feature_term is not None and self.args.should_save:
+            self.feature_term.save(output_dir if output_dir is not None else self.args.output_dir)
         if self.args.should_save and not getattr(self, "_saving_checkpoint", False):
             save_artifact(self, output_dir if output_dir is not None else self.args.output_dir)
 
@@ -301,6 +328,37 @@ def _as_distill_config(args, model) -> DistillConfig:
         values = {f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init and f.name in ours}
         return DistillConfig(**values)
     raise TypeError(f"`args` must be a `DistillConfig`, got {type(args).__name__}.")
+
+
+def _load_teacher_side(mode_cls, args, teacher_model, teacher_processing_class, processing_class):
+    """`(teacher, teacher_source, teacher_tokenizer, vocab_size)` before `SFTTrainer` runs.
+
+    `vocab_size` is the shared vocabulary when the mode needs one and both tokenizers are known already, else `None`
+    (computed once `SFTTrainer` has loaded the student's tokenizer).
+    """
+    if args.teacher_cache is None:
+        teacher_model = teacher_model if teacher_model is not None else args.teacher_model_name_or_path
+    if teacher_model is None and mode_cls.requires_teacher:
+        raise ValueError(
+            f"`distill_mode={args.distill_mode!r}` needs a teacher: pass `teacher_model` (a model or a Hub id / "
+            "local path) or set `teacher_model_name_or_path` in the config."
+        )
+    distributed = args.distributed_state.distributed_type in ("MULTI_GPU", "DEEPSPEED")
+    teacher, teacher_source = None, None
+    if teacher_model is not None:
+        teacher, teacher_source = load_teacher(
+            teacher_model,
+            args.teacher_model_init_kwargs,
+            trust_remote_code=args.trust_remote_code,
+            distributed=distributed,
+        )
+    teacher_tokenizer = teacher_processing_class
+    if teacher_tokenizer is None and teacher is not None:
+        teacher_tokenizer = _load_teacher_tokenizer(teacher_source, args, from_string=isinstance(teacher_model, str))
+    vocab_size = None
+    if mode_cls.requires_shared_vocab and processing_class is not None and teacher_tokenizer is not None:
+        vocab_size = shared_vocab_size(_text_tokenizer(processing_class), _text_tokenizer(teacher_tokenizer))
+    return teacher, teacher_source, teacher_tokenizer, vocab_size
 
 
 def _text_tokenizer(processing_class):

@@ -24,8 +24,8 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from .runner import FULL_BUDGET, QUICK_BUDGET, DemoBudget, _fit, _measure, _quiet_progress, _teacher, _torch_threads
-from .runner import _training_kwargs
+from .runner import FULL_BUDGET, QUICK_BUDGET, DemoBudget, fit_trainer, load_or_train_teacher, measure_models
+from .runner import quiet_progress, torch_threads, training_kwargs
 
 
 @dataclass
@@ -45,7 +45,7 @@ class DemoSetup:
 @contextlib.contextmanager
 def demo_session(*, verbose: bool = False, num_threads: int | None = 1):
     """The demo's process settings for a block: `num_threads` torch threads and quiet per-`map` progress bars."""
-    with _quiet_progress(verbose), _torch_threads(num_threads):
+    with quiet_progress(verbose), torch_threads(num_threads):
         yield
 
 
@@ -59,7 +59,7 @@ def prepare_demo(output_dir: str, *, seed: int = 0, quick: bool = False, verbose
     train_dataset = make_task_dataset(budget.n_train, seed=seed, split="train")
     test_dataset = make_task_dataset(budget.n_test, seed=seed, split="test")
     teacher_dir = os.path.join(output_dir, "teacher-quick" if quick else "teacher")
-    teacher, tokenizer, cached = _teacher(budget, seed, teacher_dir, train_dataset, verbose)
+    teacher, tokenizer, cached = load_or_train_teacher(budget, seed, teacher_dir, train_dataset, verbose)
     return DemoSetup(budget, seed, output_dir, teacher, tokenizer, train_dataset, test_dataset, cached)
 
 
@@ -74,7 +74,7 @@ def new_student(setup: DemoSetup, tokenizer=None, **shape):
 
 def student_args(setup: DemoSetup, name: str, *, verbose: bool = False, **overrides) -> dict[str, Any]:
     """Keyword arguments for an `SFTConfig`/`DistillConfig` with the demo's student budget, output in `<dir>/<name>`."""
-    kwargs = _training_kwargs(
+    kwargs = training_kwargs(
         setup.budget, setup.seed, setup.budget.student_steps, os.path.join(setup.output_dir, name), verbose
     )
     kwargs.update(overrides)
@@ -83,7 +83,7 @@ def student_args(setup: DemoSetup, name: str, *, verbose: bool = False, **overri
 
 def train(trainer, *, verbose: bool = False) -> float:
     """Train and put the model in eval mode; return the seconds training took."""
-    seconds = _fit(trainer, verbose)
+    seconds = fit_trainer(trainer, verbose)
     trainer.model.eval()
     return seconds
 
@@ -93,4 +93,4 @@ def measure(setup: DemoSetup, students: dict[str, Any], tokenizer=None) -> dict[
 
     `tokenizer` defaults to the teacher's; the returned `"teacher"` row has its accuracy and perplexity.
     """
-    return _measure(setup.budget, setup.teacher, students, tokenizer or setup.tokenizer, setup.test_dataset)
+    return measure_models(setup.budget, setup.teacher, students, tokenizer or setup.tokenizer, setup.test_dataset)

@@ -80,7 +80,7 @@ QUICK_BUDGET = DemoBudget(
 )  # fmt: skip
 
 
-def _training_kwargs(budget: DemoBudget, seed: int, max_steps: int, output_dir: str, verbose: bool) -> dict[str, Any]:
+def training_kwargs(budget: DemoBudget, seed: int, max_steps: int, output_dir: str, verbose: bool) -> dict[str, Any]:
     """Arguments shared by every trainer of the demo, so the two students differ only by their loss."""
     return dict(
         output_dir=output_dir,  # nothing is written there during training (`save_strategy="no"`)
@@ -104,7 +104,7 @@ def _training_kwargs(budget: DemoBudget, seed: int, max_steps: int, output_dir: 
     )
 
 
-def _fit(trainer, verbose: bool) -> float:
+def fit_trainer(trainer, verbose: bool) -> float:
     """Train; return the seconds it took. Quiet runs also drop the callback that prints every log line."""
     from transformers import PrinterCallback
 
@@ -115,7 +115,9 @@ def _fit(trainer, verbose: bool) -> float:
     return time.perf_counter() - start
 
 
-def _teacher(budget: DemoBudget, seed: int, cache_dir: str, train_dataset, verbose: bool) -> tuple[Any, Any, bool]:
+def load_or_train_teacher(
+    budget: DemoBudget, seed: int, cache_dir: str, train_dataset, verbose: bool
+) -> tuple[Any, Any, bool]:
     """Load the cached teacher (and its tokenizer) if its fingerprint matches, else build, train and cache one."""
     from trl import SFTConfig, SFTTrainer
 
@@ -145,8 +147,8 @@ def _teacher(budget: DemoBudget, seed: int, cache_dir: str, train_dataset, verbo
         f"[teacher] {budget.teacher_hidden_size}x{budget.teacher_layers} ({_millions(teacher)}M parameters), "
         f"SFTTrainer, {budget.teacher_steps} steps"
     )
-    args = SFTConfig(**_training_kwargs(budget, seed, budget.teacher_steps, cache_dir, verbose))
-    _fit(SFTTrainer(model=teacher, args=args, train_dataset=train_dataset, processing_class=tokenizer), verbose)
+    args = SFTConfig(**training_kwargs(budget, seed, budget.teacher_steps, cache_dir, verbose))
+    fit_trainer(SFTTrainer(model=teacher, args=args, train_dataset=train_dataset, processing_class=tokenizer), verbose)
     teacher.eval()
     save_pretrained_pair(teacher, tokenizer, cache_dir)
     # Name the teacher by where it now lives, as a reloaded one would be: receipts record it and `verify --replay`
@@ -184,10 +186,10 @@ def _train_students(budget: DemoBudget, seed: int, output_dir: str, teacher, tok
         )
 
     def kwargs(name):  # identical for both students but for the output directory
-        return _training_kwargs(budget, seed, budget.student_steps, os.path.join(output_dir, name), verbose)
+        return training_kwargs(budget, seed, budget.student_steps, os.path.join(output_dir, name), verbose)
 
     def finish(name, trainer):  # train, then save the student (and its tokenizer) where `from_pretrained` finds it
-        seconds = _fit(trainer, verbose)
+        seconds = fit_trainer(trainer, verbose)
         heldout = find_heldout_callback(trainer)  # its end-of-training measurement is evaluation, not training time
         seconds -= heldout.seconds if heldout is not None else 0.0
         trainer.model.eval()
@@ -222,12 +224,16 @@ def _train_students(budget: DemoBudget, seed: int, output_dir: str, teacher, tok
     return {"sft": sft_student, "kd": kd_student}, {"sft": sft_seconds, "kd": kd_seconds}
 
 
-def _measure(budget: DemoBudget, teacher, students, tokenizer, test_dataset) -> dict[str, dict[str, float]]:
+def measure_models(budget: DemoBudget, teacher, students, tokenizer, test_dataset) -> dict[str, dict[str, float]]:
     """Held-out teacher-forced metrics of each student against the teacher, and everyone's greedy accuracy."""
     from trl_distill.evaluation import heldout_metrics, task_accuracy
 
+    from .task import is_correct
+
     def accuracy(model):
-        return task_accuracy(model, tokenizer, test_dataset, max_new_tokens=budget.max_new_tokens)
+        return task_accuracy(
+            model, tokenizer, test_dataset, max_new_tokens=budget.max_new_tokens, is_correct=is_correct
+        )
 
     results = {"teacher": {"accuracy": accuracy(teacher)}}
     for name, student in students.items():
@@ -301,13 +307,13 @@ def run_demo(
     os.makedirs(output_dir, exist_ok=True)
     total_start = time.perf_counter()
 
-    with _quiet_progress(verbose), _torch_threads(num_threads):
+    with quiet_progress(verbose), torch_threads(num_threads):
         train_dataset = make_task_dataset(budget.n_train, seed=seed, split="train")
         test_dataset = make_task_dataset(budget.n_test, seed=seed, split="test")
 
         start = time.perf_counter()
         teacher_dir = os.path.join(output_dir, "teacher-quick" if quick else "teacher")
-        teacher, tokenizer, cached = _teacher(budget, seed, teacher_dir, train_dataset, verbose)
+        teacher, tokenizer, cached = load_or_train_teacher(budget, seed, teacher_dir, train_dataset, verbose)
         teacher_seconds = time.perf_counter() - start
 
         students, student_seconds = _train_students(
@@ -316,7 +322,7 @@ def run_demo(
 
         log("[eval] held-out KL, perplexity and greedy accuracy")
         start = time.perf_counter()
-        results = _measure(budget, teacher, students, tokenizer, test_dataset)
+        results = measure_models(budget, teacher, students, tokenizer, test_dataset)
         eval_seconds = time.perf_counter() - start
 
     results.update(
@@ -347,7 +353,7 @@ def run_demo(
 
 
 @contextlib.contextmanager
-def _quiet_progress(verbose: bool):
+def quiet_progress(verbose: bool):
     """
     Hide `datasets`' per-`map` progress bars (five per trainer), and when not `verbose` also transformers' bars
     (saving and loading weights); restore the caller's settings afterwards.
@@ -370,7 +376,7 @@ def _quiet_progress(verbose: bool):
 
 
 @contextlib.contextmanager
-def _torch_threads(num_threads: int | None):
+def torch_threads(num_threads: int | None):
     """Set torch's intra-op thread count for the block, then restore it."""
     import torch
 

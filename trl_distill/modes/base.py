@@ -1,40 +1,107 @@
-"""The mode registry: what is matched is chosen by name (`DistillConfig.distill_mode`), never by `if` chains."""
+"""The mode registry and the mode interface: what is matched is chosen by name (`DistillConfig.distill_mode`).
+
+The registry is the only way a mode is found: `DistillConfig` validates `distill_mode` against it (and calls the
+mode's own config checks), the trainer builds the mode from it, and receipts describe the run with the mode's label
+and papers. A mode registered from a user's own code (`@register_mode("mine")`) is therefore usable like the
+built-in ones, as long as it is registered before its `DistillConfig` is created.
+"""
 
 from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 import torch
 
-
-if TYPE_CHECKING:
-    from ..trainer import DistillTrainer
+from .context import ModeContext
 
 
-_MODES: dict[str, type["DistillMode"]] = {}
+_MODES: dict[str, type[DistillMode]] = {}
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
 
 class DistillMode(ABC):
-    """One way of turning a batch into a distillation loss.
+    """One way of turning a batch into a distillation loss (*what is matched*).
 
-    A mode is built once by the trainer (after the student, teacher and tokenizers are ready) and then asked for the
-    loss of every batch. It holds the math wiring; the trainer holds none.
+    Lifecycle, in the order the trainer calls it:
+
+    1. `validate_config(args)` (classmethod), from `DistillConfig.__post_init__`: refuse settings the mode cannot
+       honour (errors name the field, the value and the fix).
+    2. `for_teacher_cache()` (classmethod), when `args.teacher_cache` is set: the mode that reads the teacher's side
+       from an offline store instead of a live teacher (`None`: the mode needs a live teacher).
+    3. `prepare_train_dataset(...)` (classmethod), before `SFTTrainer` tokenizes the raw training rows.
+    4. `__init__(context)`: once the student, teacher, tokenizers and datasets are ready (a [`ModeContext`]).
+    5. `compute_loss(model, inputs, num_items_in_batch)` at every training and evaluation batch.
 
     Class attributes:
-        requires_teacher (`bool`): whether a live teacher model must be given.
-        requires_shared_vocab (`bool`): whether teacher and student must share a vocabulary (token-level logits are
+        name (`str`): Set by [`register_mode`].
+        requires_teacher (`bool`): Whether a live teacher model must be given.
+        requires_shared_vocab (`bool`): Whether teacher and student must share a vocabulary (token-level logits are
             compared id by id). Modes that compare text or sorted distributions set it to `False`.
+        supports_feature_term (`bool`): Whether the mode adds `context.feature_term` (feature KD,
+            `feature_weight > 0`) to its loss; the config refuses `feature_weight > 0` otherwise.
+        supports_generated_completions (`bool`): Whether the mode can score completions generated during training
+            (on-policy `lmbda > 0`, `seq_kd=True`: batches of the student's token ids with the teacher live).
+        label (`str`): Human description used by receipts and model cards; see [`describe`].
+        papers (`tuple[dict, ...]`): The method's papers, each `{"arxiv": "1503.02531", "title": "..."}`.
     """
 
-    name: str = ""
-    requires_teacher: bool = True
-    requires_shared_vocab: bool = True
+    name: ClassVar[str] = ""
+    requires_teacher: ClassVar[bool] = True
+    requires_shared_vocab: ClassVar[bool] = True
+    supports_feature_term: ClassVar[bool] = False
+    supports_generated_completions: ClassVar[bool] = False
+    label: ClassVar[str] = ""
+    papers: ClassVar[tuple[dict[str, str], ...]] = ()
 
-    def __init__(self, trainer: "DistillTrainer"):
-        self.trainer = trainer
+    def __init__(self, context: ModeContext):
+        self.context = context
+        self.args = context.args
+
+    @classmethod
+    def describe(cls, args) -> str:
+        """The run's method in words, e.g. `"token-level knowledge distillation (forward_kl)"`.
+
+        The default is `label` (or `"<name> distillation"`); modes whose loss uses `objective` append it.
+        """
+        return cls.label or f"{cls.name} distillation"
+
+    @classmethod
+    def validate_config(cls, args) -> None:
+        """Refuse (`ValueError`) or warn about settings this mode cannot honour; called by `DistillConfig`.
+
+        The default checks the shared knobs against the class attributes: `feature_weight > 0` needs
+        `supports_feature_term`, `lmbda > 0` / `seq_kd=True` need `supports_generated_completions`, `teacher_cache`
+        needs [`for_teacher_cache`]. Overrides add their own checks and call `super().validate_config(args)`.
+        """
+        if args.feature_weight > 0 and not cls.supports_feature_term:
+            supported = [name for name in available_modes() if get_mode(name).supports_feature_term]
+            names = " or ".join(f"`distill_mode={name!r}`" for name in supported)
+            raise ValueError(
+                f"`feature_weight={args.feature_weight}` is supported with {names} only (it needs the teacher run on "
+                f"the same token positions), got `distill_mode={cls.name!r}`. Set `feature_weight=0` or use "
+                f"{names}."
+            )
+        if (args.lmbda > 0 or args.seq_kd) and not cls.supports_generated_completions:
+            raise ValueError(
+                f"`distill_mode={cls.name!r}` cannot score completions generated during training, so `lmbda="
+                f"{args.lmbda}` / `seq_kd={args.seq_kd}` are refused. Set `lmbda=0` and `seq_kd=False`, or use "
+                "`distill_mode='token'`."
+            )
+        if args.teacher_cache is not None and cls.for_teacher_cache() is None:
+            served = [name for name in available_modes() if get_mode(name).for_teacher_cache() is not None]
+            raise ValueError(
+                f"`distill_mode={cls.name!r}` needs a live teacher and cannot train from `teacher_cache`; offline "
+                f"stores serve {served}. Unset `teacher_cache` or use one of those modes."
+            )
+
+    @classmethod
+    def for_teacher_cache(cls) -> type[DistillMode] | None:
+        """The mode that trains this objective with the teacher's side read from `teacher_cache` (a teacher
+        *source*), or `None` when the mode needs a live teacher (e.g. hidden states, or new samples to score)."""
+        return None
 
     @classmethod
     def prepare_train_dataset(cls, dataset, *, teacher, teacher_tokenizer, teacher_source, args):
@@ -50,11 +117,25 @@ class DistillMode(ABC):
     def compute_loss(
         self, model: torch.nn.Module, inputs: dict, num_items_in_batch: torch.Tensor | int | None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Return the scalar loss to optimize and detached per-batch metrics to log (name -> scalar tensor)."""
+        """Return the scalar loss to optimize and detached per-batch metrics to log (name -> scalar tensor).
+
+        `model` is the student to run forward on (possibly DDP-wrapped, so that gradient hooks fire); `inputs` a
+        collated batch (`labels` -100 outside the loss); `num_items_in_batch` the accumulation window's count of
+        tokens in the loss (or `None`), to pass to `reduce_loss` / the losses' `num_items_in_batch`.
+        """
 
 
 def register_mode(name: str) -> Callable[[type[DistillMode]], type[DistillMode]]:
-    """Class decorator registering a [`DistillMode`] under `name` (lowercase letters, digits, `_`)."""
+    """Class decorator registering a [`DistillMode`] under `name` (lowercase letters, digits, `_`).
+
+    ```python
+    @register_mode("my_mode")
+    class MyMode(DistillMode):
+        def compute_loss(self, model, inputs, num_items_in_batch): ...
+
+    DistillConfig(output_dir="out", distill_mode="my_mode")
+    ```
+    """
     if not isinstance(name, str) or not _NAME.match(name):
         raise ValueError(f"Mode names are lowercase identifiers like 'token' or 'uld', got {name!r}.")
 
@@ -71,11 +152,27 @@ def register_mode(name: str) -> Callable[[type[DistillMode]], type[DistillMode]]
 
 
 def get_mode(name: str) -> type[DistillMode]:
+    """The mode class registered under `name`; `ValueError` naming the registered modes otherwise."""
     try:
         return _MODES[name]
-    except KeyError:
-        raise ValueError(f"Unknown `distill_mode` {name!r}; registered modes: {sorted(_MODES)}.") from None
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"Unknown `distill_mode` {name!r}; registered modes: {sorted(_MODES)}. A mode of your own must be "
+            "registered (`@trl_distill.register_mode(name)`) before its `DistillConfig` is created."
+        ) from None
 
 
 def available_modes() -> tuple[str, ...]:
     return tuple(sorted(_MODES))
+
+
+def resolve_mode(args: Any) -> type[DistillMode]:
+    """The mode class the trainer builds: `distill_mode`'s, or its offline variant when `teacher_cache` is set."""
+    mode_cls = get_mode(args.distill_mode)
+    if args.teacher_cache is None:
+        return mode_cls
+    offline = mode_cls.for_teacher_cache()
+    if offline is None:  # the config refuses this already; a config edited after validation lands here
+        mode_cls.validate_config(args)
+        raise ValueError(f"`distill_mode={mode_cls.name!r}` cannot train from `teacher_cache`; unset `teacher_cache`.")
+    return offline

@@ -12,10 +12,10 @@ import os
 
 import torch.nn.functional as F
 
+from ..batch import model_inputs
 from ..losses import reduce_loss
 from ..teachers.generation import generate_teacher_completions, teacher_generation_settings
 from .base import DistillMode, register_mode
-from .token import _NON_MODEL_KEYS
 
 
 logger = logging.getLogger(__name__)
@@ -44,6 +44,18 @@ class SequenceMode(DistillMode):
 
     requires_teacher = False  # a dataset with teacher completions needs none; `prepare_train_dataset` checks
     requires_shared_vocab = False
+    label = "sequence-level knowledge distillation"
+    papers = ({"arxiv": "1606.07947", "title": "Sequence-Level Knowledge Distillation"},)
+
+    @classmethod
+    def validate_config(cls, args) -> None:
+        if args.lmbda > 0 or args.seq_kd:
+            raise ValueError(
+                f"`distill_mode='sequence'` trains on teacher text with cross-entropy, so `lmbda={args.lmbda}` / "
+                f"`seq_kd={args.seq_kd}` have nothing to score student samples with. Use `distill_mode='token'` for "
+                "on-policy distillation (`lmbda > 0`) or fresh teacher generations (`seq_kd=True`)."
+            )
+        super().validate_config(args)
 
     @classmethod
     def prepare_train_dataset(cls, dataset, *, teacher, teacher_tokenizer, teacher_source, args):
@@ -89,14 +101,12 @@ class SequenceMode(DistillMode):
         return use_teacher_completions(dataset, column)
 
     def compute_loss(self, model, inputs, num_items_in_batch):
-        args = self.trainer.args
-        model_inputs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
-        model_inputs["use_cache"] = False
-        logits = model(**model_inputs).logits
+        args = self.args
+        logits = model(**model_inputs(inputs), use_cache=False).logits
         # Position i predicts token i + 1; only the completion positions are kept (and upcast).
         targets = inputs["labels"][:, 1:].to(logits.device)
         keep = targets != -100
-        selected = logits[:, :-1][keep][:, : self.trainer.vocab_size].float()
+        selected = logits[:, :-1][keep][:, : self.context.vocab_size].float()
         total = F.cross_entropy(selected, targets[keep], reduction="sum")
         count = keep.sum()
         loss = reduce_loss(total, count, reduction=args.loss_reduction, num_items_in_batch=num_items_in_batch)

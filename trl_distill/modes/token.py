@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from ..features import add_feature_loss, feature_teacher_kwargs
+from ..batch import model_inputs
 from ..losses import linear_distillation_loss
 from ..teachers.live import call_with_lm_heads, check_plain_lm_head, lm_head_and_backbone
 from .base import DistillMode, register_mode
-
-
-# Keys of a collated batch that are not model inputs.
-_NON_MODEL_KEYS = ("labels", "seq_lengths", "completion_mask", "assistant_masks")
+from .token_offline import OfflineTokenMode
 
 
 @register_mode("token")
@@ -21,29 +18,46 @@ class TokenMode(DistillMode):
     Both models run on the same token ids. The loss is computed from the two final hidden states and `lm_head` weights
     by [`~trl_distill.losses.linear_distillation_loss`], on the positions whose (shifted) label is not -100 only: no
     `(B, T, V)` logits are built for either model. Gradients flow into the student (its `lm_head` too, unless frozen,
-    e.g. under LoRA); the teacher runs under `torch.no_grad`.
+    e.g. under LoRA); the teacher runs under `torch.no_grad`. With `feature_weight > 0` the feature term
+    (`context.feature_term`) is added on the same positions. With `teacher_cache` the trainer builds
+    [`~trl_distill.modes.token_offline.OfflineTokenMode`] instead (the same loss from the store's top-k).
     """
 
-    def __init__(self, trainer):
-        super().__init__(trainer)
-        check_plain_lm_head(trainer.model, "student")
-        check_plain_lm_head(trainer.teacher_model, "teacher")
+    supports_feature_term = True
+    supports_generated_completions = True
+    label = "token-level knowledge distillation"
+    papers = ({"arxiv": "1503.02531", "title": "Distilling the Knowledge in a Neural Network"},)
+
+    def __init__(self, context):
+        super().__init__(context)
+        check_plain_lm_head(context.student, "student")
+        check_plain_lm_head(context.teacher, "teacher")
+
+    @classmethod
+    def describe(cls, args) -> str:
+        return f"{cls.label} ({args.objective})"
+
+    @classmethod
+    def for_teacher_cache(cls):
+        return OfflineTokenMode
 
     def compute_loss(self, model, inputs, num_items_in_batch):
-        trainer, args = self.trainer, self.trainer.args
+        context, args = self.context, self.args
         labels = inputs["labels"]
-        model_inputs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
-        model_inputs["use_cache"] = False
+        batch = model_inputs(inputs)
+        batch["use_cache"] = False
+        feature_term = context.feature_term
 
         # The student runs through its (possibly DDP-wrapped) forward so that gradient synchronisation hooks fire;
         # `logits_to_keep=1` makes its own lm_head project a single position, the chunked loss does the rest.
-        outputs = model(**model_inputs, output_hidden_states=True, logits_to_keep=1)
+        outputs = model(**batch, output_hidden_states=True, logits_to_keep=1)
         student_hidden = outputs.hidden_states[-1]
         student_head, _ = lm_head_and_backbone(model)
 
-        teacher_head, teacher_backbone = lm_head_and_backbone(trainer.teacher_model)
+        teacher_head, teacher_backbone = lm_head_and_backbone(context.teacher)
+        teacher_kwargs = feature_term.teacher_forward_kwargs() if feature_term is not None else {}
         with torch.no_grad():
-            teacher_outputs = teacher_backbone(**model_inputs, **feature_teacher_kwargs(trainer))
+            teacher_outputs = teacher_backbone(**batch, **teacher_kwargs)
         teacher_hidden = teacher_outputs.last_hidden_state
 
         # Position i predicts token i + 1.
@@ -64,7 +78,7 @@ class TokenMode(DistillMode):
                 temperature=args.kd_temperature,
                 top_k=args.kd_top_k,
                 alpha=args.alpha,
-                vocab_size=trainer.vocab_size,
+                vocab_size=context.vocab_size,
                 reduction=args.loss_reduction,
                 num_items_in_batch=num_items_in_batch,
                 chunk_size=args.kd_chunk_size,
@@ -73,8 +87,10 @@ class TokenMode(DistillMode):
 
         result = call_with_lm_heads(loss_of, student_hidden[:, :-1], student_head, teacher_head)
         metrics = {"kd_loss": result.kd_loss, "ce_loss": result.ce_loss, "kd_tokens": result.num_tokens}
-        # Feature KD (`feature_weight > 0`): `+ feature_weight * L_feat` on the same positions; a no-op otherwise.
-        return add_feature_loss(
-            trainer, result.loss, metrics, outputs.hidden_states, teacher_outputs.hidden_states, shift_labels,
+        if feature_term is None:
+            return result.loss, metrics
+        # Feature KD (`feature_weight > 0`): `+ feature_weight * L_feat` on the same positions.
+        return feature_term.add(
+            result.loss, metrics, outputs.hidden_states, teacher_outputs.hidden_states, shift_labels,
             num_items_in_batch,
-        )
+        )  # fmt: skip

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import logging
 
+from ..batch import model_inputs
 from ..losses import linear_top_k_distillation_loss
 from ..teachers.live import call_with_lm_heads, check_plain_lm_head, lm_head_and_backbone
-from ..teachers.store import TeacherStore, tokenization_settings
+from ..teachers.store import TeacherStore
 from .base import DistillMode
-from .token import _NON_MODEL_KEYS
 
 
 logger = logging.getLogger(__name__)
@@ -23,37 +23,57 @@ logger = logging.getLogger(__name__)
 class OfflineTokenMode(DistillMode):
     """`alpha * T^2 * D(teacher_T, student_T) + (1 - alpha) * CE` with the teacher's top-k read from a store.
 
-    Built by the trainer in place of [`TokenMode`] when `teacher_cache` is set. At start it verifies the store: every
-    shard's sha256, then the student's tokenizer, vocabulary, `kd_top_k` (at most the store's k; a smaller k is
-    folded exactly), `kd_temperature` (must equal the store's) and tokenization settings against the manifest, and
-    that every training and evaluation row is in the store. Each error names the shard or field and the fix.
+    The token mode's teacher *source* swapped for an offline store: `TokenMode.for_teacher_cache()` returns this class
+    and the trainer builds it in place of [`TokenMode`] when `teacher_cache` is set (it is not registered under a name
+    of its own). At start it verifies the store: every shard's sha256, then the student's tokenizer, vocabulary,
+    `kd_top_k` (at most the store's k; a smaller k is folded exactly), `kd_temperature` (must equal the store's) and
+    tokenization settings against the manifest, and that every training and evaluation row is in the store. Each
+    error names the shard or field and the fix.
     """
 
     name = "token"
     requires_teacher = False
+    label = "token-level knowledge distillation"
+    papers = ({"arxiv": "1503.02531", "title": "Distilling the Knowledge in a Neural Network"},)
 
-    def __init__(self, trainer):
-        super().__init__(trainer)
-        args = trainer.args
-        check_plain_lm_head(trainer.model, "student")
-        self.store = TeacherStore(args.teacher_cache, progress=not args.disable_tqdm)
-        self.store.check_run(
-            tokenizer=trainer.processing_class,
-            vocab_size=trainer.vocab_size,
+    def __init__(self, context):
+        super().__init__(context)
+        check_plain_lm_head(context.student, "student")
+        self.store = self.open_teacher_targets(context)
+
+    def open_teacher_targets(self, context):
+        """The teacher *source*: an object whose `targets(inputs, top_k)` gives the batch's
+        [`~trl_distill.losses.TopKTargets`] (`ids`, `log_probs`: one row per response position, in order).
+
+        This is the hook a new top-k teacher source overrides in a subclass (e.g. a served teacher queried over HTTP,
+        or a store of sampled positions); the loss below is unchanged. The default opens `teacher_cache` as a
+        [`~trl_distill.teachers.store.TeacherStore`] and verifies it against this run (see the class docstring).
+        """
+        args = context.args
+        store = TeacherStore(args.teacher_cache, progress=not args.disable_tqdm)
+        store.check_run(
+            tokenizer=context.tokenizer,
+            vocab_size=context.vocab_size,
             top_k=args.kd_top_k,
             temperature=args.kd_temperature,
-            tokenization=tokenization_settings(trainer),
+            tokenization=dict(context.tokenization),
         )
-        for name, dataset in _prepared_datasets(trainer):
+        for name, dataset in context.prepared_datasets():
             if hasattr(dataset, "select_columns") and hasattr(dataset, "__len__"):
-                self.store.check_dataset(dataset, name)
+                store.check_dataset(dataset, name)
             else:
-                logger.warning("The %s dataset is iterable: its rows are looked up in the teacher store batch by batch.", name)
+                logger.warning(
+                    "The %s dataset is iterable: its rows are looked up in the teacher store batch by batch.", name
+                )
+        return store
+
+    @classmethod
+    def describe(cls, args) -> str:
+        return f"{cls.label} ({args.objective})"
 
     def compute_loss(self, model, inputs, num_items_in_batch):
-        args = self.trainer.args
-        model_inputs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
-        outputs = model(**model_inputs, use_cache=False, output_hidden_states=True, logits_to_keep=1)
+        args = self.args
+        outputs = model(**model_inputs(inputs), use_cache=False, output_hidden_states=True, logits_to_keep=1)
         student_hidden = outputs.hidden_states[-1]
         student_head, _ = lm_head_and_backbone(model)
         teacher = self.store.targets(inputs, args.kd_top_k)
@@ -70,7 +90,7 @@ class OfflineTokenMode(DistillMode):
                 beta=args.beta,
                 temperature=args.kd_temperature,
                 alpha=args.alpha,
-                vocab_size=self.trainer.vocab_size,
+                vocab_size=self.context.vocab_size,
                 reduction=args.loss_reduction,
                 num_items_in_batch=num_items_in_batch,
                 chunk_size=args.kd_chunk_size,
@@ -81,31 +101,3 @@ class OfflineTokenMode(DistillMode):
         metrics = {"kd_loss": result.kd_loss, "ce_loss": result.ce_loss, "kd_tokens": result.num_tokens}
         return result.loss, metrics
 
-
-def _prepared_datasets(trainer):
-    yield "training", trainer.train_dataset
-    evals = trainer.eval_dataset
-    if isinstance(evals, dict):
-        yield from ((f"evaluation ({name})", dataset) for name, dataset in evals.items())
-    elif evals is not None:
-        yield "evaluation", evals
-
-
-# Online mode name -> its offline counterpart. A mode that needs the teacher's activations (feature KD) or new
-# samples scored by it (on-policy) has none.
-OFFLINE_MODES = {"token": OfflineTokenMode}
-
-
-def offline_mode(mode_cls: type[DistillMode], teacher_model) -> type[DistillMode]:
-    """The mode that trains `mode_cls`'s objective from `teacher_cache`; refuse what a store cannot give."""
-    if teacher_model is not None:
-        raise ValueError(
-            "`teacher_cache` replaces the teacher: its targets are read from the store, so `teacher_model` must not be "
-            "given (got one). Pass `teacher_model=None`, or unset `teacher_cache` to distill from the live teacher."
-        )
-    if mode_cls.name not in OFFLINE_MODES:
-        raise ValueError(
-            f"`distill_mode={mode_cls.name!r}` needs a live teacher and cannot train from `teacher_cache`; offline "
-            f"stores serve {sorted(OFFLINE_MODES)}."
-        )
-    return OFFLINE_MODES[mode_cls.name]

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import torch
 
+import warnings
+
 from ..alignment import align_batch, shared_token_pairs
+from ..batch import model_inputs
 from ..losses import linear_uld_loss
 from ..teachers.live import call_with_lm_heads, check_plain_lm_head, lm_head_and_backbone
 from .base import DistillMode, register_mode
-from .token import _NON_MODEL_KEYS
 
 
 @register_mode("uld")
@@ -35,32 +37,67 @@ class ULDMode(DistillMode):
     """
 
     requires_shared_vocab = False
+    label = "universal logit distillation (cross-tokenizer)"
+    papers = (
+        {"arxiv": "2402.12030", "title": "Towards Cross-Tokenizer Distillation: the Universal Logit Distillation Loss "
+         "for LLMs"},
+    )  # fmt: skip
 
-    def __init__(self, trainer):
-        super().__init__(trainer)
-        args = trainer.args
+    @classmethod
+    def describe(cls, args) -> str:
+        measure = f"{args.uld_distance}" + (f", exact matches: {args.objective}" if args.uld_exact_match else "")
+        return f"{cls.label} ({measure})"
+
+    @classmethod
+    def validate_config(cls, args) -> None:
+        if args.kd_top_k is not None:
+            warnings.warn(
+                f"`kd_top_k={args.kd_top_k}` is ignored with `distill_mode='uld'`, whose sorted matching keeps "
+                f"`uld_top_k={args.uld_top_k}` entries per side.",
+                UserWarning,
+                stacklevel=4,
+            )
+        if not args.uld_exact_match and args.objective != "forward_kl":
+            warnings.warn(
+                f"`objective={args.objective!r}` is ignored with `distill_mode='uld'` unless `uld_exact_match=True` "
+                "(it then measures the identity-matched tokens); the sorted matching uses `uld_distance`.",
+                UserWarning,
+                stacklevel=4,
+            )
+        if args.lmbda > 0 or args.seq_kd:
+            raise ValueError(
+                f"`distill_mode='uld'` with `lmbda={args.lmbda}` / `seq_kd={args.seq_kd}` is not supported: generated "
+                "batches carry the student's token ids only, while ULD re-reads each row's text with the teacher's "
+                "tokenizer. Use `distill_mode='token'` (shared vocabulary) for on-policy distillation, or "
+                "`distill_mode='sequence'` across tokenizers."
+            )
+        super().validate_config(args)
+
+    def __init__(self, context):
+        super().__init__(context)
+        args = context.args
         for name in ("padding_free", "packing"):
             if getattr(args, name, False):
                 raise ValueError(
                     f"`{name}=True` is not supported with `distill_mode='uld'`: the teacher re-tokenizes each row's "
                     f"text, and a packed row joins several documents. Set `{name}=False`."
                 )
-        check_plain_lm_head(trainer.model, "student")
-        check_plain_lm_head(trainer.teacher_model, "teacher")
-        self.student_tokenizer = getattr(trainer.processing_class, "tokenizer", trainer.processing_class)
-        self.teacher_tokenizer = getattr(trainer.teacher_processing_class, "tokenizer", trainer.teacher_processing_class)
+        check_plain_lm_head(context.student, "student")
+        check_plain_lm_head(context.teacher, "teacher")
+        self.student_tokenizer = context.tokenizer
+        self.teacher_tokenizer = context.teacher_tokenizer
         for role, tokenizer in (("student", self.student_tokenizer), ("teacher", self.teacher_tokenizer)):
             if not getattr(tokenizer, "is_fast", False):
                 raise ValueError(
                     f"`distill_mode='uld'` aligns tokens by character offsets, which needs a fast tokenizer; the "
                     f"{role}'s is a {type(tokenizer).__name__}. Load it with `use_fast=True`."
                 )
-        self.teacher_max_length = getattr(trainer.teacher_model.config, "max_position_embeddings", None)
+        self.teacher_max_length = getattr(context.teacher.config, "max_position_embeddings", None)
         self.teacher_vocab_size = len(self.teacher_tokenizer)
         self.exact_match_ids = shared_token_pairs(self.student_tokenizer, self.teacher_tokenizer) if args.uld_exact_match else None
 
     def compute_loss(self, model, inputs, num_items_in_batch):
-        trainer, args = self.trainer, self.trainer.args
+        context, args = self.context, self.args
         labels = inputs["labels"]
         aligned = align_batch(
             self.student_tokenizer,
@@ -70,14 +107,12 @@ class ULDMode(DistillMode):
             labels.cpu(),
             teacher_max_length=self.teacher_max_length,
         )
-        model_inputs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
-        model_inputs["use_cache"] = False
-        outputs = model(**model_inputs, output_hidden_states=True, logits_to_keep=1)
+        outputs = model(**model_inputs(inputs), use_cache=False, output_hidden_states=True, logits_to_keep=1)
         student_hidden = outputs.hidden_states[-1]
         device = student_hidden.device
         student_head, _ = lm_head_and_backbone(model)
 
-        teacher_head, teacher_backbone = lm_head_and_backbone(trainer.teacher_model)
+        teacher_head, teacher_backbone = lm_head_and_backbone(context.teacher)
         teacher_device = teacher_head.weight.device
         with torch.no_grad():
             teacher_hidden = teacher_backbone(
@@ -108,7 +143,7 @@ class ULDMode(DistillMode):
                 exact_match_ids=self.exact_match_ids,
                 objective=args.objective,
                 beta=args.beta,
-                student_vocab_size=trainer.vocab_size,
+                student_vocab_size=context.vocab_size,
                 teacher_vocab_size=self.teacher_vocab_size,
                 reduction=args.loss_reduction,
                 num_items_in_batch=num_items_in_batch,

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..batch import model_inputs
 from ..conversation import as_prompt_completion
 from ..digests import file_sha256, tokenizer_sha256, weights_sha256
 from ..losses import teacher_top_k_targets
@@ -39,9 +40,6 @@ from .store import (
 
 
 logger = logging.getLogger(__name__)
-
-# Keys of a collated batch that are not model inputs.
-_NON_MODEL_KEYS = ("labels", "seq_lengths", "completion_mask", "assistant_masks")
 
 
 def cache_teacher(
@@ -203,9 +201,9 @@ def cache_teacher(
 
 def _batch_entries(batch: dict, backbone, head, top_k: int, args, vocab_size: int) -> torch.Tensor:
     """The encoded `(positions, k + 1)` words of a batch's response positions, row by row in order."""
-    model_inputs = {k: v for k, v in batch.items() if k not in _NON_MODEL_KEYS}
+    inputs = model_inputs(batch)
     with torch.no_grad():
-        hidden = backbone(**model_inputs, use_cache=False).last_hidden_state
+        hidden = backbone(**inputs, use_cache=False).last_hidden_state
     # Position i predicts token i + 1, as in the training loss.
     in_loss = batch["labels"][:, 1:] != -100
     targets = teacher_top_k_targets(

@@ -12,6 +12,8 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
+from ..inference import unwrap_model
+
 
 logger = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -82,9 +84,7 @@ def lm_head_and_backbone(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     Looks through DDP/accelerate wrappers and PEFT; with LoRA the adapters stay inside the backbone's layers, so the
     backbone's output carries them.
     """
-    inner = model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) else model
-    if hasattr(inner, "get_base_model"):  # PeftModel
-        inner = inner.get_base_model()
+    inner = unwrap_model(model)
     if not isinstance(inner, PreTrainedModel):
         raise TypeError(f"Expected a transformers causal LM, got {type(inner).__name__}.")
     head = inner.get_output_embeddings()

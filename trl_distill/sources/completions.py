@@ -6,7 +6,9 @@ GKD ([Agarwal et al. 2024](https://huggingface.co/papers/2306.13649)): with prob
 `kd_temperature`, `kd_top_k`, `alpha`) is taken on those tokens, which the teacher then scores. The other steps use
 the dataset's completions, or with `seq_kd=True` completions the teacher generates for the batch's prompts.
 
-The trainer calls [`CompletionSource.resample`] from `get_batch_samples`, before the accumulation window's token
+This is a completion *source* (where the samples come from), not a mode: any mode with
+`supports_generated_completions = True` trains on what it returns. The trainer builds one when `lmbda > 0` or
+`seq_kd=True` and calls [`CompletionSource.resample`] from `get_batch_samples`, before the accumulation window's token
 count (`num_items_in_batch`) is taken, so that count covers the generated tokens. The coin ([`on_policy_coin`]) is a
 function of `(seed, global_step)` only: every rank draws the same side without communicating, and a resumed run
 draws the same sides again.
@@ -16,21 +18,14 @@ from __future__ import annotations
 
 import random
 import warnings
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
+from torch import nn
 
-from ..teachers.generation import (
-    eos_token_ids,
-    generate_completion_ids,
-    generation_kwargs,
-    inference_mode_of,
-    teacher_generation_settings,
-)
-
-
-if TYPE_CHECKING:
-    from ..trainer import DistillTrainer
+from ..inference import eval_mode
+from ..teachers.generation import eos_token_ids, generate_completion_ids, generation_kwargs
+from ..teachers.generation import teacher_generation_settings
 
 
 def on_policy_coin(seed: int, step: int, lmbda: float) -> bool:
@@ -92,61 +87,75 @@ def completion_batch(
 class CompletionSource:
     """Replaces the completions of an accumulation window's micro-batches on on-policy / `seq_kd` steps, and logs
     per step `on_policy` (1 or 0), `teacher_generated` (1 or 0) and `completion_length` (mean completion tokens per
-    row, whatever the source)."""
+    row, whatever the source) to `metrics`.
 
-    def __init__(self, trainer: "DistillTrainer"):
-        self.trainer = trainer
-        args = trainer.args
-        tokenizer = trainer.processing_class
-        self.tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
-        pad_id = self.tokenizer.pad_token_id
-        self.pad_id = pad_id if pad_id is not None else self.tokenizer.eos_token_id
+    Args:
+        args (`DistillConfig`): Reads `lmbda`, `seq_kd`, `seed`, the sampling fields and the gradient-checkpointing
+            settings.
+        tokenizer (`PreTrainedTokenizerBase`): The student's text tokenizer (padding and end-of-sequence ids).
+        teacher (`nn.Module` or `None`): The placed teacher, for `seq_kd` steps.
+        accelerator (`accelerate.Accelerator`): Unwraps the models for generation and sums the logged counts over
+            processes.
+        metrics ([`~trl_distill.modes.MetricsSink`]): Where the per-step values go (anything with
+            `log(values: dict[str, float])`).
+    """
+
+    def __init__(self, args, *, tokenizer, teacher: nn.Module | None, accelerator, metrics):
+        self.args = args
+        self.tokenizer = tokenizer
+        self.teacher = teacher
+        self.accelerator = accelerator
+        self.metrics = metrics
+        pad_id = tokenizer.pad_token_id
+        self.pad_id = pad_id if pad_id is not None else tokenizer.eos_token_id
         self.student_kwargs = generation_kwargs(
             max_completion_length=args.max_completion_length, do_sample=True, temperature=args.temperature,
             top_p=args.top_p, top_k=args.top_k,
         )  # fmt: skip
         self.teacher_kwargs = generation_kwargs(**teacher_generation_settings(args))
 
-    def resample(self, batches: list[dict]) -> list[dict]:
-        """The window's micro-batches, with completions from the source this step's coin picks."""
-        trainer, args = self.trainer, self.trainer.args
+    def resample(self, batches: list[dict], *, step: int, student: nn.Module) -> list[dict]:
+        """The window's micro-batches, with completions from the source the coin of optimizer step `step` picks.
+
+        `student` is the model the trainer steps (possibly wrapped by DDP / DeepSpeed); it samples on-policy steps.
+        """
+        args = self.args
         if not batches:  # the data ran out (every rank alike: the dataloader is sharded evenly)
             return batches
-        on_policy = on_policy_coin(args.seed, trainer.state.global_step, args.lmbda)
+        on_policy = on_policy_coin(args.seed, step, args.lmbda)
         teacher = args.seq_kd and not on_policy
         if on_policy:
-            batches = [self._generate(batch, student=True) for batch in batches]
+            batches = [self._generate(batch, student) for batch in batches]
         elif teacher:
-            batches = [self._generate(batch, student=False) for batch in batches]
+            batches = [self._generate(batch, None) for batch in batches]
         self._log(batches, on_policy=on_policy, teacher=teacher)
         return batches
 
-    def _generate(self, batch: dict, *, student: bool) -> dict:
+    def _generate(self, batch: dict, student: nn.Module | None) -> dict:
         from trl.models import unwrap_model_for_generation
 
-        trainer = self.trainer
         if "attention_mask" not in batch:  # padding-free batches: one flattened row, no prompt boundaries to find
             raise ValueError(
                 "On-policy / `seq_kd` steps need padded batches: set `packing=False` and `padding_free=False`."
             )
         starts = completion_starts(batch["labels"], batch["attention_mask"])
         prompts = [batch["input_ids"][row, :start].tolist() for row, start in enumerate(starts)]
-        if student:
-            checkpointing = trainer.args.activation_checkpointing_kwargs or trainer.args.gradient_checkpointing_kwargs
+        if student is not None:
+            checkpointing = self.args.activation_checkpointing_kwargs or self.args.gradient_checkpointing_kwargs
             context = unwrap_model_for_generation(
-                trainer.model_wrapped, trainer.accelerator, gradient_checkpointing_kwargs=checkpointing
+                student, self.accelerator, gradient_checkpointing_kwargs=checkpointing
             )
             kwargs = self.student_kwargs
         else:
-            context = unwrap_model_for_generation(trainer.teacher_model, trainer.accelerator)
+            context = unwrap_model_for_generation(self.teacher, self.accelerator)
             kwargs = self.teacher_kwargs
         with warnings.catch_warnings():
             # TRL 1.16's unwrap helper calls transformers' deprecated `is_gradient_checkpointing` alias at every step.
             warnings.filterwarnings("ignore", ".*gradient_checkpointing.* is deprecated", FutureWarning)
             return self._generate_in(context, prompts, kwargs, batch["input_ids"].device)
 
-    def _generate_in(self, context, prompts: list[list[int]], kwargs: dict, device) -> dict:
-        with context as model, inference_mode_of(model):
+    def _generate_in(self, context, prompts: list[list[int]], kwargs: dict[str, Any], device) -> dict:
+        with context as model, eval_mode(model):
             completions, _ = generate_completion_ids(
                 model, prompts, pad_token_id=self.pad_id, eos_ids=eos_token_ids(model, self.tokenizer),
                 generation_kwargs=kwargs,
@@ -154,15 +163,15 @@ class CompletionSource:
         return completion_batch(prompts, completions, pad_token_id=self.pad_id, device=device)
 
     def _log(self, batches: list[dict], *, on_policy: bool, teacher: bool) -> None:
-        accelerator = self.trainer.accelerator
+        accelerator = self.accelerator
         tokens = sum(int((b["labels"] != -100).sum()) for b in batches)
         rows = sum(b["labels"].shape[0] for b in batches)
         local = torch.tensor([tokens, rows], dtype=torch.float32, device=accelerator.device)
         tokens, rows = accelerator.gather(local.unsqueeze(0)).sum(0).tolist()
-        metrics = self.trainer._metrics["train"]
-        metrics["on_policy"].append(float(on_policy))
-        metrics["teacher_generated"].append(float(teacher))
-        metrics["completion_length"].append(tokens / max(rows, 1))
+        length = tokens / max(rows, 1)
+        self.metrics.log(
+            {"on_policy": float(on_policy), "teacher_generated": float(teacher), "completion_length": length}
+        )
 
 
 def check_prompt_column(dataset, args) -> None:
