@@ -204,3 +204,24 @@ def test_bad_settings_are_refused():
         ServedTeacher("http://127.0.0.1:9", top_k=K, max_concurrency=0)
     with pytest.raises(ServedTeacherError, match="failed 2 times"):  # nothing listens on the discard port
         ServedTeacher("http://127.0.0.1:9", top_k=K, max_retries=1, **FAST)
+
+
+def test_cache_teacher_command_line_with_teacher_url(tmp_path, server, tokenizer, prompt_completion_dataset):
+    """`trl-distill cache-teacher --config x.yaml --teacher_url URL`, as a user runs it (in-process)."""
+    from trl_distill.cli import main
+
+    tokenizer.save_pretrained(tmp_path / "student")
+    data = tmp_path / "data.jsonl"
+    prompt_completion_dataset.select(range(6)).to_json(data)
+    (tmp_path / "cache.yaml").write_text(
+        f"tokenizer_name_or_path: {tmp_path / 'student'}\nteacher_cache: {tmp_path / 'store'}\n"
+        f"dataset_name: {data}\nkd_top_k: 8\nkd_temperature: 1.0\nmax_length: 48\nuse_cpu: true\nbf16: false\n"
+        f"output_dir: {tmp_path / 'out'}\nrows_per_shard: 4\nreport_to: none\ndisable_tqdm: true\n"
+        "teacher_prompts_per_request: 2\nteacher_max_concurrency: 2\nteacher_max_retries: 1\n"
+    )
+    assert main(["cache-teacher", "--config", str(tmp_path / "cache.yaml"), "--teacher_url", server.url]) == 0
+    manifest = json.loads((tmp_path / "store" / MANIFEST).read_text())
+    assert manifest["splits"]["train"]["rows"] == 6 and len(manifest["shards"]) == 2
+    assert manifest["teacher"]["served"]["url"] == server.url
+    assert manifest["teacher"]["served"]["transport"]["max_retries"] == 1
+    assert len(server.requests) == 3

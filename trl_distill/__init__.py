@@ -38,6 +38,9 @@ _EXPORTS = {
     "CacheTeacherArguments": "trl_distill.teachers.cache_script",
     "cache_teacher_parser": "trl_distill.teachers.cache_script",
     "run_cache_teacher": "trl_distill.teachers.cache_script",
+    # a served teacher (issue 16): the store filled by a vLLM server
+    "ServedTeacher": "trl_distill.teachers.served",
+    "cache_teacher_served": "trl_distill.teachers.served",
     # stages after distillation (recipes/): held-out KL, DPO pairs ranked by the teacher, quantization-aware recovery
     "heldout_metrics": "trl_distill.evaluation",
     "teacher_ranked_pairs": "trl_distill.preference",
@@ -61,6 +64,7 @@ if TYPE_CHECKING:
     from .modes import DistillMode, available_modes, register_mode
     from .teachers.cache import cache_teacher
     from .teachers.cache_script import CacheTeacherArguments, cache_teacher_parser, run_cache_teacher
+    from .teachers.served import ServedTeacher, cache_teacher_served
     from .teachers.store import TeacherStore
     from .teachers.generation import generate_teacher_completions
     from .trainer import DistillTrainer

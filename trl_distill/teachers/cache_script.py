@@ -34,6 +34,21 @@ class CacheTeacherArguments:
     rows_per_shard: int = field(
         default=1024, metadata={"help": "Rows per shard file (the unit of resumption and of work per process)."}
     )
+    # A served teacher (trl_distill/teachers/served.py): scored by a vLLM server instead of loaded here.
+    teacher_url: str | None = field(
+        default=None,
+        metadata={"help": "A vLLM (OpenAI-compatible) server serving the teacher, e.g. http://host:8000; "
+                          "replaces `teacher_model_name_or_path`. Needs `kd_temperature: 1.0`."},
+    )  # fmt: skip
+    teacher_served_model: str | None = field(
+        default=None, metadata={"help": "The served model name; default the first one the server reports."}
+    )
+    teacher_prompts_per_request: int = field(default=8, metadata={"help": "Rows per request to the teacher server."})
+    teacher_max_concurrency: int = field(default=4, metadata={"help": "Requests to the teacher server in flight."})
+    teacher_request_timeout: float = field(default=120.0, metadata={"help": "Seconds per request before a retry."})
+    teacher_max_retries: int = field(
+        default=5, metadata={"help": "Retries (exponential backoff) after timeouts, resets and HTTP 5xx/429."}
+    )
 
 
 def cache_teacher_parser():
@@ -78,6 +93,10 @@ def run_cache_teacher(parser=None, argv: Sequence[str] | None = None) -> int:
 
     parser = parser or cache_teacher_parser()
     script_args, cache_args, args = parser.parse_args_and_config(argv)
+    if cache_args.teacher_url is not None:
+        from .served import run_cache_teacher_served
+
+        return run_cache_teacher_served(script_args, cache_args, args)
     if args.teacher_model_name_or_path is None:
         raise ValueError("`teacher_model_name_or_path` is required: the teacher whose top-k are stored.")
     tokenizer = AutoTokenizer.from_pretrained(

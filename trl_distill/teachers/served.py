@@ -475,3 +475,38 @@ def _keep_first_transport(store_dir: str, plan: dict, plan_name: str) -> None:
     if recorded is not None and recorded != plan["teacher"]["served"]["transport"]:
         logger.info("Teacher store %s: resuming with other transport settings (recorded: %s).", store_dir, recorded)
         plan["teacher"]["served"]["transport"] = recorded
+
+
+def run_cache_teacher_served(script_args, cache_args, args) -> int:
+    """`trl-distill cache-teacher --teacher_url URL ...`: the parsed arguments of `cache_teacher_parser` -> a store."""
+    from transformers import AutoTokenizer
+
+    from .cache_script import load_datasets
+
+    if cache_args.tokenizer_name_or_path is None:
+        raise ValueError("`tokenizer_name_or_path` (the student's tokenizer) is required with `teacher_url`.")
+    if args.teacher_model_name_or_path is not None:
+        logger.warning("`teacher_model_name_or_path` is ignored: the teacher is scored by `teacher_url`.")
+    tokenizer = AutoTokenizer.from_pretrained(cache_args.tokenizer_name_or_path, trust_remote_code=args.trust_remote_code)
+    train_dataset, eval_dataset = load_datasets(script_args)
+    manifest = cache_teacher_served(
+        cache_args.teacher_url,
+        train_dataset,
+        eval_dataset=eval_dataset,
+        args=args,
+        processing_class=tokenizer,
+        teacher_model=cache_args.teacher_served_model,
+        rows_per_shard=cache_args.rows_per_shard,
+        progress=not args.disable_tqdm,
+        prompts_per_request=cache_args.teacher_prompts_per_request,
+        max_concurrency=cache_args.teacher_max_concurrency,
+        timeout=cache_args.teacher_request_timeout,
+        max_retries=cache_args.teacher_max_retries,
+    )
+    positions = sum(info["positions"] for info in manifest["splits"].values())
+    print(
+        f"Teacher store {args.teacher_cache} from {manifest['teacher']['served']['url']} "
+        f"({manifest['teacher']['name_or_path']}): {len(manifest['shards'])} shards, {positions} positions "
+        f"(k={manifest['top_k']}, T={manifest['temperature']})."
+    )
+    return 0
