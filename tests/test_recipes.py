@@ -94,7 +94,8 @@ def runs(tmp_path_factory):
                                    "--output_dir", "runs/zero3-store"]  # fmt: skip
         commands["ddp_store"] = [*launch[:-1], "29520", *distill, *from_store, "--output_dir", "runs/ddp-store"]
         commands["zero3_on_policy"] = [*zero3, "--main_process_port", "29521", *distill, "--lmbda", "1.0",
-                                       "--max_completion_length", "8", "--output_dir", "runs/zero3-on-policy"]  # fmt: skip
+                                       "--max_completion_length", "8",
+                                       "--output_dir", "runs/zero3-on-policy"]  # fmt: skip
     if HAS_BNB:
         commands["qlora"] = python + [str(RECIPES / "distill_qat.py"), "--config", str(CONFIGS / "tiny_qlora.yaml"),
                                       *short, *init, "--per_device_train_batch_size", "4"]  # fmt: skip
@@ -110,7 +111,7 @@ def runs(tmp_path_factory):
 
 
 def _write_teacher_store(workspace):
-    """The tiny recipe's teacher top-8 store, as `trl-distill cache-teacher` writes it (in-process: TRL is imported)."""
+    """The tiny recipe's teacher top-8 store, as `trl-distill cache-teacher` writes it (in-process: TRL is loaded)."""
     from trl_distill.teachers.cache_script import run_cache_teacher
 
     tiny = workspace / "runs/recipes/tiny"
