@@ -87,9 +87,10 @@ def test_store_through_the_server_equals_the_in_process_store(
     remote = cache_teacher_served(server.url, prompt_completion_dataset, args=config(tmp_path, teacher_cache=str(
         tmp_path / "b")), prompts_per_request=3, max_concurrency=2, **FAST, **common)  # fmt: skip
     assert remote["splits"] == local["splits"]  # same rows (fingerprints), same positions
-    assert remote["teacher"]["name_or_path"] == "stand-in-teacher"
+    assert remote["teacher"]["name_or_path"] == "stand-in-teacher" and remote["teacher"]["weights_sha256"] is None
     served = remote["teacher"]["served"]
     assert served["url"] == server.url and served["model"] == "stand-in-teacher" and served["top_k"] == K
+    assert served["temperature"] == 1.0 and not served["server_applies_temperature"]
     assert served["transport"] == {"prompts_per_request": 3, "max_concurrency": 2, "timeout": 5.0, "max_retries": 5}
     vocab = len(tokenizer)
     for a, b in zip(local["shards"], remote["shards"]):

@@ -145,6 +145,8 @@ class ServedTeacher:
         return {
             "url": self.base_url,
             "model": self.model,
+            "model_root": self.model_card["root"],
+            "max_model_len": self.model_card["max_model_len"],
             "protocol": "openai-completions/prompt_logprobs",
             "top_k": self.top_k,
             "temperature": self.temperature,
@@ -186,13 +188,14 @@ class ServedTeacher:
 
     def _served_model(self, model: str | None) -> str:
         answer = self._request("/v1/models")
-        names = [entry.get("id") for entry in answer.get("data", []) if isinstance(entry, dict)]
-        if not names:
+        cards = {entry.get("id"): entry for entry in answer.get("data", []) if isinstance(entry, dict)}
+        if not cards:
             raise ServedTeacherError(f"Teacher server {self.base_url}/v1/models reports no model: {str(answer)[:200]}")
-        if model is None:
-            return names[0]
-        if model not in names:
-            raise ValueError(f"`teacher_model={model!r}` is not served at {self.base_url} (it serves {names}).")
+        if model is not None and model not in cards:
+            raise ValueError(f"`teacher_model={model!r}` is not served at {self.base_url} (it serves {list(cards)}).")
+        model = next(iter(cards)) if model is None else model
+        # vLLM's card: `root` is the checkpoint it loaded (Hub id or path), `max_model_len` its context.
+        self.model_card = {key: cards[model].get(key) for key in ("root", "max_model_len", "owned_by")}
         return model
 
     def _probe_temperature(self) -> None:
@@ -409,7 +412,10 @@ def cache_teacher_served(
     plan = {
         "format": STORE_FORMAT,
         "version": STORE_VERSION,
-        "teacher": {"name_or_path": client.model, "served": {**settings, "transport": transport}},
+        # The keys of the in-process writer's `teacher` record, plus what the server says about itself; the weights are
+        # not visible through the protocol.
+        "teacher": {"name_or_path": settings["model_root"] or client.model, "revision": None, "dtype": None,
+                    "weights_sha256": None, "served": {**settings, "transport": transport}},  # fmt: skip
         "tokenizer_sha256": tokenizer_fingerprint(tokenizer),
         "vocab_size": vocab_size,
         "top_k": top_k,
