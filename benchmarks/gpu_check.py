@@ -247,8 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     ok &= check_training_step(device, args.model_dir, args.cpu_smoke, rows)
     print(f"\n### GPU check on {name}\n")
     triton = "available" if is_triton_available() else "not available"
-    print(f"torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}, triton {triton}; "
-          f"{time.perf_counter() - started:.0f} s\n")  # fmt: skip
+    versions = f"torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}"
+    print(f"{versions}, triton {triton}; {time.perf_counter() - started:.0f} s\n")
     print("| check | measured | target | status |\n|---|---|---|---|")
     for row in rows:
         print("| " + " | ".join(row) + " |")

@@ -414,8 +414,13 @@ def cache_teacher_served(
         "version": STORE_VERSION,
         # The keys of the in-process writer's `teacher` record, plus what the server says about itself; the weights are
         # not visible through the protocol.
-        "teacher": {"name_or_path": settings["model_root"] or client.model, "revision": None, "dtype": None,
-                    "weights_sha256": None, "served": {**settings, "transport": transport}},  # fmt: skip
+        "teacher": {
+            "name_or_path": settings["model_root"] or client.model,
+            "revision": None,
+            "dtype": None,
+            "weights_sha256": None,
+            "served": {**settings, "transport": transport},
+        },
         "tokenizer_sha256": tokenizer_fingerprint(tokenizer),
         "vocab_size": vocab_size,
         "top_k": top_k,
@@ -493,7 +498,9 @@ def run_cache_teacher_served(script_args, cache_args, args) -> int:
         raise ValueError("`tokenizer_name_or_path` (the student's tokenizer) is required with `teacher_url`.")
     if args.teacher_model_name_or_path is not None:
         logger.warning("`teacher_model_name_or_path` is ignored: the teacher is scored by `teacher_url`.")
-    tokenizer = AutoTokenizer.from_pretrained(cache_args.tokenizer_name_or_path, trust_remote_code=args.trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(
+        cache_args.tokenizer_name_or_path, trust_remote_code=args.trust_remote_code
+    )
     train_dataset, eval_dataset = load_datasets(script_args)
     manifest = cache_teacher_served(
         cache_args.teacher_url,
