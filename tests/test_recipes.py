@@ -1,8 +1,10 @@
 """Recipes: each runs as a subprocess on the tiny configs, as a user runs it; strict parsing; the helpers they use.
 
 The subprocess runs are started together (one fixture) on local tiny models and a few steps each, and every test
-waits for its own: distill (1 and 2 processes, and DeepSpeed ZeRO-3 when deepspeed is installed: the token mode, the
-offline store and on-policy), QLoRA recovery, GRPO, and the pipeline distill -> qat -> dpo.
+waits for its own: `trl-distill train` (the console command, through `accelerate launch`), `recipes/distill.py` under
+2 processes (and DeepSpeed ZeRO-3 when deepspeed is installed: the token mode, the offline store and on-policy), QLoRA
+recovery, GRPO, and the pipeline distill -> qat -> dpo. The recipes' code is `trl_distill.scripts`; `recipes/*.py`
+are its thin entry points.
 """
 
 import copy
@@ -30,18 +32,27 @@ HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
 
 
 def _recipe_module(name):
-    sys.path.insert(0, str(RECIPES))
-    try:
-        return __import__(name)
-    finally:
-        sys.path.remove(str(RECIPES))
+    """The installed recipe module behind `recipes/<name>.py` (or `trl_distill.scripts.<name>` itself)."""
+    import importlib
+
+    from trl_distill.scripts import COMMANDS
+
+    modules = {pathlib.Path(c.recipe).stem: c.module for c in COMMANDS.values()}
+    return importlib.import_module(modules.get(name, f"trl_distill.scripts.{name}"))
+
+
+def _console():
+    """The `trl-distill` console script as a user runs it (next to this Python; `-m trl_distill` if not installed)."""
+    script = shutil.which("trl-distill", path=str(pathlib.Path(sys.executable).parent))
+    return [script] if script else [sys.executable, "-m", "trl_distill"]
 
 
 def _env():
     path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     env = dict(os.environ, PYTHONPATH=path, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                OMP_NUM_THREADS="1", HF_DATASETS_DISABLE_PROGRESS_BARS="1")  # fmt: skip
-    env.pop("RANK", None)
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "ACCELERATE_MIXED_PRECISION"):  # not inside a launcher
+        env.pop(name, None)
     return env
 
 
@@ -69,7 +80,7 @@ def runs(tmp_path_factory):
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
               str(RECIPES / "accelerate_configs/ddp_cpu.yaml"), "--main_process_port", "29517"]  # fmt: skip
     commands = {
-        "distill": python + [str(RECIPES / "distill.py"), "--config", str(CONFIGS / "tiny.yaml"), *short],
+        "distill": _console() + ["train", "--config", str(CONFIGS / "tiny.yaml"), *short],
         "ddp": launch + [str(RECIPES / "distill.py"), "--config", str(CONFIGS / "tiny.yaml"), *short,
                          "--output_dir", "runs/ddp", "--per_device_train_batch_size", "4"],
         "grpo": python + [str(RECIPES / "distill_grpo.py"), "--config", str(CONFIGS / "tiny_grpo.yaml"), *short,
@@ -112,7 +123,7 @@ def runs(tmp_path_factory):
 
 def _write_teacher_store(workspace):
     """The tiny recipe's teacher top-8 store, as `trl-distill cache-teacher` writes it (in-process: TRL is loaded)."""
-    from trl_distill.teachers.cache_script import run_cache_teacher
+    from trl_distill.scripts.cache_teacher import run_cache_teacher
 
     tiny = workspace / "runs/recipes/tiny"
     (workspace / "cache.yaml").write_text(yaml.safe_dump({
@@ -142,8 +153,10 @@ def _stage(directory):
     return json.loads((directory / "stage.json").read_text())
 
 
-def test_distill_recipe_trains_saves_and_measures(runs):
-    workspace, _ = _finished(runs, "distill")
+def test_trl_distill_train_command_trains_saves_and_measures(runs):
+    """`trl-distill train --config recipes/configs/tiny.yaml` in a shell: launched through `accelerate launch`."""
+    workspace, output = _finished(runs, "distill")
+    assert "accelerate launch" in output  # accelerate's note on the defaults it used: the command went through it
     out = workspace / "runs/recipes/tiny/distill"
     record = _stage(out)
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
@@ -293,7 +306,7 @@ def test_every_config_parses():
         text = path.read_text()
         assert text.startswith("# "), f"{path.name} must start with the command that runs it"
         command = text.splitlines()[0]
-        name = "pipeline" if "pipeline.py" in command else command.split("recipes/")[1].split(".py")[0]
+        name = command.split("recipes/")[1].split(".py")[0]
         module = _recipe_module(name)
         if name == "pipeline":
             module.load_plan(str(path))

@@ -35,9 +35,9 @@ _EXPORTS = {
     "linear_top_k_distillation_loss": "trl_distill.losses",
     "TeacherStore": "trl_distill.teachers.store",
     "cache_teacher": "trl_distill.teachers.cache",
-    "CacheTeacherArguments": "trl_distill.teachers.cache_script",
-    "cache_teacher_parser": "trl_distill.teachers.cache_script",
-    "run_cache_teacher": "trl_distill.teachers.cache_script",
+    "CacheTeacherArguments": "trl_distill.scripts.cache_teacher",
+    "cache_teacher_parser": "trl_distill.scripts.cache_teacher",
+    "run_cache_teacher": "trl_distill.scripts.cache_teacher",
     # a served teacher (issue 16): the store filled by a vLLM server
     "ServedTeacher": "trl_distill.teachers.served",
     "cache_teacher_served": "trl_distill.teachers.served",
@@ -49,12 +49,16 @@ _EXPORTS = {
     "qat_convert": "trl_distill.quantization",
     "unwrap_fake_quantized": "trl_distill.quantization",
     "generate_teacher_completions": "trl_distill.teachers.generation",
+    # conversational rows (issue 12): `messages` split at the final assistant turn, in every mode
+    "as_prompt_completion": "trl_distill.conversation",
+    "expand_assistant_turns": "trl_distill.conversation",
 }
 
 __all__ = ["__version__", *sorted(_EXPORTS)]
 
 if TYPE_CHECKING:
     from .config import DistillConfig
+    from .conversation import as_prompt_completion, expand_assistant_turns
     from .losses import (
         distillation_loss,
         feature_distillation_loss,
@@ -63,7 +67,7 @@ if TYPE_CHECKING:
     )
     from .modes import DistillMode, available_modes, register_mode
     from .teachers.cache import cache_teacher
-    from .teachers.cache_script import CacheTeacherArguments, cache_teacher_parser, run_cache_teacher
+    from .scripts.cache_teacher import CacheTeacherArguments, cache_teacher_parser, run_cache_teacher
     from .teachers.served import ServedTeacher, cache_teacher_served
     from .teachers.store import TeacherStore
     from .teachers.generation import generate_teacher_completions

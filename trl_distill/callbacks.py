@@ -41,7 +41,7 @@ __all__ = ["HeldOutKLCallback", "add_heldout_callback", "find_heldout_callback",
 logger = logging.getLogger(__name__)
 
 PREFIX = "heldout_"
-_ROW_COLUMNS = ("input_ids", "labels", "completion_mask", "assistant_masks", "prompt", "completion")
+_ROW_COLUMNS = ("input_ids", "labels", "completion_mask", "assistant_masks", "prompt", "completion", "messages")
 
 
 def is_plateau(kl_history: Sequence[float], loss_history: Sequence[float | None], patience: int,
@@ -84,8 +84,9 @@ class HeldOutKLCallback(TrainerCallback):
     Args:
         trainer (`transformers.Trainer`): The trainer whose model is measured and that logs the figures.
         teacher_model (`PreTrainedModel`, *optional*): The teacher; defaults to `trainer.teacher_model`.
-        eval_dataset (`datasets.Dataset` or iterable of mappings, *optional*): Raw prompt/completion rows or rows
-            tokenized by `SFTTrainer`; defaults to `trainer.eval_dataset`. The same rows are used every time.
+        eval_dataset (`datasets.Dataset` or iterable of mappings, *optional*): Raw prompt/completion or `messages`
+            rows (measured on the final assistant turn, as `DistillTrainer` trains them) or rows tokenized by
+            `SFTTrainer`; defaults to `trainer.eval_dataset`. The same rows are used every time.
         tokenizer (`PreTrainedTokenizerBase`, *optional*): Defaults to the trainer's `processing_class`.
         max_rows (`int`, *optional*): Measure only the first `max_rows` rows (all by default).
         batch_size (`int`, *optional*): Rows per forward pass; defaults to `per_device_eval_batch_size`.

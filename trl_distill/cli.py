@@ -1,12 +1,15 @@
 """The `trl-distill` command line (also `python -m trl_distill`).
 
 Each subcommand is one `_add_<name>(subparsers)` function that registers its parser and sets `func`, the callable that
-runs it; `main` only dispatches. Subcommands import what they need inside `func`.
+runs it; `main` only dispatches. Subcommands import what they need inside `func`. The recipe subcommands (`train`,
+`qat`, `dpo`, `grpo`, `pipeline`, `cache-teacher`) come from `trl_distill.scripts.COMMANDS`: their options go to the
+recipe's TRL parser and to `accelerate launch` (see `trl_distill.scripts.launch`), and `--help` is their concise help.
 
 ```
+trl-distill train --config x.yaml [--<field> VALUE ...] [accelerate launch flags]   (also: qat, dpo, grpo, pipeline)
 trl-distill demo [--output-dir runs/demo] [--seed 0] [--quick] [--num-threads 1]
 trl-distill verify OUTPUT_DIR [--replay] [--public-key KEY.pem] [--teacher PATH] [--strict]
-trl-distill cache-teacher --config distill.yaml [--dataset_name data.jsonl] [--teacher_cache store/] [...]
+trl-distill cache-teacher --config distill.yaml [--<field> VALUE ...] [accelerate launch flags]
 trl-distill recipe-assets [--output-dir runs/recipes/tiny] [--seed 0] [--untrained-teacher]
 ```
 """
@@ -14,6 +17,7 @@ trl-distill recipe-assets [--output-dir runs/recipes/tiny] [--seed 0] [--untrain
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Sequence
 
 
@@ -78,26 +82,44 @@ def _add_verify(subparsers) -> None:
     parser.set_defaults(func=_run_verify)
 
 
-def _run_cache_teacher(args: argparse.Namespace) -> int:
-    from trl_distill.teachers.cache_script import run_cache_teacher
+def _run_recipe(args: argparse.Namespace) -> int:
+    from trl_distill.scripts import COMMANDS, short_help
 
-    return run_cache_teacher(argv=args.options)
+    command, options, prog = COMMANDS[args.recipe], args.options, f"trl-distill {args.recipe}"
+    if "--help-all" in options:
+        from importlib import import_module
+
+        import_module(command.module).make_parser(prog=prog).print_help()
+        return 0
+    if "-h" in options or "--help" in options or not options:
+        print(short_help(command, prog, launcher=True))
+        return 0 if options else 2
+    from trl_distill.scripts.launch import run_command
+
+    if not args.launch:  # called from Python: errors propagate as exceptions
+        return run_command(command, options, launch=False)
+    try:
+        return run_command(command, options)
+    except (ValueError, FileNotFoundError) as error:  # a bad key, value or path: one line, no traceback
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        return 2
+
+
+def _add_recipe(subparsers, name: str) -> None:
+    from trl_distill.scripts import COMMANDS
+
+    # add_help=False: every option (`--config FILE`, `--<field> VALUE`, launch flags, `--help`) is forwarded
+    parser = subparsers.add_parser(name, help=COMMANDS[name].title, add_help=False)
+    parser.set_defaults(func=_run_recipe, recipe=name, forward_options=True)
+
+
+def _add_recipes(subparsers) -> None:
+    for name in ("train", "qat", "dpo", "grpo", "pipeline"):
+        _add_recipe(subparsers, name)
 
 
 def _add_cache_teacher(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "cache-teacher",
-        help="Run a teacher once over a dataset and store its top-k log-probabilities for training without it.",
-        description=(
-            "Writes an offline teacher store to `teacher_cache` (resumable; several processes under `accelerate "
-            "launch` write disjoint shards). Options are TRL-style: `--config distill.yaml` (a DistillConfig plus "
-            "`dataset_name`, `tokenizer_name_or_path`, `teacher_batch_size`, `rows_per_shard`) and/or `--<field> "
-            "value` flags; unknown keys fail. Train with the same YAML: DistillTrainer reads the store."
-        ),
-        add_help=False,  # `--help` goes to the TRL parser, which lists every field
-    )
-    # Every option (`--config FILE`, `--<field> VALUE`, `--help`) is forwarded to the TRL parser as `args.options`.
-    parser.set_defaults(func=_run_cache_teacher, forward_options=True)
+    _add_recipe(subparsers, "cache-teacher")
 
 
 def _run_recipe_assets(args: argparse.Namespace) -> int:
@@ -131,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_recipes(subparsers)
     _add_demo(subparsers)
     _add_verify(subparsers)
     _add_cache_teacher(subparsers)
@@ -139,10 +162,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the `trl-distill` console script; returns the process exit code."""
+    """Entry point of the `trl-distill` console script; returns the process exit code.
+
+    Without `argv` (the console script, `python -m trl_distill`), a recipe subcommand starts through `accelerate
+    launch` unless a launcher started this process; with `argv` (a call from Python) it runs in this process.
+    """
     parser = build_parser()
     args, options = parser.parse_known_args(argv)
     if options and not getattr(args, "forward_options", False):
         parser.error(f"unrecognized arguments: {' '.join(options)}")
-    args.options = options
+    args.options, args.launch = options, argv is None
     return args.func(args)

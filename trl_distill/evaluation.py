@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from .conversation import is_messages_row, split_conversation
+
 
 __all__ = ["generate_completions", "heldout_metrics", "task_accuracy", "tokenize_prompt_completion"]
 
@@ -117,6 +119,8 @@ def _completion_logprobs(model, input_ids, attention_mask, positions, vocab_size
 def _encode_row(tokenizer, row: Mapping) -> tuple[list[int], list[int]]:
     """`(input_ids, completion_mask)` of a raw prompt/completion row, or of a row already tokenized by `SFTTrainer`."""
     if "input_ids" not in row:
+        if is_messages_row(row):  # the rule training follows: the final assistant turn is the completion (issue 12)
+            row = split_conversation(row["messages"])
         return tokenize_prompt_completion(tokenizer, row["prompt"], row["completion"])
     ids = list(row["input_ids"])
     if row.get("labels") is not None:  # SFTTrainer's prepared rows: -100 on the tokens the loss skips
@@ -131,10 +135,10 @@ def _encode_row(tokenizer, row: Mapping) -> tuple[list[int], list[int]]:
 
 def _heldout_rows(dataset: Any) -> list[Mapping]:
     rows = _rows(dataset, ())
-    if "input_ids" not in rows[0] and not {"prompt", "completion"} <= set(rows[0]):
+    if "input_ids" not in rows[0] and not {"prompt", "completion"} <= set(rows[0]) and not is_messages_row(rows[0]):
         raise ValueError(
-            "`dataset` rows need `prompt` and `completion` (raw rows) or `input_ids` (rows tokenized by SFTTrainer, "
-            f"with optional `labels` or `completion_mask`); got the columns {sorted(rows[0])}."
+            "`dataset` rows need `prompt` and `completion` or `messages` (raw rows) or `input_ids` (rows tokenized by "
+            f"SFTTrainer, with optional `labels` or `completion_mask`); got the columns {sorted(rows[0])}."
         )
     return rows
 
@@ -164,7 +168,8 @@ def heldout_metrics(
     Teacher-forced metrics of `student` (and `teacher`) on held-out rows.
 
     Raw prompt/completion rows are tokenized as TRL's `SFTTrainer` tokenizes them (see
-    [`tokenize_prompt_completion`]); rows that `SFTTrainer` already tokenized (`input_ids`, plus `labels` with -100 on
+    [`tokenize_prompt_completion`]); raw `messages` rows are first split at their final assistant turn, as
+    `DistillTrainer` splits them for training ([`trl_distill.conversation`]), so only that turn is measured; rows that `SFTTrainer` already tokenized (`input_ids`, plus `labels` with -100 on
     skipped tokens, or a `completion_mask` / `assistant_masks`; without any, every token is scored) are used as they
     are. Rows are
     right-padded and run through both models. Every metric is a mean over completion tokens (the end-of-sequence token
@@ -189,8 +194,8 @@ def heldout_metrics(
         teacher (`PreTrainedModel` or `None`): The teacher; if `None`, only `student_perplexity` and `num_tokens`
             are returned.
         tokenizer (`PreTrainedTokenizerBase`): The tokenizer both models share.
-        dataset (`datasets.Dataset` or iterable of mappings): Rows with `prompt` and `completion`, or with
-            `input_ids` (and `labels` or `completion_mask`).
+        dataset (`datasets.Dataset` or iterable of mappings): Rows with `prompt` and `completion`, or `messages`, or
+            with `input_ids` (and `labels` or `completion_mask`).
         batch_size (`int`, *optional*, defaults to `16`): Rows per forward pass.
         vocab_size (`int`, *optional*): Number of leading logits to compare; defaults to `len(tokenizer)`, so padded
             embedding rows are ignored. Must not exceed either model's number of logits.

@@ -14,6 +14,7 @@ from trl import SFTConfig, SFTTrainer
 from .alignment import shared_vocab_size
 from .callbacks import add_heldout_callback
 from .config import DistillConfig
+from .conversation import as_prompt_completion
 from .features import add_projection_param_group, build_feature_projector, resume_projections, save_projections
 from .model_card import push_offline_error, write_trainer_model_card
 from .modes import get_mode
@@ -31,7 +32,8 @@ class DistillTrainer(SFTTrainer):
     r"""
     Distill a teacher language model into a student: a drop-in replacement for [`~trl.SFTTrainer`].
 
-    Everything `SFTTrainer` does is kept (dataset formats: language modeling, prompt-completion and conversational;
+    Everything `SFTTrainer` does is kept (dataset formats: language modeling, prompt-completion and conversational,
+    `messages` rows being split at their final assistant turn, see `trl_distill.conversation`;
     `completion_only_loss` / `assistant_only_loss`, packing, PEFT, gradient accumulation, checkpoints, `report_to`);
     the SFT cross-entropy is replaced by the distillation loss of `args.distill_mode` (default `"token"`:
     `alpha * T^2 * D(teacher_T, student_T) + (1 - alpha) * CE` on the response tokens, computed chunk by chunk from
@@ -121,6 +123,10 @@ class DistillTrainer(SFTTrainer):
         if mode_cls.requires_shared_vocab and processing_class is not None and teacher_tokenizer is not None:
             vocab_size = shared_vocab_size(_text_tokenizer(processing_class), _text_tokenizer(teacher_tokenizer))
 
+        # Conversational rows (issue 12, trl_distill/conversation.py): `messages` -> prompt/completion split at the
+        # final assistant turn, the one rule every mode and the held-out measurement follow.
+        if formatting_func is None:
+            train_dataset, eval_dataset = as_prompt_completion(train_dataset), as_prompt_completion(eval_dataset)
         # Modes that train on other targets (sequence-level KD: the teacher's completions) rewrite the raw rows here,
         # before `SFTTrainer` tokenizes them; on-policy / `seq_kd` training needs prompts to generate from.
         train_dataset = mode_cls.prepare_train_dataset(

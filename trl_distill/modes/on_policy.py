@@ -174,5 +174,6 @@ def check_prompt_column(dataset, args) -> None:
         raise ValueError(
             f"`lmbda={args.lmbda}` / `seq_kd={args.seq_kd}` generate a completion for each row's prompt, but the "
             f"training dataset has no `prompt` column (columns: {columns}). Use a prompt/completion dataset "
-            "(`prompt` and `completion` columns, plain text or messages)."
+            "(`prompt` and `completion` columns, plain text or messages) or a `messages` dataset (each conversation "
+            "is split at its final assistant turn, see `trl_distill.conversation`)."
         )

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..conversation import as_prompt_completion
 from ..losses import teacher_top_k_targets
 from . import codec
 from .live import lm_head_and_backbone, load_teacher
@@ -75,8 +76,9 @@ def cache_teacher(
     Args:
         teacher_model (`str` or `PreTrainedModel`): the teacher, or its Hub id / local path (loaded with
             `args.teacher_model_init_kwargs`).
-        train_dataset, eval_dataset (`datasets.Dataset`): any format `SFTTrainer` accepts; `eval_dataset` may be a
-            dict of datasets. Each becomes a split of the store.
+        train_dataset, eval_dataset (`datasets.Dataset`): any format `SFTTrainer` accepts (`messages` rows are split
+            at their final assistant turn, as `DistillTrainer` splits them); `eval_dataset` may be a dict of datasets.
+            Each becomes a split of the store.
         args ([`DistillConfig`]): the training configuration (see above).
         processing_class (*optional*): the **student's** tokenizer (the one training will use). Defaults to the
             teacher's, as `SFTTrainer` loads it.
@@ -114,7 +116,9 @@ def cache_teacher(
     teacher, source = load_teacher(
         teacher_model, args.teacher_model_init_kwargs, trust_remote_code=args.trust_remote_code, distributed=distributed
     )
-    # TRL's own dataset preparation and collator, with the training run's settings (not a re-implementation).
+    # TRL's own dataset preparation and collator, with the training run's settings (not a re-implementation), after
+    # the split of `messages` rows that `DistillTrainer` applies too (trl_distill/conversation.py).
+    train_dataset, eval_dataset = as_prompt_completion(train_dataset), as_prompt_completion(eval_dataset)
     sft = SFTTrainer(
         model=teacher,
         args=args,

@@ -24,6 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..conversation import as_prompt_completion, prompt_token_ids
+
 
 logger = logging.getLogger(__name__)
 
@@ -32,14 +34,6 @@ CACHE_VERSION = 1
 _SHARD_PREFIX = "shard-"
 _COMPLETE_FILE = "complete.json"
 _KEY_FILE = "fingerprint.json"
-
-
-def prompt_token_ids(tokenizer, prompt: str | list[dict]) -> list[int]:
-    """Token ids of a prompt as `SFTTrainer` renders it: plain text as is, messages through the chat template."""
-    if isinstance(prompt, str):
-        return list(tokenizer(text=prompt)["input_ids"])
-    encoded = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)
-    return list(encoded["input_ids"])
 
 
 def eos_token_ids(model: nn.Module, tokenizer) -> set[int]:
@@ -268,7 +262,9 @@ def generate_teacher_completions(
     cross-entropy on these texts, so the teacher is only needed as text: its tokenizer may differ from the student's.
 
     Prompts are rendered as `SFTTrainer` renders them (plain text as is; messages through the teacher tokenizer's
-    chat template with the generation prompt), left-padded, and generated `batch_size` at a time with a progress bar.
+    own chat template with the generation prompt; a tokenizer without one is refused, see
+    [`~trl_distill.conversation.prompt_token_ids`]), left-padded, and generated `batch_size` at a time with a
+    progress bar.
     Each completion is cut at the teacher's first end-of-sequence token and decoded without special tokens.
 
     With `cache_dir`, completions are stored under `cache_dir/<fingerprint>/` as `datasets` shards of `save_every`
@@ -282,7 +278,9 @@ def generate_teacher_completions(
     Args:
         teacher (`str` or `PreTrainedModel`): The teacher, or a Hub id / local path to load it from.
         tokenizer (`PreTrainedTokenizerBase`): The teacher's tokenizer (pad falls back to EOS).
-        dataset (`datasets.Dataset`): Rows with `prompt_column` (`str` or a list of messages).
+        dataset (`datasets.Dataset`): Rows with `prompt_column` (`str` or a list of messages), or `messages` rows
+            (split by [`~trl_distill.conversation.as_prompt_completion`]: the prompt is everything before the final
+            assistant turn, which the teacher's completion replaces).
         cache_dir (`str`, *optional*): Root of the on-disk cache; `None` generates in memory only.
         max_completion_length (`int`, *optional*, defaults to `128`): Maximum new tokens per completion. Completions
             that reach it without an end-of-sequence token are kept (and counted in a warning).
@@ -311,10 +309,14 @@ def generate_teacher_completions(
             f"`dataset` must be a `datasets.Dataset` (map-style, with a length), got {type(dataset).__name__}. "
             "Materialize an `IterableDataset` first, e.g. `Dataset.from_list(list(iterable))`."
         )
+    if prompt_column == "prompt":  # `messages` rows: the prompt is everything before the final assistant turn
+        dataset = as_prompt_completion(dataset)
     if prompt_column not in dataset.column_names:
         raise ValueError(
             f"`dataset` has no `{prompt_column}` column to generate from (columns: {dataset.column_names}). Teacher "
-            "completions need a prompt per row: use a prompt/completion dataset or set `prompt_column`."
+            "completions need a prompt per row: use prompt/completion rows or `messages` rows (split at their final "
+            "assistant turn, see `trl_distill.conversation`), or name the prompt column with this function's "
+            "`prompt_column` argument."
         )
     for name, value in (("max_completion_length", max_completion_length), ("batch_size", batch_size),
                         ("save_every", save_every), ("num_beams", num_beams)):  # fmt: skip

@@ -490,10 +490,17 @@ def _keep_first_transport(store_dir: str, plan: dict, plan_name: str) -> None:
 
 def run_cache_teacher_served(script_args, cache_args, args) -> int:
     """`trl-distill cache-teacher --teacher_url URL ...`: the parsed arguments of `cache_teacher_parser` -> a store."""
+    from accelerate import PartialState
     from transformers import AutoTokenizer
 
-    from .cache_script import load_datasets
+    from ..scripts.data import load_splits
 
+    if PartialState().num_processes > 1:
+        raise ValueError(
+            f"`teacher_url` with {PartialState().num_processes} processes: a served teacher is scored from one "
+            "process (`teacher_max_concurrency` requests in flight). Run `trl-distill cache-teacher` without "
+            "`--num_processes`."
+        )
     if cache_args.tokenizer_name_or_path is None:
         raise ValueError("`tokenizer_name_or_path` (the student's tokenizer) is required with `teacher_url`.")
     if args.teacher_model_name_or_path is not None:
@@ -501,7 +508,7 @@ def run_cache_teacher_served(script_args, cache_args, args) -> int:
     tokenizer = AutoTokenizer.from_pretrained(
         cache_args.tokenizer_name_or_path, trust_remote_code=args.trust_remote_code
     )
-    train_dataset, eval_dataset = load_datasets(script_args)
+    train_dataset, eval_dataset = load_splits(script_args)
     manifest = cache_teacher_served(
         cache_args.teacher_url,
         train_dataset,

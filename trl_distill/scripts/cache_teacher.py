@@ -1,15 +1,42 @@
-"""`trl-distill cache-teacher` and `recipes/precompute_teacher.py`: [`cache_teacher`] from a YAML config / the CLI.
+"""`trl-distill cache-teacher`: run a teacher once over a dataset and store its top-k log-probabilities.
 
-The same `DistillConfig` YAML serves caching and training: caching reads `teacher_model_name_or_path`,
-`teacher_cache`, `kd_top_k`, `kd_temperature` and the tokenization settings from it; training then runs with
-`teacher_model_name_or_path` ignored (the store replaces the teacher).
+One YAML serves caching and training: caching reads `teacher_model_name_or_path`, `teacher_cache`, `kd_top_k`,
+`kd_temperature` and the tokenization settings of its `DistillConfig`, plus the dataset keys and
+[`CacheTeacherArguments`]; training then runs with `teacher_model_name_or_path` ignored (the store replaces it).
+
+```yaml
+# distill.yaml
+teacher_model_name_or_path: Qwen/Qwen2.5-7B-Instruct
+teacher_model_init_kwargs: {dtype: bfloat16}
+teacher_cache: runs/qwen7b-top64          # the store directory
+kd_top_k: 64                              # stored entries per position (260 bytes); training may use fewer
+kd_temperature: 2.0                       # the store is exact at this temperature only
+max_length: 1024
+dataset_name: data/train.jsonl            # or a Hub id, or a save_to_disk directory
+tokenizer_name_or_path: Qwen/Qwen2.5-0.5B-Instruct   # the student's tokenizer (same vocabulary)
+teacher_batch_size: 16
+rows_per_shard: 1024
+output_dir: runs/student
+```
+
+```bash
+# the store: one process, or one per GPU writing disjoint shards (re-run the same command to resume)
+trl-distill cache-teacher --config distill.yaml
+trl-distill cache-teacher --config distill.yaml --num_processes 8
+accelerate launch --num_processes 8 -m trl_distill.scripts.cache_teacher --config distill.yaml   # the same
+# then train from the store (teacher_model_name_or_path is not loaded):
+trl-distill train --config distill.yaml --model_name_or_path Qwen/Qwen2.5-0.5B-Instruct
+```
 """
 
 from __future__ import annotations
 
-import os
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+
+from . import stage
+from .data import load_splits
 
 
 @dataclass
@@ -51,50 +78,42 @@ class CacheTeacherArguments:
     )
 
 
-def cache_teacher_parser():
+def make_parser(prog: str | None = None):
     """`TrlParser` over TRL's `ScriptArguments` (dataset), [`CacheTeacherArguments`] and `DistillConfig`."""
     from trl import ScriptArguments, TrlParser
 
-    from ..config import DistillConfig
+    from trl_distill import DistillConfig
 
-    return TrlParser((ScriptArguments, CacheTeacherArguments, DistillConfig), prog="trl-distill cache-teacher")
+    return TrlParser((ScriptArguments, CacheTeacherArguments, DistillConfig), prog=prog)
 
 
-def load_datasets(script_args):
-    """The train split and, when the dataset has it, the `dataset_test_split` split (a local path or a Hub id)."""
-    from datasets import DatasetDict, load_dataset, load_from_disk
-
-    name = script_args.dataset_name
-    if name is None:
-        raise ValueError("`dataset_name` is required: a local dataset (json/parquet/csv file or directory) or a Hub id.")
-    if os.path.isdir(name) and os.path.isfile(os.path.join(name, "dataset_dict.json")):
-        data = load_from_disk(name)
-    elif os.path.isdir(name) and os.path.isfile(os.path.join(name, "state.json")):
-        data = DatasetDict({script_args.dataset_train_split: load_from_disk(name)})
-    elif os.path.isfile(name):
-        extension = os.path.splitext(name)[1].lstrip(".").replace("jsonl", "json")
-        data = load_dataset(extension, data_files={script_args.dataset_train_split: name})
-    else:
-        data = load_dataset(name, name=script_args.dataset_config)
-    if script_args.dataset_train_split not in data:
-        raise ValueError(
-            f"`dataset_train_split={script_args.dataset_train_split!r}` is not a split of {name!r} "
-            f"(splits: {sorted(data)})."
-        )
-    return data[script_args.dataset_train_split], data.get(script_args.dataset_test_split)
+cache_teacher_parser = make_parser  # the public name (`trl_distill.cache_teacher_parser`)
 
 
 def run_cache_teacher(parser=None, argv: Sequence[str] | None = None) -> int:
-    """Parse `argv` (`--config x.yaml` and/or flags; unknown keys fail) and write the store; return an exit code."""
+    """Parse `argv` (`--config x.yaml` and/or flags; unknown keys fail), write the store; return an exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = parser or make_parser()
+    if stage.print_help("cache-teacher", parser, argv):
+        return 0
+    try:
+        return _cache(*stage.parse_args(parser, argv))
+    finally:
+        stage.finish_distributed()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_cache_teacher(argv=argv)
+
+
+def _cache(script_args, cache_args, args) -> int:
     from accelerate import PartialState
     from transformers import AutoTokenizer
 
-    from .cache import cache_teacher
+    from trl_distill.teachers.cache import cache_teacher
 
-    parser = parser or cache_teacher_parser()
-    script_args, cache_args, args = parser.parse_args_and_config(argv)
-    if cache_args.teacher_url is not None:
-        from .served import run_cache_teacher_served
+    if cache_args.teacher_url is not None:  # a served teacher: trl_distill/teachers/served.py
+        from trl_distill.teachers.served import run_cache_teacher_served
 
         return run_cache_teacher_served(script_args, cache_args, args)
     if args.teacher_model_name_or_path is None:
@@ -102,7 +121,7 @@ def run_cache_teacher(parser=None, argv: Sequence[str] | None = None) -> int:
     tokenizer = AutoTokenizer.from_pretrained(
         cache_args.tokenizer_name_or_path or args.teacher_model_name_or_path, trust_remote_code=args.trust_remote_code
     )
-    train_dataset, eval_dataset = load_datasets(script_args)
+    train_dataset, eval_dataset = load_splits(script_args)
     manifest = cache_teacher(
         args.teacher_model_name_or_path,
         train_dataset,
@@ -120,15 +139,8 @@ def run_cache_teacher(parser=None, argv: Sequence[str] | None = None) -> int:
             f"{manifest['total_bytes'] / max(positions, 1):.1f} bytes per position (k={manifest['top_k']}, "
             f"T={manifest['temperature']})."
         )
-    _finish_distributed()
     return 0
 
 
-def _finish_distributed() -> None:
-    """Under `accelerate launch` / `torchrun`: wait for every process, then destroy the process group (without it,
-    gloo runs sometimes abort after finishing)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,7 +1,7 @@
 """What every recipe shares: strict parsing, loading the model and data, held-out KL, the stage record, clean exit.
 
-Not a recipe itself: `distill.py`, `distill_qat.py`, `distill_dpo.py`, `distill_grpo.py` and `pipeline.py` import it
-(they run with `recipes/` on `sys.path`, as `python recipes/x.py` and `accelerate launch recipes/x.py` put it there).
+Not a recipe itself: `distill.py`, `qat.py`, `dpo.py`, `grpo.py` and `pipeline.py` of this package import it; the
+datasets come from [`~trl_distill.scripts.data.load_splits`] (one loader for every command).
 
 A recipe's result is a **stage record**, written to `<output_dir>/stage.json` and handed to the next stage of a
 pipeline; its keys are those of a receipt stage (`trl_distill.receipt.append_stage`):
@@ -28,7 +28,7 @@ from transformers import HfArgumentParser
 from trl import TrlParser
 
 
-logger = logging.getLogger("recipes")
+logger = logging.getLogger("trl_distill.scripts")
 STAGE_FILE = "stage.json"
 
 
@@ -63,7 +63,7 @@ def parse_args(parser: TrlParser, argv: list[str] | None = None) -> tuple:
     """
     args = list(sys.argv[1:] if argv is None else argv)
     if "--config" in args:
-        path = args[args.index("--config") + 1]
+        path = read_config_path(args)
         with open(path, encoding="utf-8") as f:
             config = yaml.safe_load(f) or {}
         if not isinstance(config, dict):
@@ -75,6 +75,39 @@ def parse_args(parser: TrlParser, argv: list[str] | None = None) -> tuple:
         if flag.startswith("--") and flag != "--config" and flag not in options:
             raise unknown_key_error(flag[2:], token, known_keys(parser), "command line", parser.dataclass_types)
     return parser.parse_args_and_config(args)
+
+
+def read_config_path(args: list[str]) -> str:
+    """The value of `--config` in `args`, checked to be an existing file (a `FileNotFoundError` naming it if not)."""
+    index = args.index("--config")
+    if index + 1 >= len(args) or args[index + 1].startswith("--"):
+        raise ValueError(
+            "`--config` needs a value: the recipe's YAML file, e.g. `--config recipes/configs/tiny.yaml`."
+        )
+    path = args[index + 1]
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"`--config {path}`: no such file (relative paths start at {os.getcwd()!r}).")
+    return path
+
+
+def print_help(command_name: str, parser, argv: list[str]) -> bool:
+    """`--help`/`-h`: print the concise help of `command_name` (see `trl_distill.scripts.COMMANDS`); `--help-all`:
+    the parser's full list of fields. Returns whether help was printed (the recipe then does nothing else)."""
+    from . import COMMANDS, short_help
+
+    if "--help-all" in argv:
+        parser.print_help()
+        return True
+    if "-h" not in argv and "--help" not in argv:
+        return False
+    command = COMMANDS[command_name]
+    script = sys.argv[0]
+    if script.endswith(".py") and "trl_distill" not in script:
+        prog = f"python {os.path.relpath(script)}"  # a recipe file of a clone
+    else:
+        prog = f"python -m {command.module}"
+    print(short_help(command, prog, launcher=False))
+    return True
 
 
 def parse_mapping(parser: HfArgumentParser, mapping: dict, source: str) -> tuple:
@@ -127,23 +160,6 @@ def load_tokenizer(path: str):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
-
-
-def load_splits(script_args):
-    """`(train, test)` splits named by TRL's `ScriptArguments`; `test` is `None` when the dataset has no such split."""
-    from datasets import load_dataset
-
-    if not script_args.dataset_name:
-        raise ValueError("`dataset_name` is required: a Hub dataset id or a local directory / file (JSON lines, ...).")
-    dataset = load_dataset(script_args.dataset_name, name=script_args.dataset_config,
-                           streaming=script_args.dataset_streaming)  # fmt: skip
-    if script_args.dataset_train_split not in dataset:
-        raise ValueError(
-            f"`dataset_train_split={script_args.dataset_train_split!r}` is not a split of {script_args.dataset_name!r} "
-            f"(splits: {sorted(dataset)})."
-        )
-    test = dataset[script_args.dataset_test_split] if script_args.dataset_test_split in dataset else None
-    return dataset[script_args.dataset_train_split], test
 
 
 def heldout_limit(training_args) -> int | None:
@@ -211,8 +227,12 @@ def finish_stage(name: str, method: str, args: tuple, results: dict, models: dic
     return write_stage(args[-1].output_dir, record, trainer)
 
 
-def run_recipe(run, parser: TrlParser, argv: list[str] | None = None) -> dict:
-    """`run(*parsed_args)` for a recipe's `main`, then leave the process group cleanly, even on an error."""
+def run_recipe(run, parser: TrlParser, argv: list[str] | None = None, *, command: str) -> dict | None:
+    """`run(*parsed_args)` for a recipe's `main` (the `trl-distill` subcommand `command`; `--help` prints its concise
+    help and returns `None`), then leave the process group cleanly, even on an error."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if print_help(command, parser, argv):
+        return None
     try:
         return run(*parse_args(parser, argv))
     finally:
