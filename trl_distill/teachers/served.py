@@ -174,7 +174,10 @@ class ServedTeacher:
                 with urllib.request.urlopen(request, timeout=self.timeout) as response:
                     return json.loads(response.read())
             except urllib.error.HTTPError as error:  # before URLError, its base class
-                body = error.read()[:300].decode(errors="replace")
+                try:
+                    body = error.read()[:300].decode(errors="replace")
+                except OSError:  # the connection dropped while reading the error body
+                    body = ""
                 if error.code != 429 and error.code < 500:
                     raise ServedTeacherError(f"Teacher server {url} answered HTTP {error.code}: {body}") from None
                 last = f"HTTP {error.code}: {body}"
@@ -192,7 +195,9 @@ class ServedTeacher:
         if not cards:
             raise ServedTeacherError(f"Teacher server {self.base_url}/v1/models reports no model: {str(answer)[:200]}")
         if model is not None and model not in cards:
-            raise ValueError(f"`teacher_model={model!r}` is not served at {self.base_url} (it serves {list(cards)}).")
+            raise ValueError(
+                f"`teacher_served_model={model!r}` is not served at {self.base_url}: it serves {list(cards)}."
+            )
         model = next(iter(cards)) if model is None else model
         # vLLM's card: `root` is the checkpoint it loaded (Hub id or path), `max_model_len` its context.
         self.model_card = {key: cards[model].get(key) for key in ("root", "max_model_len", "owned_by")}
