@@ -91,7 +91,7 @@ def check_correctness(device, n, h, v, rows) -> bool:
             ref = reference_loss(sh @ sw.T, logits_t, mask=mask, objective=objective)
             ref.backward()
             errors = {
-                "loss": abs(float(loss) - float(ref)) / max(abs(float(ref)), 1e-30),
+                "loss": abs(loss.item() - ref.item()) / max(abs(ref.item()), 1e-30),
                 "grad hidden": rel(x["student_hidden"].grad, sh.grad),
                 "grad weight": rel(x["student_weight"].grad, sw.grad),
             }
@@ -154,14 +154,14 @@ def check_speed(device, n, h, v, repeats, rows) -> bool:
             sh.grad = sw.grad = None
             loss = linear_distillation_loss(sh, sw, th, tw, objective=objective)
             loss.backward()
-            return float(loss)
+            return loss.item()
 
         def trl(beta=beta):
             sh.grad = sw.grad = None
             loss, _, _ = _chunked_divergence_loss(sh[None], th[None], sw, tw, torch.ones(1, n, device=device),
                                                   beta=beta)  # fmt: skip
             loss.backward()
-            return float(loss)
+            return loss.item()
 
         for name, fn in (("ours (fused, chunked)", ours), ("TRL chunked divergence", trl)):
             seconds, peak, value = timed(fn, device, repeats)
