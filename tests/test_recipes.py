@@ -2,8 +2,9 @@
 
 The subprocess runs are started together (one fixture) on local tiny models and a few steps each, and every test
 waits for its own: `trl-distill train` (the console command, through `accelerate launch`), `recipes/distill.py` under
-2 processes (and DeepSpeed ZeRO-3 when deepspeed is installed), QLoRA recovery, GRPO, and the pipeline
-distill -> qat -> dpo. The recipes' code is `trl_distill.scripts`; `recipes/*.py` are its thin entry points.
+2 processes (and DeepSpeed ZeRO-3 when deepspeed is installed: the token mode, the offline store and on-policy), QLoRA
+recovery, GRPO, and the pipeline distill -> qat -> dpo. The recipes' code is `trl_distill.scripts`; `recipes/*.py`
+are its thin entry points.
 """
 
 import copy
@@ -47,7 +48,8 @@ def _console():
 
 
 def _env():
-    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, PYTHONPATH=path, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                OMP_NUM_THREADS="1", HF_DATASETS_DISABLE_PROGRESS_BARS="1")  # fmt: skip
     for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "ACCELERATE_MIXED_PRECISION"):  # not inside a launcher
         env.pop(name, None)
@@ -92,6 +94,19 @@ def runs(tmp_path_factory):
             "--main_process_port", "29518", str(RECIPES / "distill.py"), "--config", str(CONFIGS / "tiny.yaml"),
             *short, "--output_dir", "runs/zero3", "--per_device_train_batch_size", "4",
         ]  # fmt: skip
+        # The offline store (written here first) under ZeRO-3 and, for comparison, under DDP; and on-policy steps
+        # (the student generates with its parameters partitioned).
+        store = _write_teacher_store(workspace)
+        zero3 = commands["zero3"][: commands["zero3"].index("--main_process_port")]
+        distill = [str(RECIPES / "distill.py"), "--config", str(CONFIGS / "tiny.yaml"), *short,
+                   "--per_device_train_batch_size", "4"]  # fmt: skip
+        from_store = ["--teacher_cache", str(store), "--kd_top_k", "8"]
+        commands["zero3_store"] = [*zero3, "--main_process_port", "29519", *distill, *from_store,
+                                   "--output_dir", "runs/zero3-store"]  # fmt: skip
+        commands["ddp_store"] = [*launch[:-1], "29520", *distill, *from_store, "--output_dir", "runs/ddp-store"]
+        commands["zero3_on_policy"] = [*zero3, "--main_process_port", "29521", *distill, "--lmbda", "1.0",
+                                       "--max_completion_length", "8",
+                                       "--output_dir", "runs/zero3-on-policy"]  # fmt: skip
     if HAS_BNB:
         commands["qlora"] = python + [str(RECIPES / "distill_qat.py"), "--config", str(CONFIGS / "tiny_qlora.yaml"),
                                       *short, *init, "--per_device_train_batch_size", "4"]  # fmt: skip
@@ -104,6 +119,21 @@ def runs(tmp_path_factory):
     for process, _ in handles.values():
         if process.poll() is None:
             process.kill()
+
+
+def _write_teacher_store(workspace):
+    """The tiny recipe's teacher top-8 store, as `trl-distill cache-teacher` writes it (in-process: TRL is loaded)."""
+    from trl_distill.scripts.cache_teacher import run_cache_teacher
+
+    tiny = workspace / "runs/recipes/tiny"
+    (workspace / "cache.yaml").write_text(yaml.safe_dump({
+        "dataset_name": str(tiny / "data"), "tokenizer_name_or_path": str(tiny / "student-init"),
+        "teacher_model_name_or_path": str(tiny / "teacher-quick"), "teacher_cache": str(workspace / "runs/store"),
+        "kd_top_k": 8, "kd_temperature": 1.0, "max_length": 64, "use_cpu": True, "bf16": False,
+        "output_dir": str(workspace / "runs/cache"), "report_to": "none", "disable_tqdm": True,
+    }))  # fmt: skip
+    assert run_cache_teacher(argv=["--config", str(workspace / "cache.yaml")]) == 0
+    return workspace / "runs/store"
 
 
 def _finished(runs, name):
@@ -179,6 +209,40 @@ def test_zero3_two_processes_train_like_ddp_and_measure_heldout_kl(runs):
     assert not torch.allclose(after["lm_head.weight"], before["lm_head.weight"], rtol=0, atol=1e-4)
     for name in before:
         torch.testing.assert_close(after[name], reference[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.skipif(not HAS_DEEPSPEED, reason="deepspeed is not installed")
+def test_zero3_two_processes_train_from_the_offline_store_like_ddp(runs):
+    """The store's top-k loss reads the partitioned student `lm_head` whole too: ZeRO-3 and DDP, same batches, same
+    weights."""
+    from safetensors.torch import load_file
+
+    workspace, _ = _finished(runs, "zero3_store")
+    _finished(runs, "ddp_store")
+    record = _stage(workspace / "runs/zero3-store")
+    assert record["results"]["train_steps"] == 2 and record["settings"]["teacher_cache"].endswith("runs/store")
+    before = load_file(workspace / "runs/recipes/tiny/student-init/model.safetensors")
+    after = load_file(workspace / "runs/zero3-store/model.safetensors")
+    reference = load_file(workspace / "runs/ddp-store/model.safetensors")
+    assert not torch.allclose(after["lm_head.weight"], before["lm_head.weight"], rtol=0, atol=1e-4)
+    for name in before:
+        torch.testing.assert_close(after[name], reference[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.skipif(not HAS_DEEPSPEED, reason="deepspeed is not installed")
+def test_zero3_two_processes_train_on_policy(runs):
+    """Every step on-policy (`lmbda=1`): the student samples with its parameters partitioned, the teacher scores."""
+    from safetensors.torch import load_file
+
+    workspace, output = _finished(runs, "zero3_on_policy")
+    results = _stage(workspace / "runs/zero3-on-policy")["results"]
+    assert results["train_steps"] == 2 and math.isfinite(results["train_loss"])
+    assert "'on_policy': '1'" in output  # the logged fraction of on-policy steps
+    assert math.isfinite(results["heldout_kl_teacher_student"]) and results["heldout_num_tokens"] > 0
+    before = load_file(workspace / "runs/recipes/tiny/student-init/model.safetensors")
+    after = load_file(workspace / "runs/zero3-on-policy/model.safetensors")
+    assert set(after) == set(before) and all(torch.isfinite(tensor).all() for tensor in after.values())
+    assert all(not torch.equal(before[name], after[name]) for name in before)
 
 
 @pytest.mark.skipif(not HAS_BNB, reason="bitsandbytes is not installed (pip install trl_distill[quant])")

@@ -41,6 +41,9 @@ _EXPORTS = {
     "CacheTeacherArguments": "trl_distill.scripts.cache_teacher",
     "cache_teacher_parser": "trl_distill.scripts.cache_teacher",
     "run_cache_teacher": "trl_distill.scripts.cache_teacher",
+    # a served teacher (issue 16): the store filled by a vLLM server
+    "ServedTeacher": "trl_distill.teachers.served",
+    "cache_teacher_served": "trl_distill.teachers.served",
     # stages after distillation (recipes/): held-out KL, DPO pairs ranked by the teacher, quantization-aware recovery
     "heldout_metrics": "trl_distill.evaluation",
     "teacher_ranked_pairs": "trl_distill.preference",
@@ -68,6 +71,7 @@ if TYPE_CHECKING:
     from .modes import DistillMode, MetricsSink, ModeContext, available_modes, register_mode
     from .teachers.cache import cache_teacher
     from .scripts.cache_teacher import CacheTeacherArguments, cache_teacher_parser, run_cache_teacher
+    from .teachers.served import ServedTeacher, cache_teacher_served
     from .teachers.store import TeacherStore
     from .teachers.generation import generate_teacher_completions
     from .trainer import DistillTrainer

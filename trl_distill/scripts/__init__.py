@@ -133,6 +133,7 @@ COMMANDS = {
         (
             "trl-distill cache-teacher --config distill.yaml",
             "trl-distill cache-teacher --config distill.yaml --num_processes 8",
+            "trl-distill cache-teacher --config distill.yaml --teacher_url http://teacher-host:8000",
         ),
         (
             ("--teacher_model_name_or_path PATH", "the teacher"),
@@ -141,6 +142,7 @@ COMMANDS = {
             ("--kd_top_k K / --kd_temperature T", "entries per position / the temperature the store is exact at"),
             ("--tokenizer_name_or_path PATH", "the student's tokenizer (default: the teacher's)"),
             ("--teacher_batch_size N / --rows_per_shard N", "rows per forward / rows per shard file"),
+            ("--teacher_url URL", "score with a vLLM server instead of loading the teacher"),
         ),
     ),
 }

@@ -61,6 +61,21 @@ class CacheTeacherArguments:
     rows_per_shard: int = field(
         default=1024, metadata={"help": "Rows per shard file (the unit of resumption and of work per process)."}
     )
+    # A served teacher (trl_distill/teachers/served.py): scored by a vLLM server instead of loaded here.
+    teacher_url: str | None = field(
+        default=None,
+        metadata={"help": "A vLLM (OpenAI-compatible) server serving the teacher, e.g. http://host:8000; "
+                          "replaces `teacher_model_name_or_path`. Needs `kd_temperature: 1.0`."},
+    )  # fmt: skip
+    teacher_served_model: str | None = field(
+        default=None, metadata={"help": "The served model name; default the first one the server reports."}
+    )
+    teacher_prompts_per_request: int = field(default=8, metadata={"help": "Rows per request to the teacher server."})
+    teacher_max_concurrency: int = field(default=4, metadata={"help": "Requests to the teacher server in flight."})
+    teacher_request_timeout: float = field(default=120.0, metadata={"help": "Seconds per request before a retry."})
+    teacher_max_retries: int = field(
+        default=5, metadata={"help": "Retries (exponential backoff) after timeouts, resets and HTTP 5xx/429."}
+    )
 
 
 def make_parser(prog: str | None = None):
@@ -97,6 +112,10 @@ def _cache(script_args, cache_args, args) -> int:
 
     from trl_distill.teachers.cache import cache_teacher
 
+    if cache_args.teacher_url is not None:  # a served teacher: trl_distill/teachers/served.py
+        from trl_distill.teachers.served import run_cache_teacher_served
+
+        return run_cache_teacher_served(script_args, cache_args, args)
     if args.teacher_model_name_or_path is None:
         raise ValueError("`teacher_model_name_or_path` is required: the teacher whose top-k are stored.")
     tokenizer = AutoTokenizer.from_pretrained(
