@@ -129,7 +129,7 @@ class DistillConfig(SFTConfig):
             dataset has it, it is trained on and no teacher is needed; otherwise the teacher fills it.
         teacher_generation_cache_dir (`str`, *optional*):
             Where `distill_mode="sequence"` stores the teacher's completions (a subdirectory per fingerprint of
-            teacher, prompts and settings); defaults to `<output_dir>/teacher_generations`.
+            teacher, prompts and settings); defaults to `~/.cache/trl_distill/teacher_generations` (never inside `output_dir`).
         teacher_generation_batch_size (`int`, *optional*, defaults to `32`):
             Prompts per teacher `generate` call when building that cache.
     """
@@ -289,7 +289,7 @@ class DistillConfig(SFTConfig):
     )
     teacher_generation_cache_dir: str | None = field(
         default=None,
-        metadata={"help": "Where teacher completions are cached; defaults to <output_dir>/teacher_generations."},
+        metadata={"help": "Where teacher completions are cached; defaults to ~/.cache/trl_distill/teacher_generations (never inside output_dir)."},
     )
     teacher_generation_batch_size: int = field(
         default=32, metadata={"help": "Prompts per teacher generate call when caching teacher completions."}

@@ -8,13 +8,12 @@ different tokenizers: the teacher's completions are decoded to text and tokenize
 from __future__ import annotations
 
 import logging
-import os
 
 import torch.nn.functional as F
 
 from ..batch import model_inputs
 from ..losses import reduce_loss
-from ..teachers.generation import generate_teacher_completions, teacher_generation_settings
+from ..teachers.generation import default_generation_cache_dir, generate_teacher_completions, teacher_generation_settings
 from .base import DistillMode, register_mode
 
 
@@ -81,7 +80,7 @@ class SequenceMode(DistillMode):
                 "`teacher_processing_class` (the teacher has no path to load it from)."
             )
         revision = (args.teacher_model_init_kwargs or {}).get("revision") if isinstance(teacher_source, str) else None
-        cache_dir = args.teacher_generation_cache_dir or os.path.join(args.output_dir, "teacher_generations")
+        cache_dir = args.teacher_generation_cache_dir or default_generation_cache_dir()
         if not any(p.device.type != "cpu" for p in teacher.parameters()) and not hasattr(teacher, "hf_device_map"):
             teacher.to(args.device)  # the trainer would place it there next anyway; generation should not run on CPU
         # One process generates, the others then read its finished cache.
