@@ -38,6 +38,7 @@ Extending it:
 
 from .base import DistillMode, available_modes, get_mode, register_mode, resolve_mode
 from .context import MetricsSink, ModeContext
+from .minillm import MiniLLMMode
 from .sequence import SequenceMode
 from .token import TokenMode
 from .token_offline import OfflineTokenMode
@@ -47,6 +48,7 @@ from .uld import ULDMode
 __all__ = [
     "DistillMode",
     "MetricsSink",
+    "MiniLLMMode",
     "ModeContext",
     "OfflineTokenMode",
     "SequenceMode",
