@@ -133,7 +133,8 @@ INTERNAL = {
     "terms": {"losses", "inference"},
     "teachers": {"losses", "alignment", "batch", "conversation", "digests", "inference", "config"},  # config: the CLI parser
     "sources": {"teachers", "inference", "batch", "conversation", "losses"},
-    "modes": {"losses", "alignment", "teachers", "batch", "conversation", "inference", "terms"},
+    # sources: MiniLLM samples from the teacher-mixed policy itself (sources/mixture.py); sources never import modes.
+    "modes": {"losses", "alignment", "teachers", "batch", "conversation", "inference", "terms", "sources"},
     "config": {"losses", "modes", "terms"},  # terms.layer_map, a stdlib-only leaf (its package's init comes along)
 }
 

@@ -30,9 +30,8 @@ from typing import NamedTuple
 
 import torch
 
-from .chunked import _vocab_width, check_linear_shapes, linear_loss_sums
+from .chunked import check_linear_shapes, linear_loss_sums
 from .divergences import divergence_terms
-
 
 __all__ = ["MiniLLMCoefficients", "MiniLLMLossOutput", "linear_minillm_loss", "minillm_coefficients"]
 
@@ -82,7 +81,9 @@ def minillm_coefficients(
     """
     mask = mask.bool()
     with torch.no_grad():
-        q, p, m = (x.detach().float().masked_fill(~mask, 0.0) for x in (student_logprobs, teacher_logprobs, sample_logprobs))
+        q, p, m = (
+            x.detach().float().masked_fill(~mask, 0.0) for x in (student_logprobs, teacher_logprobs, sample_logprobs)
+        )
         rewards = (p - q).masked_fill(~mask, 0.0)
         # R_{t+1} = sum of the rewards after t: reversed cumulative sum, minus the reward at t itself.
         future = rewards.flip(-1).cumsum(-1).flip(-1) - rewards
@@ -192,18 +193,23 @@ def linear_minillm_loss(
     for name, value in (("tokens", tokens), ("kl_weight", kl_weight), ("pg_weight", pg_weight), ("mask", mask)):
         if tuple(value.shape) != tuple(leading):
             raise ValueError(f"`{name}` must have shape {tuple(leading)}, got {tuple(value.shape)}.")
-    width = _vocab_width(student_weight.shape[0], teacher_weight.shape[0], vocab_size)
+    rows = (student_weight.shape[0], teacher_weight.shape[0])
+    if vocab_size is None and rows[0] != rows[1]:
+        raise ValueError(f"The `lm_head`s have {rows[0]} and {rows[1]} rows; pass `vocab_size` (the real tokens).")
+    width = min(rows) if vocab_size is None else vocab_size
+    if isinstance(width, bool) or not isinstance(width, int) or not 0 < width <= min(rows):
+        raise ValueError(f"`vocab_size` must be an integer in [1, {min(rows)}] (the real tokens), got {vocab_size!r}.")
     device = student_hidden.device
     index = mask.to(device).bool().reshape(-1).nonzero().squeeze(-1)
 
     def selected(x, dtype):
         return x.detach().to(device).reshape(-1).index_select(0, index).to(dtype)
 
-    rows = _Rows(selected(tokens, torch.long), selected(kl_weight, torch.float32), selected(pg_weight, torch.float32))
+    row_data = _Rows(selected(tokens, torch.long), selected(kl_weight, torch.float32), selected(pg_weight, torch.float32))
     total, _, single_step = linear_loss_sums(
         (student_hidden, student_weight, student_bias),
         (teacher_hidden, teacher_weight, teacher_bias),
-        index, (width, width), rows, _MiniLLMSpec(), chunk_size,
+        index, (width, width), row_data, _MiniLLMSpec(), chunk_size,
     )  # fmt: skip
     count = torch.tensor(index.numel(), device=device)
     return MiniLLMLossOutput(total, single_step, total.detach() - single_step, count)

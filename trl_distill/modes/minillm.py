@@ -71,12 +71,18 @@ class MiniLLMMode(DistillMode):
                 f"0.2; 1 would never sample the student), got {mix!r}."
             )
         clip = args.minillm_clip
-        if clip is not None and (isinstance(clip, bool) or not (isinstance(clip, (int, float)) and 0 < clip < math.inf)):
+        if clip is not None and (
+            isinstance(clip, bool) or not (isinstance(clip, (int, float)) and 0 < clip < math.inf)
+        ):
             raise ValueError(f"`minillm_clip` must be None (no clipping) or a finite number > 0, got {clip!r}.")
         if not isinstance(args.minillm_length_normalize, bool):
-            raise ValueError(f"`minillm_length_normalize` must be True or False, got {args.minillm_length_normalize!r}.")
+            raise TypeError(
+                f"`minillm_length_normalize` must be True or False, got {args.minillm_length_normalize!r}."
+            )
         weight = args.minillm_lm_weight
-        if isinstance(weight, bool) or not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight >= 0):
+        if isinstance(weight, bool) or not (
+            isinstance(weight, (int, float)) and math.isfinite(weight) and weight >= 0
+        ):
             raise ValueError(f"`minillm_lm_weight` must be a finite number >= 0 (0 = off), got {weight!r}.")
         if args.lmbda > 0 or args.seq_kd:
             raise ValueError(
@@ -185,7 +191,9 @@ class MiniLLMMode(DistillMode):
         )
         device = sampled["input_ids"].device
         width = sampled["input_ids"].shape[1] - 1
-        placed = {name: torch.zeros(len(prompts), width, dtype=value.dtype) for name, value in compact._asdict().items()}
+        placed = {
+            name: torch.zeros(len(prompts), width, dtype=value.dtype) for name, value in compact._asdict().items()
+        }
         placed["mask"] = torch.zeros(len(prompts), width, dtype=torch.bool)
         for row, prompt in enumerate(prompts):
             n, start = len(samples.completions[row]), len(prompt) - 1  # position start + k predicts token k
@@ -241,6 +249,8 @@ def _stack_right_padded(batches: list[dict], pad_id: int) -> dict[str, torch.Ten
     fills = {"input_ids": pad_id, "attention_mask": 0, "labels": -100}
     out = {}
     for key, fill in fills.items():
-        parts = [torch.nn.functional.pad(batch[key], (0, width - batch[key].shape[1]), value=fill) for batch in batches]
+        parts = [
+            torch.nn.functional.pad(batch[key], (0, width - batch[key].shape[1]), value=fill) for batch in batches
+        ]
         out[key] = torch.cat(parts, dim=0)
     return out

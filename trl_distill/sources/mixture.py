@@ -16,7 +16,6 @@ from torch import nn
 
 from ..inference import eval_mode, left_pad
 
-
 __all__ = ["MixtureSamples", "mixture_distribution", "sample_mixture"]
 
 
@@ -68,7 +67,9 @@ def mixture_distribution(
     if teacher_mix == 0.0:
         log_mix = log_q
     else:
-        log_mix = torch.logaddexp(log_p + torch.tensor(teacher_mix).log(), log_q + torch.tensor(1.0 - teacher_mix).log())
+        log_mix = torch.logaddexp(
+            log_p + torch.tensor(teacher_mix).log(), log_q + torch.tensor(1.0 - teacher_mix).log()
+        )
     if top_k is not None and top_k < log_mix.shape[-1]:
         threshold = log_mix.topk(top_k, dim=-1).values[:, -1:]
         log_mix = log_mix.masked_fill(log_mix < threshold, float("-inf"))
