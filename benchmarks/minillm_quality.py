@@ -37,7 +37,9 @@ MODULES = ("json", "os.path", "re", "collections", "itertools", "functools", "ma
            "operator", "copy", "calendar", "zlib", "hashlib", "urllib.parse", "pathlib", "uuid")  # fmt: skip
 
 
-def _budget(quick: bool) -> dict:
+def _budget(quick: bool, smoke: bool = False) -> dict:
+    if smoke:  # checks that the script runs end to end on the real pair; its numbers mean nothing
+        return {"train_rows": 8, "test_rows": 4, "steps": 2, "warmup_steps": 0, "cap": 16, "batch": 4, "lr": 5e-5}
     if quick:
         return {"train_rows": 32, "test_rows": 8, "steps": 8, "warmup_steps": 8, "cap": 32, "batch": 4, "lr": 5e-5}
     return {"train_rows": 64, "test_rows": 16, "steps": 24, "warmup_steps": 16, "cap": 48, "batch": 4, "lr": 5e-5}
@@ -186,13 +188,14 @@ def main(argv=None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="A smaller budget (minutes on a shared 2-core CPU).")
+    parser.add_argument("--smoke", action="store_true", help="2 steps on 8 rows: a run check, not a measurement.")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="runs/minillm_quality.json")
     parser.add_argument("--keep-layers", type=int, default=20)
     parser.add_argument("--warmup-steps", type=int, default=None, help="Shared SFT steps before the methods.")
     parser.add_argument("--only", nargs="*", help="Train only these methods.")
     args = parser.parse_args(argv)
-    budget = _budget(args.quick)
+    budget = _budget(args.quick, args.smoke)
     if args.warmup_steps is not None:
         budget["warmup_steps"] = args.warmup_steps
     torch.manual_seed(args.seed)

@@ -292,6 +292,8 @@ def test_mode_is_registered_with_its_paper():
     assert mode.papers[0]["arxiv"] == "2306.08543" and mode.requires_shared_vocab and mode.requires_teacher
     args = DistillConfig(output_dir="x", use_cpu=True, distill_mode="minillm", minillm_teacher_mix=0.1)
     assert "0.1" in mode.describe(args) and "MiniLLM" in mode.describe(args)
+    defaults = DistillConfig(output_dir="x", use_cpu=True, distill_mode="minillm")  # the paper's settings
+    assert (defaults.minillm_teacher_mix, defaults.minillm_clip, defaults.minillm_length_normalize) == (0.2, 0.2, True)
 
 
 def test_different_vocabularies_are_refused(tmp_path, tokenizer, other_tokenizer, make_student,
