@@ -29,7 +29,6 @@ import json
 import os
 import time
 
-
 MODEL_DIR = os.path.expanduser("~/.cache/trl_distill/models/SmolLM2-135M-Instruct")
 CACHE_DIR = os.path.expanduser("~/.cache/trl_distill/minillm_bench")
 MODULES = ("json", "os.path", "re", "collections", "itertools", "functools", "math", "string", "textwrap", "shutil",
@@ -49,8 +48,13 @@ def _methods(cap: int) -> dict[str, dict]:
     return {
         "sft": {"alpha": 0.0},
         "forward_kl": {"objective": "forward_kl"},
-        "gkd_reverse_kl": {"objective": "reverse_kl", "lmbda": 1.0, "kd_temperature": 1.0, "alpha": 1.0,
-                           "max_completion_length": cap},  # fmt: skip
+        "gkd_reverse_kl": {
+            "objective": "reverse_kl",
+            "lmbda": 1.0,
+            "kd_temperature": 1.0,
+            "alpha": 1.0,
+            "max_completion_length": cap,
+        },
         "minillm": {"distill_mode": "minillm", "max_completion_length": cap},
     }
 
