@@ -101,13 +101,14 @@ def _greedy(model, tokenizer, prompts: list[str], cap: int, batch: int = 8) -> t
 
 
 def teacher_rows(teacher, tokenizer, n_train: int, n_test: int, cap: int, seed: int):
-    """Conversational prompt/completion rows (teacher greedy answers), cached on disk by settings."""
-    path = os.path.join(CACHE_DIR, f"rows-{n_train}-{n_test}-{cap}-{seed}.json")
+    """Conversational prompt/completion rows (teacher greedy answers of up to `2 * cap` tokens, so that most end with
+    EOS, while the students are sampled and judged at `cap`), cached on disk by settings."""
+    path = os.path.join(CACHE_DIR, f"rows-{n_train}-{n_test}-{2 * cap}-{seed}.json")
     if os.path.isfile(path):
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     prompts = docstring_prompts(n_train + n_test, seed)
-    completions, _ = _greedy(teacher, tokenizer, prompts, cap)
+    completions, _ = _greedy(teacher, tokenizer, prompts, 2 * cap)
     rows = []
     for prompt, ids in zip(prompts, completions):
         answer = tokenizer.decode(ids, skip_special_tokens=True).strip()
