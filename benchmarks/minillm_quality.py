@@ -122,11 +122,15 @@ def teacher_rows(teacher, tokenizer, n_train: int, n_test: int, cap: int, seed: 
 
 
 def pruned_student(teacher, keep: int):
-    """A copy of `teacher` keeping `keep` evenly spaced decoder layers (the first and the last among them)."""
+    """A copy of `teacher` with `keep` decoder layers: the first half of them contiguous from layer 0, the last layer,
+    and the rest evenly spaced in between (early layers hurt most when dropped; a fixed rule, not ShortGPT scores)."""
     import torch
 
     total = teacher.config.num_hidden_layers
-    kept = sorted({round(i * (total - 1) / (keep - 1)) for i in range(keep)})
+    head = (keep + 1) // 2
+    middle = keep - head - 1
+    kept = list(range(head)) + [head + round((i + 1) * (total - 1 - head) / (middle + 1)) - 1 for i in range(middle)]
+    kept = sorted(set(kept + [total - 1]))
     student = copy.deepcopy(teacher)
     student.model.layers = torch.nn.ModuleList([student.model.layers[i] for i in kept])
     for index, layer in enumerate(student.model.layers):
