@@ -145,10 +145,8 @@ def teacher_top_k_targets(
     ids, log_probs = [], []
     with torch.autocast(teacher_hidden.device.type, enabled=False):
         for start in range(0, teacher_hidden.shape[0], rows):
-            logits = project(slice(start, start + rows))
-            if temperature != 1.0:
-                logits.mul_(1.0 / temperature)  # as the online kernel scales them (a reciprocal, then a product)
-            chunk = teacher_top_k(logits, top_k, sorted=sorted)
+            # Divided by the temperature inside, exactly as the online kernel does it.
+            chunk = teacher_top_k(project(slice(start, start + rows)), top_k, sorted=sorted, temperature=temperature)
             ids.append(chunk.ids)
             log_probs.append(chunk.log_probs)
     if not ids:
