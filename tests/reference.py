@@ -36,7 +36,8 @@ def divergence(p: torch.Tensor, q: torch.Tensor, objective: str, beta: float) ->
 
 def bucket(probs: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """Top-k folding: the kept entries (in index order) followed by the summed mass of all the others."""
-    kept = probs[keep].reshape(probs.shape[0], -1)
+    k = int(keep[0].sum()) if keep.shape[0] else 0
+    kept = probs[keep].reshape(probs.shape[0], k)
     other = (probs * (~keep)).sum(-1, keepdim=True)
     return torch.cat([kept, other], dim=-1)
 

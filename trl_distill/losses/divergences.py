@@ -30,6 +30,7 @@ import torch
 
 
 OBJECTIVES = ("forward_kl", "reverse_kl", "jsd", "generalized_jsd")
+_JSD_FAST_SPREAD = 1024.0
 _FIXED_BETA = {"forward_kl": 0.0, "reverse_kl": 1.0, "jsd": 0.5}
 
 
@@ -102,20 +103,20 @@ def _check_rows(row_max: torch.Tensor, side: str) -> None:
         )
 
 
-def _shift_scale_(x: torch.Tensor, inv_t: float, side: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _shift_scale_(x: torch.Tensor, inv_t: float) -> tuple[torch.Tensor, torch.Tensor]:
     """`x <- (x - max(x)) / T` in place, row by row: entries in `[-inf, 0]`, and never an overflow (`z / T` of a logit
     near 3e38 overflows; the difference to the row's maximum, divided by T, only underflows to `-inf` where `exp`
     gives 0 anyway).
 
-    Returns `(finite, row_max)`: `finite` `(C, 1)` is True where every entry of the row is finite afterwards (no `-inf`
-    mask, no underflow), so the plain formulas apply; `row_max` `(C, 1)` is NaN or `+inf` on rows that hold a NaN or
-    a `+inf`, which the callers turn into a NaN loss (an AMP grad scaler then skips the step).
+    Returns `(spread, row_max)`: `spread` `(C, 1)` is `-min(x)` afterwards, finite where every entry of the row is
+    (no `-inf` mask, no underflow); `row_max` `(C, 1)` is NaN or `+inf` on rows that hold a NaN or a `+inf`, which the
+    callers turn into a NaN loss (an AMP grad scaler then skips the step).
     """
     lo, hi = torch.aminmax(x, dim=-1, keepdim=True)
     x.sub_(hi)
     if inv_t != 1.0:
         x.mul_(inv_t)
-    return torch.isfinite((hi - lo) * inv_t), hi
+    return (hi - lo) * inv_t, hi
 
 
 def _exp_normalize_(x: torch.Tensor) -> torch.Tensor:
@@ -138,7 +139,8 @@ def divergence_terms(
     `-inf` entries (a masked vocabulary) are tokens of probability 0 and follow `0 * log 0 = 0`: a token masked on
     both sides, or masked on the side whose probabilities weigh the sum, adds nothing (and gets a zero gradient). The
     value is `+inf` only where it truly is (forward KL with the student masked where the teacher is not, reverse KL
-    the other way round). Rows with such entries take a slower path; rows without them the fast one above.
+    the other way round). A chunk with such entries (or, for the JSD, logit spreads above 512 * T) takes a slower
+    path written with `log m = logaddexp(t + log beta, s + log(1 - beta))`, exact for any gap.
 
     Args:
         u (`torch.Tensor` of shape `(C, K)`): student logits (or bucket log-probabilities). Overwritten.
@@ -152,9 +154,12 @@ def divergence_terms(
         log-probabilities taken as free variables (the caller applies the softmax Jacobian, `G - q * sum(G)`); and the
         student probabilities `q`. Raises `ValueError` if a row of either side is all `-inf`.
     """
-    finite_u, hi_u = _shift_scale_(u, inv_temperature, "student")
-    finite_v, hi_v = _shift_scale_(v, inv_temperature, "teacher")
-    if bool((finite_u & finite_v).all()):
+    spread_u, hi_u = _shift_scale_(u, inv_temperature)
+    spread_v, hi_v = _shift_scale_(v, inv_temperature)
+    # The fast path needs finite entries; for the JSD also |d| <= 1024 + log V, where `d - r` (r ~ d + log beta for a
+    # large d) still has an absolute rounding error below 1e-4. Real logits (spread ~60 / T) stay far below it.
+    spread = spread_u + spread_v
+    if bool((spread <= _JSD_FAST_SPREAD if 0.0 < beta < 1.0 else torch.isfinite(spread)).all()):
         return _finite_terms(u, v, beta)
     _check_rows(hi_u, "student")
     _check_rows(hi_v, "teacher")
