@@ -170,7 +170,7 @@ def test_linear_loss_matches_reference(c):
     loss.backward()
     _, value_tol, grad_tol = DTYPES[c["dtype"]]
     check_close(loss, ref.detach(), value_tol, "loss")
-    for name, ours, theirs in zip(("hidden", "weight", "bias"), leaves, (hs, ws, bs)):
+    for name, ours, theirs in zip(("hidden", "weight", "bias"), leaves, (hs, ws, bs), strict=True):
         check_close(ours.grad, theirs.grad.nan_to_num(), grad_tol, f"gradient of the {name}")
 
 

@@ -30,7 +30,7 @@ CASES = [("forward_kl", 0.5, 0.0), ("reverse_kl", 0.5, 1.0), ("jsd", 0.5, 0.5), 
 
 
 def inputs(seed=0):
-    """Hidden states `(1, N, H)` and `lm_head` weights `(V, H)` giving logits of std ~2; 75% of positions in the loss."""
+    """Hidden states `(1, N, H)` and `lm_head` weights `(V, H)` (logits of std ~2); 75% of positions in the loss."""
     g = torch.Generator().manual_seed(seed)
     h_s, h_t = torch.randn(1, N, H, generator=g), torch.randn(1, N, H, generator=g)
     w_s = torch.randn(V, H, generator=g) * 2 / H**0.5

@@ -139,8 +139,9 @@ def divergence_terms(
     `-inf` entries (a masked vocabulary) are tokens of probability 0 and follow `0 * log 0 = 0`: a token masked on
     both sides, or masked on the side whose probabilities weigh the sum, adds nothing (and gets a zero gradient). The
     value is `+inf` only where it truly is (forward KL with the student masked where the teacher is not, reverse KL
-    the other way round). A chunk with such entries (or, for the JSD, logit spreads above 512 * T) takes a slower
-    path written with `log m = logaddexp(t + log beta, s + log(1 - beta))`, exact for any gap.
+    the other way round). A chunk with such entries (or, for the JSD, a row whose two logit spreads, divided by T, add
+    up to more than 1024) takes a slower path written with `log m = logaddexp(t + log beta, s + log(1 - beta))`,
+    exact for any gap.
 
     Args:
         u (`torch.Tensor` of shape `(C, K)`): student logits (or bucket log-probabilities). Overwritten.

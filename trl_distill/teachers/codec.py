@@ -116,7 +116,7 @@ def _encode_other(x: torch.Tensor) -> torch.Tensor:
     x = x.clamp_min(0.0)
     fixed = torch.round(x.clamp(max=_OTHER_LOG_BASE) / _OTHER_STEP).long()
     log_steps = torch.log2(x.clamp_min(_OTHER_LOG_BASE) / _OTHER_LOG_BASE) * _OTHER_LOG_STEPS
-    logarithmic = (torch.round(log_steps.clamp(max=_OTHER_INF - 1 - _OTHER_LOG_START)).long() + _OTHER_LOG_START)
+    logarithmic = torch.round(log_steps.clamp(max=_OTHER_INF - 1 - _OTHER_LOG_START)).long() + _OTHER_LOG_START
     code = torch.where(x < _OTHER_LOG_BASE, fixed, logarithmic)
     return code.masked_fill(torch.isposinf(x), _OTHER_INF)
 
