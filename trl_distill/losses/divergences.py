@@ -112,11 +112,12 @@ def _shift_scale_(x: torch.Tensor, inv_t: float) -> tuple[torch.Tensor, torch.Te
     (no `-inf` mask, no underflow); `row_max` `(C, 1)` is NaN or `+inf` on rows that hold a NaN or a `+inf`, which the
     callers turn into a NaN loss (an AMP grad scaler then skips the step).
     """
-    lo, hi = torch.aminmax(x, dim=-1, keepdim=True)
+    hi = x.amax(-1, keepdim=True)
     x.sub_(hi)
     if inv_t != 1.0:
         x.mul_(inv_t)
-    return (hi - lo) * inv_t, hi
+    # Two reductions, not `torch.aminmax`: on CPU it took 18x the time of `amax` (not vectorized).
+    return x.amin(-1, keepdim=True).neg_(), hi
 
 
 def _exp_normalize_(x: torch.Tensor) -> torch.Tensor:
