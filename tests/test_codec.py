@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from trl_distill.losses import TopKTargets, teacher_top_k
+from trl_distill.losses import TopKTargets, distillation_loss, linear_top_k_distillation_loss, teacher_top_k
 from trl_distill.teachers import codec
 
 
@@ -61,3 +61,20 @@ def test_store_keeps_a_far_bucket_the_loss_needs():
     decoded = codec.decode(codec.encode(targets, V), V)
     assert abs(decoded.log_probs[0, -1].item() - (math.log(3.0) - 100.0)) < 1e-3
     assert decoded.log_probs[0, -1].item() < -88.0  # the old fixed point stopped at 88
+
+
+@pytest.mark.parametrize("objective", ["forward_kl", "jsd"])  # reverse KL is truly infinite here (q_other > 0 = p)
+def test_stored_masked_teacher_gives_the_online_loss(objective):
+    # A teacher whose vocabulary is masked down to its top-k: the stored "other" bucket is empty (inf), and the loss
+    # from the store equals the online top-k loss (it was NaN or a wrong bucket before).
+    g = torch.Generator().manual_seed(0)
+    h_s, w_s = torch.randn(6, 8, generator=g), torch.randn(20, 8, generator=g)
+    z_t = torch.full((6, 20), float("-inf"))
+    z_t[:, [1, 4, 9, 13]] = torch.randn(6, 4, generator=g) * 3
+    z_t[:, 13] -= 150.0  # far below the others, but kept in the top-k
+    targets = codec.decode(codec.encode(teacher_top_k(z_t.clone(), 4, sorted=True, temperature=2.0), V), V)
+    assert torch.isneginf(targets.log_probs[:, -1]).all()
+    stored = linear_top_k_distillation_loss(h_s, w_s, *targets, objective=objective, temperature=2.0)
+    online = distillation_loss(h_s @ w_s.T, z_t, objective=objective, temperature=2.0, top_k=4)
+    assert torch.isfinite(stored)
+    torch.testing.assert_close(stored, online, rtol=2e-4, atol=1e-5)
