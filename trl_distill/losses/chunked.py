@@ -158,6 +158,10 @@ class _LinearKD(torch.autograd.Function):
                     h = h_s[rows].to(compute_dtype)
                     if compute_dtype == torch.float32:
                         grad_w.addmm_(dz_c.T, h)
+                    elif compute_dtype == torch.float16:
+                        # A chunk's sum over rows can pass float16's 65504 although the reduced gradient (scaled by
+                        # 1 / N in backward) fits: accumulate this GEMM in float32.
+                        grad_w.addmm_(dz.T, h.float())
                     else:
                         grad_w.add_((dz_c.T @ h).float())
                 if need_b:
@@ -205,8 +209,10 @@ def _row_selection(
     mask: torch.Tensor | None,
     spec: KDSpec,
     device: torch.device,
+    num_classes: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Flat indices of the positions in the loss, and their labels."""
+    """Flat indices of the positions in the loss, and their labels (checked to lie in `[0, num_classes)` when the
+    cross-entropy reads them)."""
     if mask is not None and tuple(mask.shape) != tuple(leading_shape):
         raise ValueError(f"`mask` must have shape {tuple(leading_shape)} (the inputs without the last dim), got {tuple(mask.shape)}.")
     if labels is not None and tuple(labels.shape) != tuple(leading_shape):
@@ -221,6 +227,13 @@ def _row_selection(
         keep = keep & (labels.to(device) != -100)
     index = keep.reshape(-1).nonzero().squeeze(-1)
     flat_labels = None if labels is None else labels.to(device).reshape(-1).index_select(0, index).long()
+    if spec.needs_ce and num_classes is not None and flat_labels.numel():
+        low, high = int(flat_labels.min()), int(flat_labels.max())
+        if low < 0 or high >= num_classes:
+            raise ValueError(
+                f"`labels` must be token ids in [0, {num_classes}) (the vocabulary in the loss) or -100 (ignored), got "
+                f"{low if low < 0 else high} at a position in the loss; check the tokenizer/`vocab_size` pairing."
+            )
     return index, flat_labels
 
 
@@ -314,7 +327,9 @@ def distillation_loss(
     check_reduction(reduction)
     check_logits_shapes(student_logits, teacher_logits)
     width = _vocab_width(student_logits.shape[-1], teacher_logits.shape[-1], vocab_size)
-    index, flat_labels = _row_selection(student_logits.shape[:-1], labels, mask, spec, student_logits.device)
+    index, flat_labels = _row_selection(
+        student_logits.shape[:-1], labels, mask, spec, student_logits.device, num_classes=width
+    )
     total, kd_sum, ce_sum = logits_loss_sums(
         student_logits, teacher_logits, index, (width, width), flat_labels, spec, chunk_size
     )
@@ -366,8 +381,12 @@ def linear_distillation_loss(
     spec = KDSpec(objective=objective, beta=beta, temperature=temperature, top_k=top_k, alpha=alpha)
     check_reduction(reduction)
     check_linear_shapes(student_hidden, student_weight, teacher_hidden, teacher_weight)
+    check_bias("student", student_bias, student_weight)
+    check_bias("teacher", teacher_bias, teacher_weight)
     width = _vocab_width(student_weight.shape[0], teacher_weight.shape[0], vocab_size)
-    index, flat_labels = _row_selection(student_hidden.shape[:-1], labels, mask, spec, student_hidden.device)
+    index, flat_labels = _row_selection(
+        student_hidden.shape[:-1], labels, mask, spec, student_hidden.device, num_classes=width
+    )
     total, kd_sum, ce_sum = linear_loss_sums(
         (student_hidden, student_weight, student_bias),
         (teacher_hidden, teacher_weight, teacher_bias),
@@ -390,6 +409,15 @@ def check_logits_shapes(student_logits: torch.Tensor, teacher_logits: torch.Tens
         raise ValueError(
             f"`student_logits` {tuple(student_logits.shape)} and `teacher_logits` {tuple(teacher_logits.shape)} must "
             "agree on every dimension but the last."
+        )
+
+
+def check_bias(name: str, bias: torch.Tensor | None, weight: torch.Tensor) -> None:
+    """A `lm_head` bias must hold one entry per row of its weight."""
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(
+            f"`{name}_bias` must have shape ({weight.shape[0]},) (one entry per row of `{name}_weight`), got "
+            f"{tuple(bias.shape)}."
         )
 
 

@@ -14,7 +14,14 @@ from __future__ import annotations
 
 import torch
 
-from .chunked import DistillationLossOutput, _apply_linear, _chunk_rows, _projected_teacher, _row_selection
+from .chunked import (
+    DistillationLossOutput,
+    _apply_linear,
+    _chunk_rows,
+    _projected_teacher,
+    _row_selection,
+    check_bias,
+)
 from .divergences import KDSpec, TopKTargets, teacher_top_k
 from .reduction import check_reduction
 
@@ -82,7 +89,8 @@ def linear_top_k_distillation_loss(
     if isinstance(width, bool) or not isinstance(width, int) or not 1 <= width <= student_weight.shape[0]:
         raise ValueError(f"`vocab_size` must be an integer in [1, {student_weight.shape[0]}], got {vocab_size!r}.")
     device = student_hidden.device
-    index, flat_labels = _row_selection(leading, labels, mask, spec, device)
+    check_bias("student", student_bias, student_weight)
+    index, flat_labels = _row_selection(leading, labels, mask, spec, device, num_classes=width)
     h_s = student_hidden.reshape(-1, student_hidden.shape[-1]).index_select(0, index)
     ids = teacher_ids.reshape(-1, k).to(device).index_select(0, index).long()
     log_probs = teacher_log_probs.detach().reshape(-1, k + 1).to(device).index_select(0, index)
@@ -145,10 +153,8 @@ def teacher_top_k_targets(
     ids, log_probs = [], []
     with torch.autocast(teacher_hidden.device.type, enabled=False):
         for start in range(0, teacher_hidden.shape[0], rows):
-            logits = project(slice(start, start + rows))
-            if temperature != 1.0:
-                logits.mul_(1.0 / temperature)  # as the online kernel scales them (a reciprocal, then a product)
-            chunk = teacher_top_k(logits, top_k, sorted=sorted)
+            # Divided by the temperature inside, exactly as the online kernel does it.
+            chunk = teacher_top_k(project(slice(start, start + rows)), top_k, sorted=sorted, temperature=temperature)
             ids.append(chunk.ids)
             log_probs.append(chunk.log_probs)
     if not ids:
