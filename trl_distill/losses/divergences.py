@@ -81,7 +81,7 @@ def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a * b).sum(-1)
 
 
-def _softmax_(x: torch.Tensor) -> torch.Tensor:
+def softmax_inplace(x: torch.Tensor) -> torch.Tensor:
     """Turn logits into probabilities in place (one `exp` pass); return the `(C, 1)` log-normalizer.
 
     `-inf` entries get probability 0. A row that is all `-inf` gets NaN probabilities and a log-normalizer of
@@ -329,7 +329,7 @@ def kd_chunk(
         target = student_logits.gather(-1, labels.unsqueeze(-1))
         if need_grad and not reuse_softmax:
             ce_grad = student_logits.clone()
-            log_norm = _softmax_(ce_grad)
+            log_norm = softmax_inplace(ce_grad)
         else:
             log_norm = torch.logsumexp(student_logits, dim=-1, keepdim=True)
         _check_rows(log_norm, "student")
