@@ -20,9 +20,9 @@ Supported: decoders whose `model.get_decoder().layers` is the stack of layers an
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Sequence
 from typing import Any
-
 
 __all__ = ["calibration_batches", "decoder_layers", "depth_prune", "score_layers", "select_layers"]
 
@@ -65,7 +65,7 @@ def depth_prune(model, keep_layers: Sequence[int]):
     keep = list(keep_layers)
     if not keep or any(not isinstance(i, int) or isinstance(i, bool) for i in keep):
         raise ValueError(f"`keep_layers` must be a non-empty sequence of ints, got {keep_layers!r}.")
-    if any(b <= a for a, b in zip(keep, keep[1:])) or keep[0] < 0 or keep[-1] >= num_layers:
+    if any(b <= a for a, b in itertools.pairwise(keep)) or keep[0] < 0 or keep[-1] >= num_layers:
         raise ValueError(
             f"`keep_layers` must be strictly increasing indices in [0, {num_layers}), got {keep}; sort and "
             "deduplicate it (e.g. `sorted(set(keep_layers))`)."
@@ -103,11 +103,11 @@ def calibration_batches(tokenizer, texts: Iterable[str], *, batch_size: int = 4,
         raise ValueError("`texts` is empty: give a few paragraphs of calibration text.")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return [
-        dict(tokenizer(texts[i : i + batch_size], padding=True, truncation=True, max_length=max_length,
-                       return_tensors="pt"))  # fmt: skip
-        for i in range(0, len(texts), batch_size)
-    ]
+    batches = []
+    for start in range(0, len(texts), batch_size):
+        rows = texts[start : start + batch_size]
+        batches.append(dict(tokenizer(rows, padding=True, truncation=True, max_length=max_length, return_tensors="pt")))
+    return batches
 
 
 def score_layers(model, batches: Iterable[dict]):
