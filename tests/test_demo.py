@@ -60,7 +60,7 @@ def test_heldout_kl_matches_the_loss_at_temperature_one(tokenizer, make_student,
 def test_quick_demo_runs_and_kd_beats_sft(tmp_path):
     from trl_distill.cli import main
 
-    assert main(["demo", "--quick", "--output-dir", str(tmp_path)]) == 0
+    assert main(["demo", "--tiny", "--quick", "--output-dir", str(tmp_path)]) == 0
     import json
 
     results = json.loads((tmp_path / "results.json").read_text())
