@@ -239,3 +239,20 @@ def test_cached_models_carry_their_marker(smol_path):
 
     marker = json.loads((smol_path / MARKER_FILE).read_text())
     assert marker["gguf_sha256"] == REAL_MODELS[SMOL].gguf_sha256 and marker["license"] == "Apache-2.0"
+
+
+def test_real_demo_end_to_end_on_a_miniature_budget(tmp_path, smol_path):
+    """`trl-distill demo`'s code path with a seconds-long budget: artifacts, table, generations, verify --replay."""
+    from trl_distill.demo.real import RealDemoBudget, run_real_demo
+    from trl_distill.verify import verify_artifact
+
+    budget = RealDemoBudget(num_keep=4, n_train=8, n_test=4, steps=2, batch_size=2, n_calibration=4, n_generations=2,
+                            max_new_tokens=4)  # fmt: skip
+    results = run_real_demo(tmp_path, budget=budget, cache_dir=smol_path.parent.parent, verbose=False)
+    assert len(results["kept_layers"]) == 4 and results["kept_layers"][0] == 0 and results["kept_layers"][-1] == 29
+    for name in ("pruned", "sft", "kd"):
+        assert results[name]["kl_teacher_student"] > 0 and results[name]["perplexity"] > 1
+    assert len(results["generations"]) == 2 and set(results["generations"][0]) == {"prompt", "teacher", "sft", "kd"}
+    assert json.loads((tmp_path / "results.json").read_text())["table"] == results["table"]
+    replayed = verify_artifact(tmp_path / "kd", replay=True)
+    assert replayed.ok, replayed.report()

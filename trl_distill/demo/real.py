@@ -50,12 +50,12 @@ class RealDemoBudget:
         n_generations, max_new_tokens (`int`): Held-out prompts continued greedily for the side-by-side print.
     """
 
-    num_keep: int = 20
+    num_keep: int = 15
     n_train: int = 320
     n_test: int = 48
     steps: int = 40
     batch_size: int = 8
-    learning_rate: float = 1e-4
+    learning_rate: float = 2e-4
     prompt_words: int = 12
     completion_words: int = 36
     max_length: int = 96
@@ -72,16 +72,18 @@ REAL_BUDGET = RealDemoBudget()
 def reference_paragraphs() -> dict[str, list[str]]:
     """Prose paragraphs of the Python Language Reference shipped with CPython (`pydoc_data.topics`), per topic.
 
-    Code examples, grammar snippets and short lines are dropped; whitespace is collapsed.
+    Code examples, grammar snippets, short lines and repeated paragraphs are dropped; whitespace is collapsed.
     """
     from pydoc_data.topics import topics
 
-    by_topic = {}
+    by_topic, seen = {}, set()
     for name in sorted(topics):
         paragraphs = []
         for block in re.split(r"\n\s*\n", topics[name]):
             text = " ".join(block.split())
-            if len(text) >= 200 and "::" not in text and not text.startswith((">>>", "...")) and "|" not in text:
+            keep = len(text) >= 200 and "::" not in text and not text.startswith((">>>", "...")) and "|" not in text
+            if keep and text not in seen:  # some sections repeat others' paragraphs: each is kept once, so the
+                seen.add(text)  # train/test split by topic never puts the same text on both sides
                 paragraphs.append(text)
         if paragraphs:
             by_topic[name] = paragraphs
@@ -91,30 +93,34 @@ def reference_paragraphs() -> dict[str, list[str]]:
 def real_text_datasets(budget: RealDemoBudget = REAL_BUDGET, seed: int = 0):
     """Train and test `datasets.Dataset`s of prompt/completion rows from [`reference_paragraphs`], split by topic.
 
-    A topic is held out when a hash of its name (and the seed) falls in the test eighth, so the split does not depend
-    on the order or number of topics of a given Python version.
+    Topics are ordered by a hash of their name and the seed; the first ones go to the test side until it has
+    `budget.n_test` rows, the others to training. So no held-out row comes from a section trained on, and the split
+    does not depend on the order of the topics in a given Python version.
     """
     import random
 
     from datasets import Dataset
 
-    split: dict[str, list[dict[str, str]]] = {"train": [], "test": []}
-    for topic, paragraphs in reference_paragraphs().items():
-        side = "test" if zlib.crc32(f"{seed}:{topic}".encode()) % 8 == 0 else "train"
+    def rows_of(paragraphs):
+        rows = []
         for text in paragraphs:
             words = text.split()
-            if len(words) < budget.prompt_words + 8:
-                continue
-            prompt = " ".join(words[: budget.prompt_words])
-            completion = " " + " ".join(words[budget.prompt_words : budget.prompt_words + budget.completion_words])
-            split[side].append({"prompt": prompt, "completion": completion})
+            if len(words) >= budget.prompt_words + 8:
+                completion = words[budget.prompt_words : budget.prompt_words + budget.completion_words]
+                rows.append({"prompt": " ".join(words[: budget.prompt_words]), "completion": " " + " ".join(completion)})
+        return rows
+
+    by_topic = reference_paragraphs()
+    split: dict[str, list[dict[str, str]]] = {"train": [], "test": []}
+    for topic in sorted(by_topic, key=lambda name: (zlib.crc32(f"{seed}:{name}".encode()), name)):
+        split["test" if len(split["test"]) < budget.n_test else "train"].extend(rows_of(by_topic[topic]))
     rng = random.Random(seed)
     for rows in split.values():
         rng.shuffle(rows)
-    if len(split["train"]) < budget.n_train or len(split["test"]) < budget.n_test:
+    if len(split["train"]) < budget.n_train:
         raise ValueError(
-            f"This Python's `pydoc_data.topics` gives {len(split['train'])} train and {len(split['test'])} test rows; "
-            f"the budget needs {budget.n_train} and {budget.n_test}: lower `n_train`/`n_test`."
+            f"This Python's `pydoc_data.topics` gives {len(split['train'])} train rows once {len(split['test'])} are "
+            f"held out; the budget needs `n_train={budget.n_train}`: lower `n_train` or `n_test`."
         )
     return Dataset.from_list(split["train"][: budget.n_train]), Dataset.from_list(split["test"][: budget.n_test])
 
