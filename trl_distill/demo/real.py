@@ -51,10 +51,10 @@ class RealDemoBudget:
     """
 
     num_keep: int = 15
-    n_train: int = 320
-    n_test: int = 48
-    steps: int = 40
-    batch_size: int = 8
+    n_train: int = 192
+    n_test: int = 32
+    steps: int = 32
+    batch_size: int = 6
     learning_rate: float = 2e-4
     prompt_words: int = 12
     completion_words: int = 36
@@ -81,7 +81,9 @@ def reference_paragraphs() -> dict[str, list[str]]:
         paragraphs = []
         for block in re.split(r"\n\s*\n", topics[name]):
             text = " ".join(block.split())
-            keep = len(text) >= 200 and "::" not in text and not text.startswith((">>>", "...")) and "|" not in text
+            words = text.split()
+            prose = sum(w.strip(".,;:()\"'").isalpha() for w in words) >= 0.7 * len(words)  # not a list of names
+            keep = prose and len(text) >= 200 and "::" not in text and not text.startswith((">>>", "...")) and "|" not in text
             if keep and text not in seen:  # some sections repeat others' paragraphs: each is kept once, so the
                 seen.add(text)  # train/test split by topic never puts the same text on both sides
                 paragraphs.append(text)
@@ -164,7 +166,7 @@ def format_real_table(results: dict[str, Any]) -> str:
     """The held-out comparison printed by [`run_real_demo`]."""
     header = f"{'model':<34}{'KL(teacher||student)':>22}{'perplexity':>12}{'top-1 agree':>13}{'train s':>9}"
     lines = [header, "-" * len(header)]
-    labels = [("teacher", f"teacher ({TEACHER}, 30 layers)"), ("pruned", "pruned student, before training"),
+    labels = [("teacher", f"teacher ({TEACHER})"), ("pruned", "pruned student, before training"),
               ("sft", "student, SFT only"), ("kd", "student, KD (DistillTrainer)")]  # fmt: skip
     for key, label in labels:
         row = results[key]
@@ -181,7 +183,7 @@ def format_generations(generations: list[dict[str, str]]) -> str:
     blocks = []
     for item in generations:
         lines = [f"PROMPT   {item['prompt']}"]
-        lines += [f"{name.upper():<8} ...{item[name].strip()}" for name in ("teacher", "sft", "kd")]
+        lines += [f"{name.upper():<8} ...{' '.join(item[name].split())}" for name in ("teacher", "sft", "kd")]
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks)
 
