@@ -62,7 +62,8 @@ def test_pruned_model_saves_reloads_and_generates_with_a_cache(tmp_path, tokeniz
     keep = [0, 1, 3] if arch == "llama" else [0, 3, 4, 5]
     pruned = depth_prune(model, keep)
     if arch == "gemma3":  # the sliding/full pattern of the kept layers, in order
-        assert pruned.config.layer_types == ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]
+        sliding, full = "sliding_attention", "full_attention"
+        assert pruned.config.layer_types == [sliding, full, sliding, full]
     pruned.save_pretrained(tmp_path)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert reloaded.config.num_hidden_layers == len(keep)

@@ -145,7 +145,7 @@ def test_every_mode_trains_on_real_models(tmp_path, student_dir, teacher, smol_t
 
 def test_sequence_mode_with_the_chat_template(tmp_path, student_dir, teacher, smol_tokenizer):
     """Conversational prompt/completion rows: both sides render the prompt with SmolLM2's ChatML template."""
-    trainer = train(
+    train(
         tmp_path, student_dir, teacher, smol_tokenizer, rows("conversational_prompt_completion"),
         distill_mode="sequence",
     )  # fmt: skip
@@ -187,8 +187,8 @@ def test_offline_store_from_the_real_teacher(tmp_path, student_dir, teacher, smo
     dataset = rows("prompt_completion")
     store = tmp_path / "store"
     manifest = cache_teacher(
-        teacher, dataset, args=config(tmp_path, teacher_cache=str(store), kd_top_k=16), processing_class=smol_tokenizer,
-        batch_size=2, progress=False,
+        teacher, dataset, args=config(tmp_path, teacher_cache=str(store), kd_top_k=16),
+        processing_class=smol_tokenizer, batch_size=2, progress=False,
     )  # fmt: skip
     assert manifest is not None and sum(shard["rows"] for shard in manifest["shards"]) == len(dataset)
     train(tmp_path, student_dir, None, smol_tokenizer, dataset, teacher_cache=str(store), kd_top_k=16)
@@ -224,8 +224,8 @@ def test_pruned_smollm2_saves_reloads_and_generates(tmp_path, teacher, smol_toke
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert reloaded.config.num_hidden_layers == 24
     prompt = smol_tokenizer.apply_chat_template(
-        [{"role": "user", "content": "What is the capital of France?"}], add_generation_prompt=True, return_tensors="pt",
-        return_dict=True,
+        [{"role": "user", "content": "What is the capital of France?"}], add_generation_prompt=True,
+        return_tensors="pt", return_dict=True,
     )  # fmt: skip
     with torch.no_grad():
         out = reloaded.generate(**prompt, max_new_tokens=12, do_sample=False, use_cache=True)

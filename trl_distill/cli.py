@@ -51,7 +51,7 @@ def _add_demo(subparsers) -> None:
                         "or runs/demo-tiny with --tiny).")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0, help="Seed of data, weights and data order.")
     parser.add_argument("--tiny", action="store_true", help="The tiny-model demo on a generated task (~3 minutes).")
-    parser.add_argument("--quick", action="store_true", help="Seconds-long smoke run of the tiny demo (implies --tiny).")
+    parser.add_argument("--quick", action="store_true", help="Seconds-long run of the tiny demo (implies --tiny).")
     parser.add_argument(
         "--num-threads",
         type=int,
@@ -158,7 +158,7 @@ def _add_fetch_models(subparsers) -> None:
         "CACHE_DIR/models/NAME (CACHE_DIR: $TRL_DISTILL_CACHE, else ~/.cache/trl_distill); prints each path. "
         "Already converted models are reused.",
     )
-    parser.add_argument("--cache-dir", default=None, help="Cache root (default: $TRL_DISTILL_CACHE or ~/.cache/trl_distill).")
+    parser.add_argument("--cache-dir", default=None, help="Cache root ($TRL_DISTILL_CACHE or ~/.cache/trl_distill).")
     parser.add_argument("--only", choices=sorted(REAL_MODELS), default=None, help="Fetch only this model.")
     parser.set_defaults(func=_run_fetch_models)
 

