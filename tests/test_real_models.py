@@ -20,7 +20,6 @@ pytestmark = pytest.mark.real_model
 
 SMOL, GEMMA = "SmolLM2-135M-Instruct", "gemma-3-270m"
 STUDENT_LAYERS = [0, 10, 20, 29]  # of SmolLM2's 30: student layer i is teacher layer STUDENT_LAYERS[i]
-CHAT_XFAIL = pytest.mark.xfail(strict=True, reason="conversational rows: chat branch")
 
 
 def _fetch(name):
@@ -131,13 +130,11 @@ MODES = {
     "seq_kd": dict(seq_kd=True),
     "feature": dict(feature_weight=1.0, feature_layer_map=[[i, t] for i, t in enumerate(STUDENT_LAYERS)]),
 }
-FAILS_WITH_MESSAGES = {"sequence", "on_policy", "seq_kd"}  # "dataset has no prompt column" before the chat branch
 
 
 @pytest.mark.parametrize(
     "mode,kind",
-    [(mode, "prompt_completion") for mode in MODES]
-    + [pytest.param(mode, "messages", marks=CHAT_XFAIL if mode in FAILS_WITH_MESSAGES else ()) for mode in MODES],
+    [(mode, kind) for kind in ("prompt_completion", "messages") for mode in MODES],
 )
 def test_every_mode_trains_on_real_models(tmp_path, student_dir, teacher, smol_tokenizer, mode, kind):
     train(tmp_path, student_dir, teacher, smol_tokenizer, rows(kind), **MODES[mode])
@@ -147,13 +144,12 @@ def test_sequence_mode_with_the_chat_template(tmp_path, student_dir, teacher, sm
     """Conversational prompt/completion rows: both sides render the prompt with SmolLM2's ChatML template."""
     train(
         tmp_path, student_dir, teacher, smol_tokenizer, rows("conversational_prompt_completion"),
-        distill_mode="sequence",
+        distill_mode="sequence", teacher_generation_cache_dir=str(tmp_path / "generations"),
     )  # fmt: skip
-    generations = tmp_path / "out" / "teacher_generations"  # the teacher answered the rendered chat prompts
+    generations = tmp_path / "generations"  # the teacher answered the rendered chat prompts
     assert generations.is_dir() and any(generations.rglob("*")), "no teacher completions were generated"
 
 
-@CHAT_XFAIL
 def test_messages_rows_distill_only_the_assistant_turn(tmp_path, student_dir, teacher, smol_tokenizer):
     """A `messages` row puts the KD loss on the same tokens as the same turn given as a prompt and a completion
     (TRL masks the prompt there): not on SmolLM2's default system prompt and the user turn."""
