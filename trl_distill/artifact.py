@@ -86,7 +86,7 @@ def save_artifact(
     Returns:
         `dict`: the receipt as written.
     """
-    from .callbacks import heldout_results
+    from .callbacks import heldout_results, release_gate_record
 
     if heldout is not None and heldout_rows is None:
         raise ValueError("`heldout` was given without `heldout_rows`: pass the rows the figures were measured on.")
@@ -100,8 +100,9 @@ def save_artifact(
     elif rows_path.exists():
         rows_path.unlink()  # from an earlier save: the figures it backed are not in this receipt
     stage = provenance.distill_stage(
-        trainer, heldout, provenance.HELDOUT_ROWS_NAME if rows is not None else None, heldout_vocab_size
-    )
+        trainer, heldout, provenance.HELDOUT_ROWS_NAME if rows is not None else None, heldout_vocab_size,
+        release_gate=release_gate_record(trainer),  # issue 16: the gate's settings, result and any override
+    )  # fmt: skip
     stage["applicable_settings"] = sorted(provenance.applicable_settings(stage["settings"]))
     card = {"model_name": _model_name(trainer, output_dir), "tags": trainer_tags(trainer)}
     receipt = receipts.new_receipt(output_dir, [stage], card=card)

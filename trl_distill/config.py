@@ -9,6 +9,7 @@ from typing import Any
 
 from trl import SFTConfig
 
+from .gate import load_release_check, parse_release_gate, wrong_direction
 from .losses import FEATURE_LOSSES, OBJECTIVES, REDUCTIONS, ULD_DISTANCES
 from .modes import available_modes, get_mode
 from .terms.layer_map import FEATURE_PROJECTION_MODES, parse_layer_map
@@ -132,6 +133,22 @@ class DistillConfig(SFTConfig):
             teacher, prompts and settings); defaults to `~/.cache/trl_distill/teacher_generations` (never inside `output_dir`).
         teacher_generation_batch_size (`int`, *optional*, defaults to `32`):
             Prompts per teacher `generate` call when building that cache.
+    Parameters of the release gate (issue 16, see `trl_distill/gate.py`): what a student must meet to be pushed:
+        release_gate (`list[str]`, `str` or `dict`, *optional*):
+            Thresholds on the held-out figures, by the names the held-out callback logs: `"name<=value"` /
+            `"name>=value"` strings (a list, or one comma-separated string on the command line), or a mapping
+            `{name: "<=value"}`, e.g. `["heldout_kl_teacher_student<=0.5", "heldout_top1_agreement>=0.6"]`. Evaluated
+            at the end of training (after the held-out measurement); needs a teacher and an `eval_dataset`.
+        release_gate_check (`str`, *optional*):
+            A check of the student's greedy answers to the held-out prompts, by import path (`"module:function"`):
+            `function(prompts, completions[, references])` returning one bool/score per answer (or a pass fraction),
+            or `function(prompt, completion) -> bool` called per answer. Answers are up to `max_completion_length`
+            tokens.
+        release_gate_min_pass (`float`, *optional*, defaults to `1.0`):
+            Fraction of the answers `release_gate_check` must pass.
+        release_gate_override (`str`, *optional*):
+            Push a student that failed its gate anyway, for this reason (recorded in the receipt and the card). The
+            same as `push_to_hub(override_release_gate=reason)`.
     """
 
     _VALID_DICT_FIELDS = SFTConfig._VALID_DICT_FIELDS + ["teacher_model_init_kwargs"]
@@ -294,6 +311,24 @@ class DistillConfig(SFTConfig):
     teacher_generation_batch_size: int = field(
         default=32, metadata={"help": "Prompts per teacher generate call when caching teacher completions."}
     )
+    # Release gate (issue 16, trl_distill/gate.py): thresholds a student must meet before `push_to_hub` publishes it
+    release_gate: list[str] | str | dict[str, str] | None = field(
+        default=None,
+        metadata={"help": "Thresholds on held-out figures, e.g. 'heldout_kl_teacher_student<=0.5,"
+                  "heldout_top1_agreement>=0.6'; a student that fails is saved but not pushed."},
+    )
+    release_gate_check: str | None = field(
+        default=None,
+        metadata={"help": "Check of the student's greedy held-out answers, 'module:function' (prompts, completions) "
+                  "-> one bool per answer."},
+    )
+    release_gate_min_pass: float = field(
+        default=1.0, metadata={"help": "Fraction of answers `release_gate_check` must pass (in [0, 1])."}
+    )
+    release_gate_override: str | None = field(
+        default=None,
+        metadata={"help": "Push a student that failed its release gate anyway, for this reason (recorded)."},
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -387,9 +422,47 @@ class DistillConfig(SFTConfig):
 
         # Where the completions come from (issue 3).
         self._check_completion_sources()
+        self._check_release_gate()  # issue 16: a bad threshold or check path fails now, not after training
         # What the mode itself needs (feature term, generated completions, teacher store, its own fields): the mode
         # class owns those checks, so a mode registered by the user validates its settings too.
         get_mode(self.distill_mode).validate_config(self)
+
+    def _check_release_gate(self) -> None:
+        self.release_gate = parse_release_gate(self.release_gate, field="release_gate")
+        for item in wrong_direction(self.release_gate):
+            warnings.warn(
+                f"`release_gate` entry {item!r} bounds the figure on the side where it improves (lower KL and "
+                "perplexity, higher agreement are better): a better student would fail it. Flip the operator if this "
+                "is a typo.",
+                UserWarning,
+                stacklevel=4,
+            )
+        if self.release_gate and not self.heldout_eval:
+            raise ValueError(
+                f"`release_gate={self.release_gate}` is judged on the held-out figures, which `heldout_eval=False` "
+                "turns off. Set `heldout_eval=True` (and pass a teacher and an `eval_dataset`), or drop `release_gate`."
+            )
+        if self.release_gate_check is not None:
+            load_release_check(self.release_gate_check, field="release_gate_check")  # import now, not after training
+        minimum = self.release_gate_min_pass
+        if isinstance(minimum, bool) or not (isinstance(minimum, (int, float)) and 0.0 <= minimum <= 1.0):
+            raise ValueError(
+                f"`release_gate_min_pass` must be a number in [0, 1] (the fraction of answers `release_gate_check` "
+                f"must pass), got {minimum!r}."
+            )
+        if self.release_gate_check is None and minimum != 1.0:
+            warnings.warn(
+                f"`release_gate_min_pass={minimum}` is ignored because `release_gate_check` is not set.",
+                UserWarning,
+                stacklevel=4,
+            )
+        if self.release_gate_override is not None and not (
+            isinstance(self.release_gate_override, str) and self.release_gate_override.strip()
+        ):
+            raise ValueError(
+                f"`release_gate_override` must be a non-empty reason (it is recorded in the receipt), got "
+                f"{self.release_gate_override!r}."
+            )
 
     def _check_completion_sources(self) -> None:
         if not (isinstance(self.lmbda, (int, float)) and 0.0 <= self.lmbda <= 1.0):

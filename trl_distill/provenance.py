@@ -40,7 +40,8 @@ logger = logging.getLogger(__name__)
 HELDOUT_ROWS_NAME = "distill_heldout_rows.jsonl"
 _LIBRARIES = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "evaluate", "tokenizers")
 # DistillConfig fields that are not distillation settings (a local key path says nothing about how the model was made)
-_NOT_SETTINGS = {"receipt_signing_key"}
+# (`release_gate_override` is a decision to publish, recorded with the gate's result: `stage["release_gate"]`)
+_NOT_SETTINGS = {"receipt_signing_key", "release_gate_override"}
 _TRAINING_FIELDS = (
     "seed", "data_seed", "learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay", "optim",
     "num_train_epochs", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "max_length",
@@ -316,12 +317,14 @@ def distill_stage(
     heldout: Mapping[str, float] | None = None,
     rows_file: str | None = None,
     heldout_vocab_size: int | None = None,
+    release_gate: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The receipt stage describing `trainer`'s run: method, models, settings, data, training, results, papers.
 
     `heldout` (figures from `trl_distill.evaluation.heldout_metrics`), `rows_file` (the rows they were measured on,
     relative to the artifact) and `heldout_vocab_size` (the logits compared; default `trainer.vocab_size`) go to
-    `results`.
+    `results`. `release_gate` (settings, result and override, see `trl_distill.gate`) becomes the stage's
+    `release_gate` entry (absent without a gate).
     """
     settings = distillation_settings(trainer.args)
     method, papers = describe_method(settings, trainer.args)
@@ -344,4 +347,4 @@ def distill_stage(
         "data": {"train": dataset_record(trainer.train_dataset), "eval": dataset_record(trainer.eval_dataset)},
         "results": results,
         "libraries": library_versions(),
-    }
+    } | ({"release_gate": dict(release_gate)} if release_gate is not None else {})
