@@ -197,9 +197,10 @@ def _import(path: str, field: str) -> Callable:
     except ImportError as error:
         raise ValueError(f"`{field}={path!r}`: cannot import the module {module_name!r} ({error}).") from error
     function = getattr(module, attr, None)
+    if function is None:
+        raise ValueError(f"`{field}={path!r}`: the module {module_name!r} has no attribute {attr!r}; name a function.")
     if not callable(function):
-        what = "is not callable" if function is not None else "has no such attribute"
-        raise ValueError(f"`{field}={path!r}`: {module_name}.{attr} {what}; name a function.")
+        raise TypeError(f"`{field}={path!r}`: {module_name}.{attr} is a {type(function).__name__}, not a function.")
     return function
 
 
@@ -354,9 +355,10 @@ def record_problems(stage: Mapping, heldout: Mapping[str, float] | None = None, 
     if settings.get("check") and not (isinstance(settings.get("min_pass"), (int, float)) and
                                       0 <= settings["min_pass"] <= 1):  # fmt: skip
         return [f"{where}: recorded `min_pass` {settings.get('min_pass')!r} is not a number in [0, 1]"]
-    if override := record.get("override"):
-        if not (isinstance(override, Mapping) and isinstance(override.get("reason"), str) and override["reason"].strip()):
-            return [f"{where}: the override has no reason ({override!r})"]
+    override = record.get("override")
+    if override and not (isinstance(override, Mapping) and isinstance(override.get("reason"), str)
+                         and override["reason"].strip()):  # fmt: skip
+        return [f"{where}: the override has no reason ({override!r})"]
     if not result.get("evaluated"):
         return [f"{where}: recorded as passed but not evaluated"] if result.get("passed") else []
     figures = heldout if heldout is not None else ((stage.get("results") or {}).get("heldout") or {})
