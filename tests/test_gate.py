@@ -408,3 +408,19 @@ def test_the_hub_gets_nothing_until_an_override(tmp_path):
     assert "**Overridden** (via `push_to_hub`): pushed by the test" in files["README.md"].decode()
     assert not any(name.startswith(("checkpoint-", "last-checkpoint")) for name in files)
     assert verify_artifact(out).ok
+
+
+def test_figures_measured_outside_the_trainer_judge_the_recorded_gate(failed, tmp_path):
+    """`save_artifact(..., heldout=figures)` (the `trl-distill train` recipe) records those figures: the gate's values
+    and verdict follow them, so `verify` finds the two consistent."""
+    from trl_distill.artifact import save_artifact
+
+    trainer, _, _ = failed
+    out = tmp_path / "outside"
+    trainer.save_model(str(out))
+    figures = {**load_receipt(out)["stages"][0]["results"]["heldout"], "kl_teacher_student": 0.0}
+    save_artifact(trainer, out, heldout=figures, heldout_rows=[{"prompt": "Q", "completion": " A"}])
+    gate = load_receipt(out)["stages"][0]["release_gate"]
+    assert gate["result"]["checks"][0]["value"] == 0.0 and gate["result"]["passed"]
+    assert gate["result"]["checks"][2]["value"] == 0.5  # the check's own result is kept
+    assert verify_artifact(out).ok

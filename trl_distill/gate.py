@@ -48,6 +48,7 @@ __all__ = [
     "not_evaluated",
     "parse_release_gate",
     "record_problems",
+    "rejudge",
     "score_answers",
     "wrong_direction",
 ]
@@ -302,6 +303,18 @@ def evaluate_gate(settings: Mapping, heldout: Mapping[str, float] | None, check:
                  "num_answers": (check or {}).get("num_answers")}  # fmt: skip
         checks.append(entry)
     return {"evaluated": True, "passed": all(c["passed"] for c in checks), "step": step, "checks": checks}
+
+
+def rejudge(record: Mapping, heldout: Mapping[str, float]) -> dict[str, Any]:
+    """`record` with its thresholds judged on `heldout` instead (figures measured outside the trainer, which the
+    receipt records): the check's recorded result is kept. A record that was not evaluated is returned as it is."""
+    result = record.get("result") or {}
+    if not result.get("evaluated"):
+        return dict(record)
+    settings = record.get("settings") or {}
+    check = next((c for c in result.get("checks") or [] if c.get("name") == settings.get("check")), {})
+    check = {"pass_fraction": check.get("value"), "num_answers": check.get("num_answers")}
+    return {**record, "result": evaluate_gate(settings, heldout, check, step=result.get("step"))}
 
 
 def not_evaluated(step: int | None = None) -> dict[str, Any]:
