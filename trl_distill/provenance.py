@@ -59,7 +59,7 @@ PAPERS = {
 # Mode name -> (label, papers, settings that apply to it). Used when the mode class does not describe itself.
 MODE_DESCRIPTIONS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
     "token": ("token-level knowledge distillation", ("kd",),
-              ("objective", "kd_temperature", "alpha", "loss_reduction", "kd_top_k", "teacher_cache")),
+              ("objective", "kd_temperature", "alpha", "loss_reduction", "kd_top_k", "teacher_cache", "teacher_url")),
     "sequence": ("sequence-level knowledge distillation (cross-entropy on the teacher's completions)", ("seq_kd",),
                  ("loss_reduction", "teacher_completion_column", "teacher_do_sample", "teacher_num_beams",
                   "max_completion_length")),
@@ -169,6 +169,8 @@ def describe_method(settings: Mapping[str, Any], args=None) -> tuple[str, list[d
         extra.append("gkd")
     if settings.get("teacher_cache"):
         label += ", from an offline teacher store"
+    elif settings.get("teacher_url") and name == "token" and "served" not in label:
+        label += ", scored live by a served teacher"
     if (settings.get("lmbda") or 0) > 0:
         label += f", on-policy samples with probability lmbda={settings['lmbda']}"
     if settings.get("seq_kd"):
@@ -213,7 +215,8 @@ def applicable_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
         keys += list(_FEATURE)
     if settings.get("heldout_eval"):
         keys.append("heldout_max_rows")
-    unset_is_default = ("kd_top_k", "teacher_cache", "teacher_model_init_kwargs", "teacher_model_name_or_path")
+    unset_is_default = ("kd_top_k", "teacher_cache", "teacher_url", "teacher_model_init_kwargs",
+                        "teacher_model_name_or_path")  # fmt: skip
     return {key: settings[key] for key in dict.fromkeys(keys)
             if key in settings and not (key in unset_is_default and settings[key] is None)}  # fmt: skip
 
@@ -266,6 +269,11 @@ def teacher_record(trainer) -> dict[str, Any] | None:
     teacher = getattr(trainer, "teacher_model", None)
     if teacher is None:
         store_path = getattr(trainer.args, "teacher_cache", None)
+        served = getattr(getattr(getattr(trainer, "distill_mode", None), "store", None), "teacher", None)
+        if not store_path and hasattr(served, "settings"):  # scored live by a served teacher (`teacher_url`)
+            settings = served.settings()
+            return {"name_or_path": settings.get("model_root") or settings.get("model"), "local": False,
+                    "revision": None, "weights_sha256": None, "served": jsonable(settings)}  # fmt: skip
         if not store_path:
             return None
         from .teachers.store import TeacherStore

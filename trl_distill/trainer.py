@@ -103,7 +103,13 @@ class DistillTrainer(SFTTrainer):
                 "not be given (got one). Pass `teacher_model=None`, or unset `teacher_cache` to distill from the live "
                 "teacher."
             )
-        # The teacher *source*: a live model, or (`teacher_cache`) the mode's offline variant reading a store.
+        if args.teacher_url is not None and args.teacher_cache is None and teacher_model is not None:
+            raise ValueError(
+                f"`teacher_url={args.teacher_url!r}` scores the teacher on a server, so `teacher_model` must not be "
+                "given (got one). Pass `teacher_model=None`, or unset `teacher_url` to distill from the loaded teacher."
+            )
+        # The teacher *source*: a live model, (`teacher_cache`) the mode's offline variant reading a store, or
+        # (`teacher_url`) its served variant scoring each batch through a vLLM server.
         mode_cls = resolve_mode(args)
 
         # 2. Teacher and its tokenizer, before the dataset is tokenized (a wrong teacher or vocabulary fails fast).
@@ -358,7 +364,7 @@ def _load_teacher_side(mode_cls, args, teacher_model, teacher_processing_class, 
     `vocab_size` is the shared vocabulary when the mode needs one and both tokenizers are known already, else `None`
     (computed once `SFTTrainer` has loaded the student's tokenizer).
     """
-    if args.teacher_cache is None:
+    if args.teacher_cache is None and args.teacher_url is None:  # a store or a server replaces a loaded teacher
         teacher_model = teacher_model if teacher_model is not None else args.teacher_model_name_or_path
     if teacher_model is None and mode_cls.requires_teacher:
         raise ValueError(
