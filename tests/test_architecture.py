@@ -136,7 +136,8 @@ INTERNAL = {
     "teachers": {"losses", "alignment", "batch", "conversation", "digests", "inference", "config"},  # config: the CLI parser
     "sources": {"teachers", "inference", "batch", "conversation", "losses"},
     "modes": {"losses", "alignment", "teachers", "batch", "conversation", "inference", "terms"},
-    "config": {"losses", "modes", "terms", "gate"},  # terms.layer_map, a stdlib-only leaf (its package's init comes along)
+    # terms.layer_map and gate: stdlib-only leaves (the terms package's init comes along)
+    "config": {"losses", "modes", "terms", "gate"},
 }
 
 

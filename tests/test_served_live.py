@@ -127,8 +127,8 @@ def test_a_teacher_of_another_vocabulary_is_refused(tmp_path, other_tokenizer, t
     big = build_tiny_model(tokenizer, hidden_size=32, num_layers=1, num_heads=2, seed=4).eval()
     small_student = build_tiny_model(other_tokenizer, hidden_size=32, num_layers=1, num_heads=2, seed=1)
     with StandInServer(big, lifetime=120) as running:
-        trainer = DistillTrainer(model=small_student, args=config(tmp_path, teacher_url=running.url, max_steps=1,
-                                                                  max_length=512, **SERVED),
-                                 train_dataset=prompt_completion_dataset, processing_class=other_tokenizer)  # fmt: skip
+        args = config(tmp_path, teacher_url=running.url, max_steps=1, max_length=512, **SERVED)
+        trainer = DistillTrainer(model=small_student, args=args, train_dataset=prompt_completion_dataset,
+                                 processing_class=other_tokenizer)  # fmt: skip
         with pytest.raises(ValueError, match=r"outside the student's vocabulary of \d+"):
             trainer.train()

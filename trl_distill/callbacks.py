@@ -284,7 +284,7 @@ def heldout_results(trainer) -> tuple[dict[str, Any] | None, list[dict] | None]:
     return dict(callback.last_metrics), callback.rows
 
 
-# ---- the release gate (issue 16): judged at the end of training, after the held-out measurement ----------------------
+# ---- the release gate (issue 16): judged at the end of training, after the held-out measurement --------------------
 
 
 class ReleaseGateCallback(TrainerCallback):
@@ -378,7 +378,8 @@ class ReleaseGateCallback(TrainerCallback):
             f"`push_to_hub` refused: the student fails its release gate: {'; '.join(failures)}. It is saved, not "
             f"uploaded, in {str(output_dir)!r} (its README.md and distill_receipt.json record the gate's result). "
             "Train further or relax `release_gate`; or push anyway with `trainer.push_to_hub(override_release_gate="
-            "\"<reason>\")` (or `release_gate_override` in the config): the reason is recorded in the receipt and the card."
+            "\"<reason>\")` (or `release_gate_override` in the config): the reason is recorded in the receipt and "
+            "the card."
         )
         return gate.ReleaseGateError(message, str(output_dir), [c for c in result["checks"] if not c["passed"]])
 
@@ -394,8 +395,8 @@ def add_release_gate_callback(trainer, heldout: HeldOutKLCallback | None) -> Rel
         return None
     if args.release_gate and heldout is None:
         raise ValueError(
-            f"`release_gate={args.release_gate}` is judged on held-out figures, but none will be measured: they need a "
-            "live teacher sharing the student's vocabulary (not `teacher_cache`), an `eval_dataset` (unpacked) and "
+            f"`release_gate={args.release_gate}` is judged on held-out figures, but none will be measured: they need "
+            "a live teacher sharing the student's vocabulary (not `teacher_cache`), an `eval_dataset` (unpacked) and "
             "`heldout_eval=True`. Provide them, or keep only `release_gate_check`."
         )
     rows = None
@@ -405,8 +406,8 @@ def add_release_gate_callback(trainer, heldout: HeldOutKLCallback | None) -> Rel
             eval_dataset = next(iter(eval_dataset.values()), None)
         if eval_dataset is None:
             raise ValueError(
-                f"`release_gate_check={args.release_gate_check!r}` scores greedy answers to the held-out prompts: pass "
-                "an `eval_dataset`."
+                f"`release_gate_check={args.release_gate_check!r}` scores greedy answers to the held-out prompts: "
+                "pass an `eval_dataset`."
             )
         rows = list(itertools.islice(iter(eval_dataset), args.heldout_max_rows))
     callback = ReleaseGateCallback(trainer, heldout=heldout, rows=rows)

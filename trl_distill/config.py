@@ -465,11 +465,15 @@ class DistillConfig(SFTConfig):
         ):
             raise ValueError(f"`teacher_max_retries` must be an integer >= 0, got {self.teacher_max_retries!r}.")
         if not (isinstance(self.teacher_request_timeout, (int, float)) and self.teacher_request_timeout > 0):
-            raise ValueError(f"`teacher_request_timeout` must be a number of seconds > 0, got {self.teacher_request_timeout!r}.")
+            raise ValueError(
+                f"`teacher_request_timeout` must be a number of seconds > 0, got {self.teacher_request_timeout!r}."
+            )
         if self.teacher_url is None:
             return
         if not (isinstance(self.teacher_url, str) and self.teacher_url.startswith(("http://", "https://"))):
-            raise ValueError(f"`teacher_url` must be an http(s) URL such as 'http://host:8000', got {self.teacher_url!r}.")
+            raise ValueError(
+                f"`teacher_url` must be an http(s) URL such as 'http://host:8000', got {self.teacher_url!r}."
+            )
         if self.kd_top_k is None:
             raise ValueError(
                 "`teacher_url` gives the teacher's top-k log-probabilities only: set `kd_top_k` (at most the server's "
@@ -498,8 +502,8 @@ class DistillConfig(SFTConfig):
         if self.feature_weight > 0 or self.seq_kd:
             raise ValueError(
                 f"`teacher_url` gives only the teacher's top-k log-probabilities: `feature_weight="
-                f"{self.feature_weight}` (hidden states) and `seq_kd={self.seq_kd}` (teacher generations) need a loaded "
-                "teacher. Set `feature_weight=0` and `seq_kd=False`."
+                f"{self.feature_weight}` (hidden states) and `seq_kd={self.seq_kd}` (teacher generations) need a "
+                "loaded teacher. Set `feature_weight=0` and `seq_kd=False`."
             )
 
     def _check_release_gate(self) -> None:
@@ -515,7 +519,8 @@ class DistillConfig(SFTConfig):
         if self.release_gate and not self.heldout_eval:
             raise ValueError(
                 f"`release_gate={self.release_gate}` is judged on the held-out figures, which `heldout_eval=False` "
-                "turns off. Set `heldout_eval=True` (and pass a teacher and an `eval_dataset`), or drop `release_gate`."
+                "turns off. Set `heldout_eval=True` (and pass a teacher and an `eval_dataset`), or drop "
+                "`release_gate`."
             )
         if self.release_gate_check is not None:
             load_release_check(self.release_gate_check, field="release_gate_check")  # import now, not after training

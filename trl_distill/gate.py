@@ -148,7 +148,9 @@ def parse_release_gate(value: Any, field: str = "release_gate") -> list[str]:
         items = []
         for item in value:
             if not isinstance(item, str):
-                raise TypeError(f"`{field}` entries must be strings like 'heldout_kl_teacher_student<=0.5', got {item!r}.")
+                raise TypeError(
+                    f"`{field}` entries must be strings like 'heldout_kl_teacher_student<=0.5', got {item!r}."
+                )
             items.append(_parse_string_item(item, field))
     else:
         raise TypeError(
@@ -346,7 +348,8 @@ def _same(a, b) -> bool:
     return isinstance(a, (int, float)) and isinstance(b, (int, float)) and abs(a - b) <= _REL * max(abs(a), abs(b), 1)
 
 
-def record_problems(stage: Mapping, heldout: Mapping[str, float] | None = None, where: str = "release gate") -> list[str]:
+def record_problems(stage: Mapping, heldout: Mapping[str, float] | None = None,
+                    where: str = "release gate") -> list[str]:  # fmt: skip
     """
     What is inconsistent in the stage's gate record (empty when consistent): settings that do not parse, checks that
     do not match the settings, a value that is not the recorded held-out figure, a pass/fail that does not follow from

@@ -197,21 +197,23 @@ def _release_gate_lines(gate: Mapping) -> list[str]:
     elif result.get("passed"):
         verdict = "**Passed**: every check below holds."
     else:
-        verdict = "**Failed**: the checks marked *fail* do not hold; `push_to_hub` refuses the student without an override."
+        verdict = ("**Failed**: the checks marked *fail* do not hold; `push_to_hub` refuses the student without an "
+                   "override.")  # fmt: skip
     lines = ["## Release gate", "", verdict]
     if override.get("reason"):
         lines += ["", f"**Overridden** (via `{override.get('source') or 'push_to_hub'}`): {override['reason']}"]
     lines += ["", "| check | must be | measured | result |", "|---|---|---|---|"]
     entries = result.get("checks") or []
     if not entries:  # not evaluated: list what the gate would check
-        entries = [{"name": item, "op": "", "threshold": None, "value": None} for item in settings.get("thresholds") or []]
+        entries = [{"name": item, "op": "", "threshold": None} for item in settings.get("thresholds") or []]
         if settings.get("check"):
-            entries.append({"name": settings["check"], "op": ">=", "threshold": settings.get("min_pass"), "value": None})
+            entries.append({"name": settings["check"], "op": ">=", "threshold": settings.get("min_pass")})
     for entry in entries:
         name = f"`{entry.get('name')}`"
         if entry.get("num_answers"):
             name += f" on {entry['num_answers']} greedy held-out answers (pass fraction)"
-        bound = f"{entry.get('op')} {entry['threshold']:.6g}" if isinstance(entry.get("threshold"), (int, float)) else ""
+        threshold = entry.get("threshold")
+        bound = f"{entry.get('op')} {threshold:.6g}" if isinstance(threshold, (int, float)) else ""
         value = f"{entry['value']:.6g}" if isinstance(entry.get("value"), (int, float)) else "not measured"
         verdict = ("pass" if entry.get("passed") else "fail") if result.get("evaluated") else "not evaluated"
         lines.append(f"| {name} | {bound} | {value} | {verdict} |")

@@ -143,7 +143,7 @@ def replay_problems(path: Path, receipt: dict, *, teacher: str | None, rtol: flo
 
 
 def _replay_gate(stage: dict, figures: dict, student, tokenizer, rows) -> tuple[list[str], list[str], list[str]]:
-    """Judge the recorded release gate again: thresholds on the recomputed figures, the check on fresh greedy answers."""
+    """Judge the recorded release gate again: thresholds on the recomputed figures, its check on fresh answers."""
     from .evaluation import greedy_answers
     from .gate import compare, load_release_check, record_problems, score_answers
 

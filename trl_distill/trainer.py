@@ -106,7 +106,7 @@ class DistillTrainer(SFTTrainer):
         if args.teacher_url is not None and args.teacher_cache is None and teacher_model is not None:
             raise ValueError(
                 f"`teacher_url={args.teacher_url!r}` scores the teacher on a server, so `teacher_model` must not be "
-                "given (got one). Pass `teacher_model=None`, or unset `teacher_url` to distill from the loaded teacher."
+                "given (got one). Pass `teacher_model=None`, or unset `teacher_url` to distill from a loaded teacher."
             )
         # The teacher *source*: a live model, (`teacher_cache`) the mode's offline variant reading a store, or
         # (`teacher_url`) its served variant scoring each batch through a vLLM server.
@@ -185,8 +185,8 @@ class DistillTrainer(SFTTrainer):
         self.distill_mode = mode_cls(self.mode_context)
 
         # 8. Callbacks and the completion source, which read the placed teacher and the prepared datasets.
-        heldout = add_heldout_callback(self)  # held-out KL / perplexity at each evaluation and at the end (`heldout_eval`)
-        add_release_gate_callback(self, heldout)  # issue 16: judged at the end, after the held-out figures; refuses pushes
+        heldout = add_heldout_callback(self)  # held-out KL / perplexity at each evaluation and at the end
+        add_release_gate_callback(self, heldout)  # issue 16: judged at the end, after held-out figures; gates pushes
         self.completion_source = None
         if args.lmbda > 0 or args.seq_kd:  # where the samples come from (sources/): on-policy / fresh teacher text
             self.completion_source = CompletionSource(
@@ -291,7 +291,8 @@ class DistillTrainer(SFTTrainer):
             self._gate_held_checkpoint = True
             logger.warning(
                 "Checkpoint pushes (`push_to_hub=True`, `hub_strategy=%r`) are held back: the release gate is judged "
-                "at the end of training; `push_to_hub()` then uploads the student if it passes.", self.args.hub_strategy
+                "at the end of training; `push_to_hub()` then uploads the student if it passes.",
+                self.args.hub_strategy,
             )
 
     def _save_checkpoint(self, model, trial):
@@ -316,7 +317,7 @@ class DistillTrainer(SFTTrainer):
         `args.release_gate_override`) uploads it anyway and records the reason in the receipt and the card.
         """
         output_dir = self.args.output_dir
-        # Release gate (issue 16): judged on these weights before the save, so the receipt records it (and any override).
+        # Release gate (issue 16): judged on these weights before the save, so the receipt records it (and overrides).
         gate_callback = find_release_gate_callback(self)
         refusal = gate_callback.refuse(self.state, override_release_gate, output_dir) if gate_callback else None
         self.save_model(_internal_call=True)  # before anything touches the network (transformers creates the repo first)

@@ -195,7 +195,7 @@ def _check_release_gate(receipt: dict, result: Verification) -> None:
         gate_result, override = record.get("result") or {}, record.get("override") or {}
         count = len(gate_result.get("checks") or [])
         if gate_result.get("passed"):
-            result.passed.append(f"{where}: passed; its {count} checks follow from the recorded figures and thresholds")
+            result.passed.append(f"{where}: passed; its {count} checks follow from the recorded figures, thresholds")
             continue
         result.passed.append(f"{where}: the recorded failure follows from the recorded figures and thresholds")
         overridden = f"; published with an override: {override['reason']!r}" if override.get("reason") else ""
