@@ -150,6 +150,13 @@ def test_thresholds_without_held_out_figures_fail_at_init(tmp_path, tokenizer, m
                      release_gate=PASSING)  # fmt: skip
 
 
+def test_a_check_without_held_out_prompts_fails_at_init(tmp_path, tokenizer, make_student, make_teacher,
+                                                       prompt_completion_dataset):  # fmt: skip
+    with pytest.raises(ValueError, match="`release_gate_check='tests.gate_checks:always_passes'` scores greedy"):
+        make_trainer(tmp_path, tokenizer, make_student, make_teacher, prompt_completion_dataset, None,
+                     release_gate_check="tests.gate_checks:always_passes")  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def failed(tmp_path_factory, tokenizer, prompt_completion_dataset, eval_dataset):
     """A student trained 2 steps whose gate fails (KL <= 0), with a check that passes half of its answers."""
@@ -237,8 +244,12 @@ def test_the_check_scores_the_students_greedy_answers_to_the_held_out_prompts(tm
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=5,
                                  pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)  # fmt: skip
         assert answer == tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
-    trainer.save_model()
-    assert load_receipt(tmp_path)["stages"][0]["release_gate"]["result"]["passed"]
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    with pytest.raises(OfflineModeIsEnabled):  # a passing gate lets the push through (to the offline Hub)
+        trainer.push_to_hub()
+    gate = load_receipt(tmp_path)["stages"][0]["release_gate"]
+    assert gate["result"]["passed"] and gate["override"] is None
 
 
 def test_min_pass_decides_the_check(tmp_path, tokenizer, make_student, make_teacher, prompt_completion_dataset,
