@@ -50,6 +50,7 @@ __all__ = [
     "record_problems",
     "rejudge",
     "score_answers",
+    "split_threshold",
     "wrong_direction",
 ]
 
@@ -164,7 +165,8 @@ def parse_release_gate(value: Any, field: str = "release_gate") -> list[str]:
     return items
 
 
-def _split(item: str) -> tuple[str, str, float]:
+def split_threshold(item: str) -> tuple[str, str, float]:
+    """`("heldout_kl_teacher_student", "<=", 0.5)` from a canonical threshold `"heldout_kl_teacher_student<=0.5"`."""
     name, op, value = _ITEM.fullmatch(item).groups()
     return name, op, float(value)
 
@@ -173,7 +175,7 @@ def wrong_direction(thresholds: Sequence[str]) -> list[str]:
     """The thresholds that bound a figure on the side where it improves (e.g. a KL *at least* x): likely a typo."""
     odd = []
     for item in thresholds:
-        name, op, _ = _split(item)
+        name, op, _ = split_threshold(item)
         if name != "heldout_num_tokens" and (op in (">=", ">")) == GATE_METRICS[name]:
             odd.append(item)
     return odd
@@ -293,7 +295,7 @@ def evaluate_gate(settings: Mapping, heldout: Mapping[str, float] | None, check:
     """
     checks = []
     for item in settings.get("thresholds") or []:
-        name, op, threshold = _split(item)
+        name, op, threshold = split_threshold(item)
         value = (heldout or {}).get(name[len(PREFIX):])
         value = float(value) if isinstance(value, (int, float)) else None
         checks.append({"name": name, "op": op, "threshold": threshold, "value": value,

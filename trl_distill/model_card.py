@@ -18,6 +18,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from .gate import split_threshold
+
 
 __all__ = ["CARD_NAME", "build_model_card", "card_text", "distill_stage_of", "write_model_card"]
 
@@ -205,7 +207,8 @@ def _release_gate_lines(gate: Mapping) -> list[str]:
     lines += ["", "| check | must be | measured | result |", "|---|---|---|---|"]
     entries = result.get("checks") or []
     if not entries:  # not evaluated: list what the gate would check
-        entries = [{"name": item, "op": "", "threshold": None} for item in settings.get("thresholds") or []]
+        entries = [dict(zip(("name", "op", "threshold"), split_threshold(item)))
+                   for item in settings.get("thresholds") or []]  # fmt: skip
         if settings.get("check"):
             entries.append({"name": settings["check"], "op": ">=", "threshold": settings.get("min_pass")})
     for entry in entries:
