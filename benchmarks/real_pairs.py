@@ -119,7 +119,7 @@ def _clean(doc: str, max_chars: int) -> str | None:
     return text
 
 
-def chat_rows(seed: int, n_train: int, n_eval: int, max_chars: int = 240) -> tuple[list[dict], list[dict]]:
+def chat_rows(seed: int, n_train: int, n_eval: int, max_chars: int = 200) -> tuple[list[dict], list[dict]]:
     """`(train, held_out)` rows with `messages` (user question, assistant answer): shuffled with `seed`, disjoint."""
     docs = _docstrings(max_chars)
     random.Random(seed).shuffle(docs)
@@ -368,6 +368,19 @@ def feature_probe(case, teacher, student, tokenizer, rows, keep_idx) -> dict:
         out[f"feature_{name}_all_positions"] = float(
             feature_distillation_loss(s_feats, t_feats, mask=attn.bool(), loss=name)
         )
+    # The default map (`feature_layer_map=None`: evenly spaced pairs ending at both last layers), which pairs layers
+    # the pruning did not copy from each other
+    from trl_distill.features import default_layer_map
+
+    default = [list(p) for p in default_layer_map(len(keep_idx), len(t_out.hidden_states) - 1)]
+    s_def = [s_out.hidden_states[s + 1] for s, _ in default]
+    t_def = [t_out.hidden_states[t + 1] for _, t in default]
+    out["default_pairs"] = default
+    for name in FEATURE_LOSSES:
+        for where, sel in (("masked", mask), ("all_positions", attn.bool())):
+            out[f"default_map_feature_{name}_{where}"] = float(
+                feature_distillation_loss(s_def, t_def, mask=sel, loss=name)
+            )
     hidden = torch.stack([h.abs().amax(-1) for h in t_out.hidden_states[1:-1]]).amax(0)  # [B, T] largest |h|
     out["teacher_max_abs_hidden"] = float(hidden.max())
     out["teacher_max_abs_hidden_position"] = int(hidden.amax(0).argmax())
@@ -530,6 +543,8 @@ def print_table(args, results: list[dict]) -> None:
         print("Feature probe on one batch of the pruned student (before training):\n```")
         print(json.dumps({k: v for k, v in probe.items() if k != "case"}, indent=1))
         print("```\n")
+    if not results:
+        return
     first = next((r for r in results if "before" in r), None)
     if first:
         b = first["before"]
@@ -550,7 +565,7 @@ def print_table(args, results: list[dict]) -> None:
             f"{r['tokens_per_second']:.0f}", f"{r['step_seconds']:.2f}", f"{r['peak_growth_bytes'] / 2**20:,.0f}",
             f"{r['peak_rss_bytes'] / 2**20:,.0f}",
         ))  # fmt: skip
-    headers = ["case", "held-out KL(t‖s)", "KL(s‖t)", "perplexity", f"KL / {results[0]['case'][:12]}…",
+    headers = ["case", "held-out KL(t‖s)", "KL(s‖t)", "perplexity", "KL / first row",
                "train tok/s", "step s (median)", "train peak growth MiB", "peak RSS MiB"]  # fmt: skip
     print(harness.markdown_table(headers, rows))
     print("\nTime ratios within ±30% are noise on this shared 2-core machine.")
@@ -569,6 +584,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", nargs="+", default=None, help="run only the cases whose name starts with one of these")
     p.add_argument("--models-dir", default=MODELS_DIR)
     p.add_argument("--case-timeout", type=float, default=3600.0)
+    p.add_argument("--from-json", nargs="+", default=None, metavar="FILE",
+                   help="print one table from the results of earlier runs' --out files (in this order), run nothing")
     harness.add_common_args(p, seed=0)
     return p
 
@@ -577,6 +594,16 @@ def main(argv=None) -> int:
     args = make_parser().parse_args(argv)
     if args.case is not None:
         harness.emit_result(run_case(json.loads(args.case)))
+        return 0
+    if args.from_json:
+        results = []
+        for path in args.from_json:
+            with open(path) as f:
+                saved = json.load(f)
+            results += saved["results"]
+            for key in ("pair", "steps", "batch", "lr", "seed", "n_eval"):
+                setattr(args, key, saved["args"][key])
+        print_table(args, results)
         return 0
     if args.quick:
         args.steps, args.n_eval = 2, 8
