@@ -99,8 +99,10 @@ class DistillConfig(SFTConfig):
         feature_layer_map (`list[list[int]]` or `str`, *optional*):
             `(student layer, teacher layer)` pairs, 0-based decoder-layer indices (negative from the end), e.g.
             `"0:1,1:3"` or `[[0, 1], [1, 3]]`. `None`: `min(L_s, L_t)` evenly spaced pairs ending at both last layers.
-        feature_loss (`str`, *optional*, defaults to `"mse"`):
-            `"mse"` (squared error averaged over the hidden dimensions) or `"cosine"` (`1 - cos`), per position.
+        feature_loss (`str`, *optional*, defaults to `"relative_mse"`):
+            Per position: `"relative_mse"` (`||s - t||^2 / ||t||^2`, independent of the hidden states' scale, so the
+            massive activations of real LMs do not swamp the KD term), `"mse"` (squared error averaged over the hidden
+            dimensions) or `"cosine"` (`1 - cos`).
         feature_projection (`str`, *optional*, defaults to `"auto"`):
             `"auto"`: a learned linear map per pair when the widths differ, the identity when they match; `"always"`:
             a learned map for every pair (identity-initialized when the widths match).
@@ -273,8 +275,9 @@ class DistillConfig(SFTConfig):
         },
     )
     feature_loss: str = field(
-        default="mse",
-        metadata={"help": "'mse' (mean over hidden dims) or 'cosine' (1 - cos), per position.", "choices": FEATURE_LOSSES},
+        default="relative_mse",
+        metadata={"help": "'relative_mse' (|s - t|^2 / |t|^2: scale-free, so massive activations do not dominate), "
+                  "'mse' (mean over hidden dims) or 'cosine' (1 - cos), per position.", "choices": FEATURE_LOSSES},
     )
     feature_projection: str = field(
         default="auto",
