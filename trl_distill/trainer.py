@@ -208,9 +208,9 @@ class DistillTrainer(SFTTrainer):
         return optimizer
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
-        if self.feature_term is not None:
+        if self.feature_term is not None:  # first: a checkpoint without its projections is refused before any load
             self.feature_term.resume(resume_from_checkpoint)
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         batches, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
