@@ -33,7 +33,10 @@ def _trainer(tmp_path, tokenizer, student, teacher, train_dataset, eval_dataset=
         ({"prompt": ["a", "b"]}, r"`train_dataset` has a `prompt` column but no `completion` column"),
         ({"completion": ["a"]}, r"`train_dataset` has a `completion` column but no `prompt` column"),
         # was: AttributeError: 'NoneType' object has no attribute 'endswith' (TRL's add_eos)
-        ({"prompt": ["a", "b", "c"], "completion": ["x", None, None]}, r"Row 1 of `train_dataset` has `completion=None` \(2 row"),
+        (
+            {"prompt": ["a", "b", "c"], "completion": ["x", None, None]},
+            r"Row 1 of `train_dataset` has `completion=None` \(2 row",
+        ),
         ({"text": ["a", None]}, r"Row 1 of `train_dataset` has `text=None`"),
         # was: StopIteration (TRL reads the first row)
         ({"prompt": [], "completion": []}, r"`train_dataset` is empty \(0 rows\)"),
@@ -60,8 +63,10 @@ def test_none_after_a_selection_is_found_in_the_selected_rows(tmp_path, tokenize
         _trainer(tmp_path, tokenizer, make_student(), make_teacher(), full.select([1, 0]))
 
 
-def test_every_row_beyond_max_length_is_an_error(tmp_path, tokenizer, make_student, make_teacher, prompt_completion_dataset):
-    # was: ValueError: num_samples should be a positive integer value, but got num_samples=0 (torch's sampler, at train)
+def test_every_row_beyond_max_length_is_an_error(
+    tmp_path, tokenizer, make_student, make_teacher, prompt_completion_dataset
+):
+    # was: "num_samples should be a positive integer value, but got num_samples=0" (torch's sampler, at `train()`)
     with pytest.raises(ValueError, match=r"No row of `train_dataset` is left: all 24 rows .* `max_length=4`"):
         _trainer(tmp_path, tokenizer, make_student(), make_teacher(), prompt_completion_dataset, max_length=4)
 
@@ -70,7 +75,9 @@ def test_rows_dropped_by_truncation_warn(tmp_path, tokenizer, make_student, make
     lengths = sorted(len(tokenizer(p)["input_ids"]) for p in prompt_completion_dataset["prompt"])
     cut = lengths[len(lengths) // 2] + 1  # about half of the prompts fill `max_length` alone
     with pytest.warns(UserWarning, match=r"\d+ of 24 rows of `train_dataset` were dropped .* `max_length="):
-        trainer = _trainer(tmp_path, tokenizer, make_student(), make_teacher(), prompt_completion_dataset, max_length=cut)
+        trainer = _trainer(
+            tmp_path, tokenizer, make_student(), make_teacher(), prompt_completion_dataset, max_length=cut
+        )
     assert 0 < len(trainer.train_dataset) < 24
     with warnings.catch_warnings():  # control: a length that fits every row drops nothing, says nothing
         warnings.filterwarnings("error", message=".*were dropped.*")
@@ -114,8 +121,8 @@ def test_teacher_without_a_tokenizer_is_refused_in_token_mode(
         _trainer(tmp_path, tokenizer, make_student(), str(bare), prompt_completion_dataset)
     # Saying which tokenizer the teacher uses is enough (and it is checked against the student's).
     trainer = DistillTrainer(
-        model=make_student(), teacher_model=in_memory(), args=config(tmp_path), train_dataset=prompt_completion_dataset,
-        processing_class=tokenizer, teacher_processing_class=tokenizer,
+        model=make_student(), teacher_model=in_memory(), args=config(tmp_path),
+        train_dataset=prompt_completion_dataset, processing_class=tokenizer, teacher_processing_class=tokenizer,
     )  # fmt: skip
     assert trainer.vocab_size == len(tokenizer)
 

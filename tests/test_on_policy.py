@@ -277,6 +277,7 @@ def test_resumed_on_policy_run_is_identical_to_an_uninterrupted_one(
     assert len(logged(resumed, "loss")) == 2
     assert logged(resumed, "loss") == pytest.approx(logged(full, "loss"), rel=1e-6, abs=1e-9)
     assert logged(resumed, "completion_length") == logged(full, "completion_length")
+    assert logged(resumed, "num_tokens") == logged(full, "num_tokens")  # the running count continues
     for (name, a), b in zip(full.model.named_parameters(), resumed.model.parameters()):
         torch.testing.assert_close(b, a, rtol=0, atol=1e-6, msg=name)
 

@@ -18,7 +18,7 @@ from trl_distill.demo.tiny import save_pretrained_pair
 
 
 README = Path(__file__).resolve().parent.parent / "README.md"
-_BLOCK = re.compile(r"(?:^(<!-- readme-test: (\w+)[^\n]*-->)\n)?^```python\n(.*?)^```", re.S | re.M)
+_BLOCK = re.compile(r"(?:^(<!-- readme-test: (\w+)[^\n]*-->)\n)?^```python\n(.*?)^```", re.DOTALL | re.MULTILINE)
 
 
 def readme_blocks(text: str) -> list[tuple[str | None, int, str]]:
@@ -60,7 +60,7 @@ def test_readme_python_examples_run(tmp_path, monkeypatch, tokenizer, make_stude
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # library deprecation notices are not the examples' concern
                 try:
-                    exec(compile(code, f"README.md:{line}", "exec"), namespace)
+                    exec(compile(code, f"README.md:{line}", "exec"), namespace)  # noqa: S102 (the README, on purpose)
                 except Exception as error:  # name the block in the failure
                     raise AssertionError(f"README.md block at line {line} failed: {error!r}\n{code}") from error
             ran += 1

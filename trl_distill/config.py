@@ -56,7 +56,8 @@ def _check_field_types(config) -> None:
         hint = f"For example `{f.name}={example}`."
         if isinstance(value, str) and kinds[0] in ("float", "int"):
             try:
-                hint = f"Pass the number, `{f.name}={int(value) if kinds[0] == 'int' else float(value)!r}`, not a string."
+                number = int(value) if kinds[0] == "int" else float(value)
+                hint = f"Pass the number, `{f.name}={number!r}`, not a string."
             except ValueError:
                 pass
         raise TypeError(f"`{f.name}` must be {expected}{' or None' if optional else ''}, got {value!r} "

@@ -50,7 +50,9 @@ def check_dataset(dataset, name: str, *, text_field: str = "text", formatting_fu
     for label, part in _datasets(dataset, name):
         if row_count(part) == 0:
             purpose = "train" if name.startswith("train") else "evaluate"
-            raise ValueError(f"`{label}` is empty (0 rows): there is nothing to {purpose} on. Pass a dataset with rows.")
+            raise ValueError(
+                f"`{label}` is empty (0 rows): there is nothing to {purpose} on. Pass a dataset with rows."
+            )
         columns = list(getattr(part, "column_names", None) or [])
         if not columns or formatting_func is not None or _TOKENIZED in columns:
             continue
@@ -70,7 +72,9 @@ def _check_columns(dataset, label: str, columns: list[str], text_field: str) -> 
         )
     read = [c for c in ("prompt", "completion", text_field, *_CONVERSATIONAL) if c in columns]
     if not read:
-        raise ValueError(f"`{label}` has none of the columns `DistillTrainer` reads (columns: {columns}): use {formats}.")
+        raise ValueError(
+            f"`{label}` has none of the columns `DistillTrainer` reads (columns: {columns}): use {formats}."
+        )
     if "prompt" not in columns and text_field not in read and not any(c in columns for c in _CONVERSATIONAL):
         raise ValueError(
             f"`{label}` has a `completion` column but no `prompt` column (columns: {columns}): use {formats}."

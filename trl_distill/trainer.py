@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 from typing import Callable
@@ -227,6 +228,8 @@ class DistillTrainer(SFTTrainer):
         if self.feature_term is not None:  # first: a checkpoint without its projections is refused before any load
             self.feature_term.resume(resume_from_checkpoint)
         super()._load_from_checkpoint(resume_from_checkpoint, model)
+        # SFTTrainer's running `num_tokens` count starts at 0 in `__init__`: continue the checkpoint's instead.
+        self._total_train_tokens = _logged_train_tokens(resume_from_checkpoint)
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         batches, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
@@ -384,6 +387,17 @@ def _load_teacher_side(mode_cls, args, teacher_model, teacher_processing_class, 
 def _text_tokenizer(processing_class):
     """The tokenizer inside a processor (vision-language models), or the tokenizer itself."""
     return getattr(processing_class, "tokenizer", processing_class)
+
+
+def _logged_train_tokens(checkpoint: str) -> int:
+    """The last training `num_tokens` logged in `checkpoint`'s `trainer_state.json` (0 when there is none)."""
+    path = os.path.join(checkpoint, "trainer_state.json")
+    if not os.path.isfile(path):
+        return 0
+    with open(path) as f:
+        history = json.load(f).get("log_history", [])
+    counts = [entry["num_tokens"] for entry in history if "num_tokens" in entry and "loss" in entry]
+    return int(counts[-1]) if counts else 0
 
 
 def _row_counts(dataset):

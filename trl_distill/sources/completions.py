@@ -67,10 +67,13 @@ def seeded_rng(seed: int, device: torch.device | str) -> Iterator[None]:
             yield
         return
     module = torch.get_device_module(device.type)
-    index = device.index if device.index is not None else module.current_device()
+    index = device.index if device.index is not None else getattr(module, "current_device", lambda: 0)()
     with torch.random.fork_rng(devices=[index], device_type=device.type):
         torch.default_generator.manual_seed(seed)
-        with module.device(index):
+        if hasattr(module, "device"):  # seed the device the samples are drawn on, whichever is current
+            with module.device(index):
+                module.manual_seed(seed)
+        else:
             module.manual_seed(seed)
         yield
 
