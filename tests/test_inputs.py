@@ -182,3 +182,11 @@ def test_bf16_default_follows_the_hardware(tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="bf16"):  # control: asking for bf16 on a CPU machine is still refused
             DistillConfig(output_dir=str(tmp_path), bf16=True)
+
+
+def test_field_types_are_checked_after_a_parser_resolved_the_annotations(tmp_path):
+    from trl import TrlParser
+
+    TrlParser((DistillConfig,))  # `HfArgumentParser` replaces each dataclass field's `type` with the resolved type
+    with pytest.raises(TypeError, match=r"^`kd_temperature` must be a number, got '2'"):
+        DistillConfig(output_dir=str(tmp_path), kd_temperature="2")

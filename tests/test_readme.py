@@ -22,13 +22,13 @@ _BLOCK = re.compile(r"(?:^(<!-- readme-test: (\w+)[^\n]*-->)\n)?^```python\n(.*?
 
 
 def readme_blocks(text: str) -> list[tuple[str | None, int, str]]:
-    """`(marker, line, code)` for each Python block; `marker` is `setup`, `skip` or `None` (run it)."""
+    """`(marker, line, code)` per Python block: `line` is its first code line, `marker` `setup`, `skip` or `None`."""
     return [(m.group(2), text[: m.start(3)].count("\n") + 1, m.group(3)) for m in _BLOCK.finditer(text)]
 
 
 def test_the_block_parser_sees_markers():
     text = "a\n<!-- readme-test: setup (x) -->\n```python\nx = 1\n```\n\n```python\ny = 2\n```\n```bash\nz\n```\n"
-    assert readme_blocks(text) == [("setup", 3, "x = 1\n"), (None, 7, "y = 2\n")]
+    assert readme_blocks(text) == [("setup", 4, "x = 1\n"), (None, 8, "y = 2\n")]  # line of the first code line
 
 
 def test_readme_python_examples_run(tmp_path, monkeypatch, tokenizer, make_student, make_teacher):

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import numbers
+import types
+import typing
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +33,26 @@ _TYPE_CHECKS = {
 }
 
 
+@functools.cache
+def _own_field_kinds(cls) -> dict[str, tuple[str, bool]]:
+    """`{field: (kind, optional)}` for the simple-typed fields `cls` adds to `SFTConfig` (kind: a `_TYPE_CHECKS` key).
+
+    Read from the resolved annotations, not `Field.type`: `HfArgumentParser` replaces the latter in place.
+    """
+    hints = typing.get_type_hints(cls)
+    inherited = {f.name for f in dataclasses.fields(SFTConfig)}
+    kinds = {}
+    for f in dataclasses.fields(cls):
+        if f.name in inherited or f.name not in hints:
+            continue
+        hint = hints[f.name]
+        args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+        named = [getattr(arg, "__name__", None) for arg in args if arg is not type(None)]
+        if len(named) == 1 and named[0] in _TYPE_CHECKS:
+            kinds[f.name] = (named[0], type(None) in args)
+    return kinds
+
+
 def _check_field_types(config) -> None:
     """`TypeError` naming the field when a field `DistillConfig` adds holds a value of another type.
 
@@ -38,29 +61,22 @@ def _check_field_types(config) -> None:
     for a boolean, silently count as true). Fields of compound types (`list | str | None`, dicts) are checked by their
     own validation.
     """
-    inherited = {f.name for f in dataclasses.fields(SFTConfig)}
-    for f in dataclasses.fields(config):
-        if f.name in inherited or not isinstance(f.type, str):
-            continue
-        parts = [part.strip() for part in f.type.split("|")]
-        optional = "None" in parts
-        kinds = [part for part in parts if part != "None"]
-        if len(kinds) != 1 or kinds[0] not in _TYPE_CHECKS:
-            continue
-        value = getattr(config, f.name)
-        accepts, expected, example = _TYPE_CHECKS[kinds[0]]
+    defaults = {f.name: f.default for f in dataclasses.fields(config)}
+    for name, (kind, optional) in _own_field_kinds(type(config)).items():
+        value = getattr(config, name)
+        accepts, expected, example = _TYPE_CHECKS[kind]
         if (value is None and optional) or accepts(value):
             continue
-        if f.default is not None and f.default is not dataclasses.MISSING and accepts(f.default):
-            example = repr(f.default)
-        hint = f"For example `{f.name}={example}`."
-        if isinstance(value, str) and kinds[0] in ("float", "int"):
+        if defaults[name] is not None and defaults[name] is not dataclasses.MISSING and accepts(defaults[name]):
+            example = repr(defaults[name])
+        hint = f"For example `{name}={example}`."
+        if isinstance(value, str) and kind in ("float", "int"):
             try:
-                number = int(value) if kinds[0] == "int" else float(value)
-                hint = f"Pass the number, `{f.name}={number!r}`, not a string."
+                number = int(value) if kind == "int" else float(value)
+                hint = f"Pass the number, `{name}={number!r}`, not a string."
             except ValueError:
                 pass
-        raise TypeError(f"`{f.name}` must be {expected}{' or None' if optional else ''}, got {value!r} "
+        raise TypeError(f"`{name}` must be {expected}{' or None' if optional else ''}, got {value!r} "
                         f"({type(value).__name__}). {hint}")  # fmt: skip
 
 

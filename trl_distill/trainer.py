@@ -151,12 +151,6 @@ class DistillTrainer(SFTTrainer):
             formatting_func=formatting_func,
         )
 
-        # Rows SFTTrainer dropped (truncated to `max_length` with no response token left): a warning; none left: an error.
-        for name, dataset, rows in (("train_dataset", self.train_dataset, raw_rows[0]),
-                                    ("eval_dataset", self.eval_dataset, raw_rows[1])):  # fmt: skip
-            if dataset is not None:
-                check_rows_left(rows, dataset, name, max_length=args.max_length, packing=args.packing)
-
         # 5. Vocabulary (the student's tokenizer may only exist now) and lm_head checks; the teacher placed like the
         # student (needs the accelerator).
         student_tokenizer = _text_tokenizer(self.processing_class)
@@ -194,6 +188,12 @@ class DistillTrainer(SFTTrainer):
             feature_term=self.feature_term,
         )
         self.distill_mode = mode_cls(self.mode_context)
+        # Rows SFTTrainer dropped (truncated to `max_length` with no response token left): a warning; none left: an
+        # error. After the mode, whose own refusals (e.g. a store of another tokenizer) name the deeper cause.
+        for name, dataset, rows in (("train_dataset", self.train_dataset, raw_rows[0]),
+                                    ("eval_dataset", self.eval_dataset, raw_rows[1])):  # fmt: skip
+            if dataset is not None:
+                check_rows_left(rows, dataset, name, max_length=args.max_length, packing=args.packing)
 
         # 8. Callbacks and the completion source, which read the placed teacher and the prepared datasets.
         add_heldout_callback(self)  # held-out KL / perplexity at each evaluation and at the end (`heldout_eval`)
