@@ -181,8 +181,6 @@ def test_no_private_names_cross_modules():
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("trl_distill")):
                 private = [a.name for a in node.names if a.name.startswith("_") and not a.name.startswith("__")]
-                if _in(name, "losses"):  # losses/ is another helper's branch; its internals move there
-                    continue
                 assert not private, f"{name} imports private {private} from {node.module}"
 
 

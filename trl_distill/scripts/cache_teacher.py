@@ -31,12 +31,16 @@ trl-distill train --config distill.yaml --model_name_or_path Qwen/Qwen2.5-0.5B-I
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from . import stage
 from .data import load_splits
+
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -113,8 +117,6 @@ def _cache(script_args, cache_args, args) -> int:
     from trl_distill.teachers.cache import cache_teacher
 
     if cache_args.teacher_url is not None:  # a served teacher: trl_distill/teachers/served.py
-        from trl_distill.teachers.served import run_cache_teacher_served
-
         return run_cache_teacher_served(script_args, cache_args, args)
     if args.teacher_model_name_or_path is None:
         raise ValueError("`teacher_model_name_or_path` is required: the teacher whose top-k are stored.")
@@ -142,5 +144,50 @@ def _cache(script_args, cache_args, args) -> int:
     return 0
 
 
+def run_cache_teacher_served(script_args, cache_args, args) -> int:
+    """`trl-distill cache-teacher --teacher_url URL ...`: the parsed arguments of `cache_teacher_parser` -> a store."""
+    from accelerate import PartialState
+    from transformers import AutoTokenizer
+
+    from ..teachers.served import cache_teacher_served
+
+    if PartialState().num_processes > 1:
+        raise ValueError(
+            f"`teacher_url` with {PartialState().num_processes} processes: a served teacher is scored from one "
+            "process (`teacher_max_concurrency` requests in flight). Run `trl-distill cache-teacher` without "
+            "`--num_processes`."
+        )
+    if cache_args.tokenizer_name_or_path is None:
+        raise ValueError("`tokenizer_name_or_path` (the student's tokenizer) is required with `teacher_url`.")
+    if args.teacher_model_name_or_path is not None:
+        logger.warning("`teacher_model_name_or_path` is ignored: the teacher is scored by `teacher_url`.")
+    tokenizer = AutoTokenizer.from_pretrained(
+        cache_args.tokenizer_name_or_path, trust_remote_code=args.trust_remote_code
+    )
+    train_dataset, eval_dataset = load_splits(script_args)
+    manifest = cache_teacher_served(
+        cache_args.teacher_url,
+        train_dataset,
+        eval_dataset=eval_dataset,
+        args=args,
+        processing_class=tokenizer,
+        teacher_model=cache_args.teacher_served_model,
+        rows_per_shard=cache_args.rows_per_shard,
+        progress=not args.disable_tqdm,
+        prompts_per_request=cache_args.teacher_prompts_per_request,
+        max_concurrency=cache_args.teacher_max_concurrency,
+        timeout=cache_args.teacher_request_timeout,
+        max_retries=cache_args.teacher_max_retries,
+    )
+    positions = sum(info["positions"] for info in manifest["splits"].values())
+    print(
+        f"Teacher store {args.teacher_cache} from {manifest['teacher']['served']['url']} "
+        f"({manifest['teacher']['name_or_path']}): {len(manifest['shards'])} shards, {positions} positions "
+        f"(k={manifest['top_k']}, T={manifest['temperature']})."
+    )
+    return 0
+
+
 if __name__ == "__main__":
     sys.exit(main())
+
