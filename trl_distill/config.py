@@ -14,6 +14,7 @@ from typing import Any
 
 from trl import SFTConfig
 
+from .gate import load_release_check, parse_release_gate, wrong_direction
 from .losses import FEATURE_LOSSES, OBJECTIVES, REDUCTIONS, ULD_DISTANCES
 from .modes import available_modes, get_mode
 from .terms.layer_map import FEATURE_PROJECTION_MODES, parse_layer_map
@@ -209,6 +210,34 @@ class DistillConfig(SFTConfig):
             teacher, prompts and settings); defaults to `~/.cache/trl_distill/teacher_generations` (never inside `output_dir`).
         teacher_generation_batch_size (`int`, *optional*, defaults to `32`):
             Prompts per teacher `generate` call when building that cache.
+    Parameters of a served teacher (issue 16, `trl_distill.teachers.served`):
+        teacher_url (`str`, *optional*):
+            A vLLM server (`vllm serve`, OpenAI-compatible completions with `prompt_logprobs`) serving the teacher.
+            Without `teacher_cache`, `distill_mode="token"` scores every training batch through it (no teacher is
+            loaded here; the loss is the offline store's, from the top-`kd_top_k` log-probabilities); with
+            `teacher_cache`, `trl-distill cache-teacher` fills that store through it and training reads the store.
+            Needs `kd_top_k` and `kd_temperature=1.0` (vLLM's prompt log-probabilities are at temperature 1).
+        teacher_served_model (`str`, *optional*):
+            The served model name; defaults to the first one the server reports.
+        teacher_prompts_per_request, teacher_max_concurrency, teacher_request_timeout, teacher_max_retries:
+            Rows per request (default 8), requests in flight (4), seconds per request before a retry (120), retries
+            with exponential backoff after timeouts, resets and HTTP 5xx/429 (5).
+    Parameters of the release gate (issue 16, see `trl_distill/gate.py`): what a student must meet to be pushed:
+        release_gate (`list[str]`, `str` or `dict`, *optional*):
+            Thresholds on the held-out figures, by the names the held-out callback logs: `"name<=value"` /
+            `"name>=value"` strings (a list, or one comma-separated string on the command line), or a mapping
+            `{name: "<=value"}`, e.g. `["heldout_kl_teacher_student<=0.5", "heldout_top1_agreement>=0.6"]`. Evaluated
+            at the end of training (after the held-out measurement); needs a teacher and an `eval_dataset`.
+        release_gate_check (`str`, *optional*):
+            A check of the student's greedy answers to the held-out prompts, by import path (`"module:function"`):
+            `function(prompts, completions[, references])` returning one bool/score per answer (or a pass fraction),
+            or `function(prompt, completion) -> bool` called per answer. Answers are up to `max_completion_length`
+            tokens.
+        release_gate_min_pass (`float`, *optional*, defaults to `1.0`):
+            Fraction of the answers `release_gate_check` must pass.
+        release_gate_override (`str`, *optional*):
+            Push a student that failed its gate anyway, for this reason (recorded in the receipt and the card). The
+            same as `push_to_hub(override_release_gate=reason)`.
     """
 
     _VALID_DICT_FIELDS = SFTConfig._VALID_DICT_FIELDS + ["teacher_model_init_kwargs"]
@@ -371,6 +400,40 @@ class DistillConfig(SFTConfig):
     teacher_generation_batch_size: int = field(
         default=32, metadata={"help": "Prompts per teacher generate call when caching teacher completions."}
     )
+    # A served teacher (issue 16, trl_distill/teachers/served.py): a vLLM server scores the teacher's side
+    teacher_url: str | None = field(
+        default=None,
+        metadata={"help": "A vLLM (OpenAI-compatible) server serving the teacher, e.g. http://host:8000: scores each "
+                  "batch live (token mode), or fills `teacher_cache` in `trl-distill cache-teacher`. Needs "
+                  "`kd_top_k` and `kd_temperature: 1.0`."},
+    )
+    teacher_served_model: str | None = field(
+        default=None, metadata={"help": "The served model name; default the first one the server reports."}
+    )
+    teacher_prompts_per_request: int = field(default=8, metadata={"help": "Rows per request to the teacher server."})
+    teacher_max_concurrency: int = field(default=4, metadata={"help": "Requests to the teacher server in flight."})
+    teacher_request_timeout: float = field(default=120.0, metadata={"help": "Seconds per request before a retry."})
+    teacher_max_retries: int = field(
+        default=5, metadata={"help": "Retries (exponential backoff) after timeouts, resets and HTTP 5xx/429."}
+    )
+    # Release gate (issue 16, trl_distill/gate.py): thresholds a student must meet before `push_to_hub` publishes it
+    release_gate: list[str] | str | dict[str, str] | None = field(
+        default=None,
+        metadata={"help": "Thresholds on held-out figures, e.g. 'heldout_kl_teacher_student<=0.5,"
+                  "heldout_top1_agreement>=0.6'; a student that fails is saved but not pushed."},
+    )
+    release_gate_check: str | None = field(
+        default=None,
+        metadata={"help": "Check of the student's greedy held-out answers, 'module:function' (prompts, completions) "
+                  "-> one bool per answer."},
+    )
+    release_gate_min_pass: float = field(
+        default=1.0, metadata={"help": "Fraction of answers `release_gate_check` must pass (in [0, 1])."}
+    )
+    release_gate_override: str | None = field(
+        default=None,
+        metadata={"help": "Push a student that failed its release gate anyway, for this reason (recorded)."},
+    )
 
     def __post_init__(self):
         _check_field_types(self)  # before any comparison: `kd_temperature="2"` must name the field
@@ -468,6 +531,8 @@ class DistillConfig(SFTConfig):
 
         # Where the completions come from (issue 3).
         self._check_completion_sources()
+        self._check_served_teacher()  # issue 16: live scoring through a vLLM server
+        self._check_release_gate()  # issue 16: a bad threshold or check path fails now, not after training
         # What the mode itself needs (feature term, generated completions, teacher store, its own fields): the mode
         # class owns those checks, so a mode registered by the user validates its settings too.
         get_mode(self.distill_mode).validate_config(self)
@@ -481,6 +546,94 @@ class DistillConfig(SFTConfig):
                 "`objective='generalized_jsd'` reads it. Set `objective='generalized_jsd'` to use it, or drop `beta`.",
                 UserWarning,
                 stacklevel=4,
+            )
+
+    def _check_served_teacher(self) -> None:
+        for name in ("teacher_prompts_per_request", "teacher_max_concurrency"):
+            if not _positive_int(getattr(self, name)):
+                raise ValueError(f"`{name}` must be a positive integer, got {getattr(self, name)!r}.")
+        if isinstance(self.teacher_max_retries, bool) or not (
+            isinstance(self.teacher_max_retries, int) and self.teacher_max_retries >= 0
+        ):
+            raise ValueError(f"`teacher_max_retries` must be an integer >= 0, got {self.teacher_max_retries!r}.")
+        if not (isinstance(self.teacher_request_timeout, (int, float)) and self.teacher_request_timeout > 0):
+            raise ValueError(
+                f"`teacher_request_timeout` must be a number of seconds > 0, got {self.teacher_request_timeout!r}."
+            )
+        if self.teacher_url is None:
+            return
+        if not (isinstance(self.teacher_url, str) and self.teacher_url.startswith(("http://", "https://"))):
+            raise ValueError(
+                f"`teacher_url` must be an http(s) URL such as 'http://host:8000', got {self.teacher_url!r}."
+            )
+        if self.kd_top_k is None:
+            raise ValueError(
+                "`teacher_url` gives the teacher's top-k log-probabilities only: set `kd_top_k` (at most the server's "
+                "`--max-logprobs`, 20 by default), got None."
+            )
+        if self.kd_temperature != 1.0:
+            raise ValueError(
+                f"`kd_temperature={self.kd_temperature}` with `teacher_url`: vLLM's prompt log-probabilities are at "
+                "temperature 1, and top-k log-probabilities cannot be moved to another temperature (the normalizer "
+                "needs the whole vocabulary). Set `kd_temperature=1.0`."
+            )
+        if self.teacher_cache is not None:
+            return  # training reads the store (`trl-distill cache-teacher --teacher_url` fills it)
+        if get_mode(self.distill_mode).for_served_teacher() is None:
+            raise ValueError(
+                f"`teacher_url` scores the teacher's top-k for the token mode's loss; `distill_mode="
+                f"{self.distill_mode!r}` needs a teacher of its own. Use `distill_mode='token'`, or fill a store with "
+                "`trl-distill cache-teacher --teacher_url ...` where the mode reads one."
+            )
+        for name in ("packing", "padding_free"):
+            if getattr(self, name):
+                raise ValueError(
+                    f"`{name}=True` cannot be used with `teacher_url`: each row is sent to the server on its own, "
+                    f"which packed or padding-free batches merge. Set `{name}=False`."
+                )
+        if self.feature_weight > 0 or self.seq_kd:
+            raise ValueError(
+                f"`teacher_url` gives only the teacher's top-k log-probabilities: `feature_weight="
+                f"{self.feature_weight}` (hidden states) and `seq_kd={self.seq_kd}` (teacher generations) need a "
+                "loaded teacher. Set `feature_weight=0` and `seq_kd=False`."
+            )
+
+    def _check_release_gate(self) -> None:
+        self.release_gate = parse_release_gate(self.release_gate, field="release_gate")
+        for item in wrong_direction(self.release_gate):
+            warnings.warn(
+                f"`release_gate` entry {item!r} bounds the figure on the side where it improves (lower KL and "
+                "perplexity, higher agreement are better): a better student would fail it. Flip the operator if this "
+                "is a typo.",
+                UserWarning,
+                stacklevel=4,
+            )
+        if self.release_gate and not self.heldout_eval:
+            raise ValueError(
+                f"`release_gate={self.release_gate}` is judged on the held-out figures, which `heldout_eval=False` "
+                "turns off. Set `heldout_eval=True` (and pass a teacher and an `eval_dataset`), or drop "
+                "`release_gate`."
+            )
+        if self.release_gate_check is not None:
+            load_release_check(self.release_gate_check, field="release_gate_check")  # import now, not after training
+        minimum = self.release_gate_min_pass
+        if isinstance(minimum, bool) or not (isinstance(minimum, (int, float)) and 0.0 <= minimum <= 1.0):
+            raise ValueError(
+                f"`release_gate_min_pass` must be a number in [0, 1] (the fraction of answers `release_gate_check` "
+                f"must pass), got {minimum!r}."
+            )
+        if self.release_gate_check is None and minimum != 1.0:
+            warnings.warn(
+                f"`release_gate_min_pass={minimum}` is ignored because `release_gate_check` is not set.",
+                UserWarning,
+                stacklevel=4,
+            )
+        if self.release_gate_override is not None and not (
+            isinstance(self.release_gate_override, str) and self.release_gate_override.strip()
+        ):
+            raise ValueError(
+                f"`release_gate_override` must be a non-empty reason (it is recorded in the receipt), got "
+                f"{self.release_gate_override!r}."
             )
 
     def _check_completion_sources(self) -> None:

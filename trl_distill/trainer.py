@@ -15,7 +15,7 @@ from trl import SFTConfig, SFTTrainer
 
 from .alignment import shared_vocab_size
 from .artifact import push_offline_error, save_artifact, upload_error, write_trainer_model_card
-from .callbacks import add_heldout_callback
+from .callbacks import add_heldout_callback, add_release_gate_callback, find_release_gate_callback
 from .config import DistillConfig
 from .conversation import as_prompt_completion
 from .inputs import check_dataset, check_model_path, check_rows_left, row_count
@@ -109,7 +109,13 @@ class DistillTrainer(SFTTrainer):
                 "not be given (got one). Pass `teacher_model=None`, or unset `teacher_cache` to distill from the live "
                 "teacher."
             )
-        # The teacher *source*: a live model, or (`teacher_cache`) the mode's offline variant reading a store.
+        if args.teacher_url is not None and args.teacher_cache is None and teacher_model is not None:
+            raise ValueError(
+                f"`teacher_url={args.teacher_url!r}` scores the teacher on a server, so `teacher_model` must not be "
+                "given (got one). Pass `teacher_model=None`, or unset `teacher_url` to distill from a loaded teacher."
+            )
+        # The teacher *source*: a live model, (`teacher_cache`) the mode's offline variant reading a store, or
+        # (`teacher_url`) its served variant scoring each batch through a vLLM server.
         mode_cls = resolve_mode(args)
 
         # 2. Teacher and its tokenizer, before the dataset is tokenized (a wrong teacher or vocabulary fails fast).
@@ -196,7 +202,8 @@ class DistillTrainer(SFTTrainer):
                 check_rows_left(rows, dataset, name, max_length=args.max_length, packing=args.packing)
 
         # 8. Callbacks and the completion source, which read the placed teacher and the prepared datasets.
-        add_heldout_callback(self)  # held-out KL / perplexity at each evaluation and at the end (`heldout_eval`)
+        heldout = add_heldout_callback(self)  # held-out KL / perplexity at each evaluation and at the end
+        add_release_gate_callback(self, heldout)  # issue 16: judged at the end, after held-out figures; gates pushes
         self.completion_source = None
         if args.lmbda > 0 or args.seq_kd:  # where the samples come from (sources/): on-policy / fresh teacher text
             self.completion_source = CompletionSource(
@@ -294,6 +301,19 @@ class DistillTrainer(SFTTrainer):
         if self.args.should_save and not getattr(self, "_saving_checkpoint", False):
             save_artifact(self, output_dir if output_dir is not None else self.args.output_dir)
 
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        # A release gate is judged at the end of training: no checkpoint is published before (`hub_strategy`).
+        gate_callback = find_release_gate_callback(self)
+        if gate_callback is None:
+            return super()._push_from_checkpoint(checkpoint_folder)
+        if not getattr(self, "_gate_held_checkpoint", False):
+            self._gate_held_checkpoint = True
+            logger.warning(
+                "Checkpoint pushes (`push_to_hub=True`, `hub_strategy=%r`) are held back: the release gate is judged "
+                "at the end of training; `push_to_hub()` then uploads the student if it passes.",
+                self.args.hub_strategy,
+            )
+
     def _save_checkpoint(self, model, trial):
         self._saving_checkpoint = True  # a checkpoint is resume state, not an artifact: no receipt in it
         try:
@@ -305,14 +325,23 @@ class DistillTrainer(SFTTrainer):
         if self.is_world_process_zero():
             write_trainer_model_card(self, self.args.output_dir, model_name=model_name, tags=tags)
 
-    def push_to_hub(self, commit_message: str | None = "End of training", blocking: bool = True, **kwargs):
+    def push_to_hub(self, commit_message: str | None = "End of training", blocking: bool = True,
+                    override_release_gate: str | None = None, **kwargs):  # fmt: skip
         """Save the artifact (weights, card, `distill_receipt.json`), then upload it (as `Trainer.push_to_hub`).
 
         The save comes first, so an unreachable Hub loses nothing: offline mode raises `OfflineModeIsEnabled` and a
         failed upload raises [`~trl_distill.artifact.HubUploadError`], both naming the directory that holds the model.
+        With a release gate (`release_gate`, `release_gate_check`), a student that fails it is saved and not uploaded:
+        [`~trl_distill.gate.ReleaseGateError`] names each failed threshold. `override_release_gate="<reason>"` (or
+        `args.release_gate_override`) uploads it anyway and records the reason in the receipt and the card.
         """
         output_dir = self.args.output_dir
+        # Release gate (issue 16): judged on these weights before the save, so the receipt records it (and overrides).
+        gate_callback = find_release_gate_callback(self)
+        refusal = gate_callback.refuse(self.state, override_release_gate, output_dir) if gate_callback else None
         self.save_model(_internal_call=True)  # before anything touches the network (transformers creates the repo first)
+        if refusal is not None:
+            raise refusal
         generations = os.path.join(output_dir, "teacher_generations")
         if os.path.isdir(generations):
             raise ValueError(
@@ -356,7 +385,7 @@ def _load_teacher_side(mode_cls, args, teacher_model, teacher_processing_class, 
     (computed once `SFTTrainer` has loaded the student's tokenizer).
     """
     field = "teacher_model" if teacher_model is not None else "teacher_model_name_or_path"  # named in errors
-    if args.teacher_cache is None:
+    if args.teacher_cache is None and args.teacher_url is None:  # a store or a server replaces a loaded teacher
         teacher_model = teacher_model if teacher_model is not None else args.teacher_model_name_or_path
     if teacher_model is None and mode_cls.requires_teacher:
         raise ValueError(
