@@ -466,3 +466,17 @@ def test_ddp_step_matches_one_process(tmp_path):
     ddp = torch.load(out)
     for name, value in single.items():
         torch.testing.assert_close(ddp[name], value, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_checkpoint_without_projections_is_refused(
+    tmp_path, tokenizer, make_student, wide_teacher, prompt_completion_dataset
+):
+    settings = dict(max_steps=2, save_strategy="steps", save_steps=2, per_device_train_batch_size=2)
+    trainer_for(tmp_path, tokenizer, make_student(hidden_size=64), wide_teacher(), prompt_completion_dataset, **settings).train()
+    checkpoint = tmp_path / "out" / "checkpoint-2"
+    (checkpoint / FEATURE_PROJECTIONS_NAME).unlink()
+    resumed = trainer_for(
+        tmp_path, tokenizer, make_student(hidden_size=64), wide_teacher(), prompt_completion_dataset, **{**settings, "max_steps": 4}
+    )  # fmt: skip
+    with pytest.raises(ValueError, match=f"has no {FEATURE_PROJECTIONS_NAME}.*optimizer state"):
+        resumed.train(resume_from_checkpoint=str(checkpoint))

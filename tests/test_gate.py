@@ -169,6 +169,7 @@ def failed(tmp_path_factory, tokenizer, prompt_completion_dataset, eval_dataset)
         args=tiny_args(out, release_gate=FAILING, release_gate_check="tests.gate_checks:every_other",
                        release_gate_min_pass=0.5, max_completion_length=6),
         train_dataset=prompt_completion_dataset, eval_dataset=eval_dataset, processing_class=tokenizer,
+        teacher_processing_class=tokenizer,  # an in-memory teacher of the same tokenizer
     )  # fmt: skip
     trainer.train()
     with pytest.raises(ReleaseGateError) as refused:  # HF_HUB_OFFLINE=1: the gate refuses before the network is asked
@@ -386,6 +387,7 @@ trainer = DistillTrainer(
     train_dataset=make_task_dataset(8, seed=0, split="train"),
     eval_dataset=make_task_dataset(4, seed=0, split="test"),
     processing_class=tokenizer,
+    teacher_processing_class=tokenizer,
 )
 trainer.train()  # checkpoints at steps 1 and 2: `hub_strategy` would push them, the gate holds them back
 print("TRAINED")

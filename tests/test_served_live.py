@@ -42,7 +42,8 @@ def test_live_scoring_through_the_server_trains_as_the_loaded_teacher(tmp_path, 
     common = dict(max_steps=3, max_length=48, **{k: SERVED[k] for k in ("kd_top_k", "kd_temperature")})
     loaded = DistillTrainer(model=build_tiny_model(tokenizer, hidden_size=32, num_layers=2, num_heads=2, seed=1),
                             teacher_model=teacher, args=config(tmp_path / "loaded", **common),
-                            train_dataset=prompt_completion_dataset, processing_class=tokenizer)  # fmt: skip
+                            train_dataset=prompt_completion_dataset, processing_class=tokenizer,
+                            teacher_processing_class=tokenizer)  # fmt: skip
     loaded.train()
     served = DistillTrainer(
         model=build_tiny_model(tokenizer, hidden_size=32, num_layers=2, num_heads=2, seed=1),

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
+import numbers
+import types
+import typing
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,10 +24,82 @@ def _positive_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
+# What a field's annotation admits, for the type check of the fields `DistillConfig` adds (`_check_field_types`).
+_TYPE_CHECKS = {
+    "float": (lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool), "a number", "2.0"),
+    # A non-integral number is left to the field's own range check (a `ValueError` naming it).
+    "int": (lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool), "an integer", "8"),
+    "bool": (lambda v: isinstance(v, bool), "True or False", "True"),
+    "str": (lambda v: isinstance(v, str), "a string", "'forward_kl'"),
+}
+
+
+@functools.cache
+def _own_field_kinds(cls) -> dict[str, tuple[str, bool]]:
+    """`{field: (kind, optional)}` for the simple-typed fields `cls` adds to `SFTConfig` (kind: a `_TYPE_CHECKS` key).
+
+    Read from the resolved annotations, not `Field.type`: `HfArgumentParser` replaces the latter in place.
+    """
+    hints = typing.get_type_hints(cls)
+    inherited = {f.name for f in dataclasses.fields(SFTConfig)}
+    kinds = {}
+    for f in dataclasses.fields(cls):
+        if f.name in inherited or f.name not in hints:
+            continue
+        hint = hints[f.name]
+        args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+        named = [getattr(arg, "__name__", None) for arg in args if arg is not type(None)]
+        if len(named) == 1 and named[0] in _TYPE_CHECKS:
+            kinds[f.name] = (named[0], type(None) in args)
+    return kinds
+
+
+def _check_field_types(config) -> None:
+    """`TypeError` naming the field when a field `DistillConfig` adds holds a value of another type.
+
+    Command-line and YAML values are converted by TRL's parser from the annotations before they get here; this catches
+    Python calls such as `DistillConfig(kd_temperature="2")`, which would otherwise fail deep inside a comparison (or,
+    for a boolean, silently count as true). Fields of compound types (`list | str | None`, dicts) are checked by their
+    own validation.
+    """
+    defaults = {f.name: f.default for f in dataclasses.fields(config)}
+    for name, (kind, optional) in _own_field_kinds(type(config)).items():
+        value = getattr(config, name)
+        accepts, expected, example = _TYPE_CHECKS[kind]
+        if (value is None and optional) or accepts(value):
+            continue
+        if defaults[name] is not None and defaults[name] is not dataclasses.MISSING and accepts(defaults[name]):
+            example = repr(defaults[name])
+        hint = f"For example `{name}={example}`."
+        if isinstance(value, str) and kind in ("float", "int"):
+            try:
+                number = int(value) if kind == "int" else float(value)
+                hint = f"Pass the number, `{name}={number!r}`, not a string."
+            except ValueError:
+                pass
+        raise TypeError(f"`{name}` must be {expected}{' or None' if optional else ''}, got {value!r} "
+                        f"({type(value).__name__}). {hint}")  # fmt: skip
+
+
+def _default_bf16(config) -> bool:
+    """TRL defaults `bf16=True`, which `TrainingArguments` refuses on a machine without a bf16-capable accelerator
+    unless `use_cpu=True`. `DistillConfig` resolves an unset `bf16` to True only where bf16 mixed precision runs (an
+    accelerator with bf16 support, not `use_cpu`, not `fp16`); elsewhere training runs in float32."""
+    if config.fp16 or config.use_cpu:
+        return False
+    from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
+
+    return bool(is_torch_bf16_gpu_available() or is_torch_xla_available())
+
+
 @dataclass
 class DistillConfig(SFTConfig):
     r"""
     Configuration for [`DistillTrainer`]: every [`~trl.SFTConfig`] field plus the distillation settings below.
+
+    One default differs from `SFTConfig`: `bf16` left unset becomes `True` only when a bf16-capable accelerator is
+    present (and neither `use_cpu` nor `fp16` is set), else `False` (float32), so a config runs as written on a CPU
+    machine. Set `bf16` explicitly to override.
 
     The token-level loss at each response position is `alpha * T^2 * D(teacher_T, student_T) + (1 - alpha) * CE`, with
     `T = kd_temperature` and `D` chosen by `objective`; it is reduced per `loss_reduction`.
@@ -362,6 +439,9 @@ class DistillConfig(SFTConfig):
     )
 
     def __post_init__(self):
+        _check_field_types(self)  # before any comparison: `kd_temperature="2"` must name the field
+        if self.bf16 is None:
+            self.bf16 = _default_bf16(self)
         super().__post_init__()
         if self.distill_mode not in available_modes():  # the registry is the only place modes are known
             raise ValueError(
@@ -376,6 +456,7 @@ class DistillConfig(SFTConfig):
             )
         if not 0.0 <= self.beta <= 1.0:
             raise ValueError(f"`beta` must be in [0, 1] (0 = forward KL, 1 = reverse KL), got {self.beta}.")
+        self._warn_ignored_beta()
         if not (math.isfinite(self.kd_temperature) and self.kd_temperature > 0):
             raise ValueError(f"`kd_temperature` must be a finite number > 0, got {self.kd_temperature}.")
         if self.kd_temperature < 1.0:
@@ -458,6 +539,17 @@ class DistillConfig(SFTConfig):
         # What the mode itself needs (feature term, generated completions, teacher store, its own fields): the mode
         # class owns those checks, so a mode registered by the user validates its settings too.
         get_mode(self.distill_mode).validate_config(self)
+
+    def _warn_ignored_beta(self) -> None:
+        default = next(f.default for f in dataclasses.fields(self) if f.name == "beta")
+        if self.objective != "generalized_jsd" and self.beta != default:
+            fixed = " (`jsd` is the generalized JSD at beta = 0.5)" if self.objective == "jsd" else ""
+            warnings.warn(
+                f"`beta={self.beta}` is ignored with `objective={self.objective!r}`{fixed}: only "
+                "`objective='generalized_jsd'` reads it. Set `objective='generalized_jsd'` to use it, or drop `beta`.",
+                UserWarning,
+                stacklevel=4,
+            )
 
     def _check_served_teacher(self) -> None:
         for name in ("teacher_prompts_per_request", "teacher_max_concurrency"):
