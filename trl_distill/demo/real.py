@@ -227,7 +227,7 @@ def run_real_demo(
     from trl_distill.evaluation import generate_completions, heldout_metrics
     from trl_distill.real_models import real_model_path
 
-    from .runner import _fit, _quiet_progress, _torch_threads
+    from .runner import fit_trainer, quiet_progress, torch_threads
 
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise TypeError(f"`seed` must be an int, got {seed!r}.")
@@ -237,7 +237,7 @@ def run_real_demo(
     timings: dict[str, float] = {}
     total_start = time.perf_counter()
 
-    with _quiet_progress(verbose), _torch_threads(num_threads):
+    with quiet_progress(verbose), torch_threads(num_threads):
         start = time.perf_counter()
         log(f"[models] {TEACHER} (downloaded and converted once, then cached)")
         teacher_path = real_model_path(TEACHER, cache_dir=cache_dir, progress=verbose)
@@ -258,7 +258,7 @@ def run_real_demo(
         log(f"[student/sft] SFTTrainer, {budget.steps} steps of {budget.batch_size} rows")
         sft = SFTTrainer(model=copy.deepcopy(student_init), args=SFTConfig(**kwargs("sft")),
                          train_dataset=train_dataset, processing_class=tokenizer)  # fmt: skip
-        timings["sft_s"] = _fit(sft, verbose)
+        timings["sft_s"] = fit_trainer(sft, verbose)
         sft.model.eval()
         sft.save_model(os.path.join(output_dir, "sft"))
 
@@ -270,7 +270,7 @@ def run_real_demo(
             model=copy.deepcopy(student_init), teacher_model=teacher, args=kd_args, train_dataset=train_dataset,
             eval_dataset=test_dataset, processing_class=tokenizer,
         )  # fmt: skip
-        seconds = _fit(kd, verbose)
+        seconds = fit_trainer(kd, verbose)
         heldout = find_heldout_callback(kd)  # its end-of-training measurement is evaluation, not training time
         timings["kd_s"] = seconds - (heldout.seconds if heldout is not None else 0.0)
         kd.model.eval()
