@@ -69,3 +69,12 @@ def prompt_completion_dataset():
 @pytest.fixture(scope="session")
 def eval_dataset():
     return make_task_dataset(8, seed=0, split="test")
+
+
+@pytest.fixture
+def one_thread():
+    """Generation runs many tiny matmuls: a second OpenMP thread on a shared 2-core machine made them ~15x slower."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import ProgressCallback
 
-from tests.distill_artifacts import tiny_args
+from tests.helpers import tiny_args
 from trl_distill import DistillTrainer
 from trl_distill.callbacks import HeldOutKLCallback, find_heldout_callback, is_plateau
 from trl_distill.evaluation import heldout_metrics, tokenize_prompt_completion

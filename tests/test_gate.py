@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from tests import gate_checks
-from tests.distill_artifacts import saved_teacher, tiny_args
+from tests.helpers import saved_teacher, tiny_args
 from tests.hub_server import LocalHub
 from trl_distill import DistillConfig, DistillTrainer
 from trl_distill.gate import (

@@ -9,7 +9,7 @@ import warnings
 import pytest
 from datasets import Dataset
 
-from tests.test_trainer import config
+from tests.helpers import config
 from trl_distill import DistillConfig, DistillTrainer
 from trl_distill.demo.tiny import build_tiny_model
 

@@ -11,7 +11,7 @@ import yaml
 from huggingface_hub import ModelCard
 from huggingface_hub.errors import OfflineModeIsEnabled
 
-from tests.distill_artifacts import tiny_args
+from tests.helpers import tiny_args
 from tests.hub_server import LocalHub
 from trl_distill import DistillTrainer
 from trl_distill.model_card import build_model_card, card_text, write_model_card

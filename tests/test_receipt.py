@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from tests.distill_artifacts import saved_teacher, tiny_args, train_and_save
+from tests.helpers import saved_teacher, tiny_args, train_and_save
 from trl_distill.artifact import append_stage
 from trl_distill.cli import main
 from trl_distill.provenance import distillation_settings, method_papers

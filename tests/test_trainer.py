@@ -7,40 +7,9 @@ import pytest
 import torch
 from datasets import Dataset
 
+from tests.helpers import config, snapshot, assert_trained
 from trl_distill import DistillConfig, DistillTrainer
 from trl_distill.demo.tiny import save_pretrained_pair
-
-
-def config(tmp_path, **kwargs):
-    defaults = dict(
-        output_dir=str(tmp_path / "out"),
-        use_cpu=True,
-        bf16=False,
-        activation_checkpointing=False,
-        max_steps=3,
-        per_device_train_batch_size=4,
-        learning_rate=1e-2,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        seed=0,
-        dataloader_num_workers=0,
-    )
-    return DistillConfig(**{**defaults, **kwargs})
-
-
-def snapshot(model):
-    return {name: p.detach().clone() for name, p in model.named_parameters()}
-
-
-def assert_trained(trainer, student_before, teacher_before):
-    for name, param in trainer.model.named_parameters():
-        if param.requires_grad:
-            assert not torch.equal(param.detach(), student_before[name]), f"trainable parameter {name} did not change"
-    for name, param in trainer.teacher_model.named_parameters():
-        assert torch.equal(param.detach(), teacher_before[name]), f"teacher parameter {name} changed"
-    losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
-    assert losses and all(torch.isfinite(torch.tensor(losses))), losses
 
 
 @pytest.mark.parametrize(

@@ -412,7 +412,7 @@ def test_an_edited_manifest_is_refused(tmp_path, store, tokenizer, make_student,
 def test_student_from_a_store_records_its_teacher_and_replay_checks_them(
     tmp_path, tokenizer, prompt_completion_dataset, make_student
 ):
-    from tests.distill_artifacts import saved_teacher
+    from tests.helpers import saved_teacher
     from trl_distill.digests import weights_sha256
     from trl_distill.receipt import load_receipt
     from trl_distill.verify import verify_artifact
@@ -575,7 +575,7 @@ def test_two_processes_write_disjoint_shards_and_the_same_store(
     1-process one and trains to the same losses."""
     from trl_distill.cli import main
 
-    root = pathlib.Path(__file__).resolve().parent.parent
+    root = pathlib.Path(__file__).resolve().parents[2]
     teacher.save_pretrained(tmp_path / "teacher")
     tokenizer.save_pretrained(tmp_path / "teacher")
     (tmp_path / "data").mkdir()

@@ -6,40 +6,20 @@ import pytest
 import torch
 from datasets import Dataset
 
-from tests.test_trainer import config, snapshot
+from tests.helpers import config, count_generate, snapshot
 from trl_distill import DistillTrainer, generate_teacher_completions
 from trl_distill.demo.tiny import build_tiny_model
 from trl_distill.evaluation import generate_completions
 from trl_distill.modes.sequence import use_teacher_completions
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Generation runs many tiny matmuls: a second OpenMP thread on a shared 2-core machine made them ~15x slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # generation: many tiny matmuls
 
 
 @pytest.fixture
 def other_teacher(other_tokenizer):
     """A teacher with a genuinely different vocabulary (400 tokens, other text) from the student's."""
     return build_tiny_model(other_tokenizer, hidden_size=32, num_layers=2, num_heads=2, seed=3)
-
-
-def count_generate(model, fail_after=None):
-    """Wrap `model.generate` to count calls (and raise on call number `fail_after + 1`, an interruption)."""
-    original, calls = model.generate, []
-
-    def generate(*args, **kwargs):
-        if fail_after is not None and len(calls) >= fail_after:
-            raise KeyboardInterrupt("interrupted")
-        calls.append(kwargs["input_ids"].shape[0])
-        return original(*args, **kwargs)
-
-    model.generate = generate
-    return calls
 
 
 def test_trains_across_two_tokenizers(

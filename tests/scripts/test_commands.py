@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "recipes" / "configs"
 ROWS = [{"prompt": f"Question {i}?\nAnswer:", "completion": f" answer {i}"} for i in range(6)]
 

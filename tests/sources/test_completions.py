@@ -7,11 +7,13 @@ import pytest
 import torch
 from datasets import Dataset
 
-from tests.test_sequence import count_generate, one_thread  # noqa: F401  (one_thread: autouse fixture)
-from tests.test_trainer import config, snapshot
+from tests.helpers import config, count_generate, snapshot
 from trl_distill import DistillTrainer
 from trl_distill.sources import completion_batch, completion_starts, on_policy_coin
 from trl_distill.teachers.generation import generate_completion_ids
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # generation: many tiny matmuls
 
 
 # ---------------------------------------------------------------- the coin

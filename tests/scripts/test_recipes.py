@@ -22,7 +22,7 @@ import torch
 import yaml
 
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 RECIPES = ROOT / "recipes"
 CONFIGS = RECIPES / "configs"
 TIMEOUT = 400

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tests.served_teacher_server import StandInServer
-from tests.test_trainer import config
+from tests.helpers import config
 from trl_distill import DistillConfig, DistillTrainer
 from trl_distill.demo.tiny import build_tiny_model
 from trl_distill.modes import resolve_mode
