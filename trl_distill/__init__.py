@@ -55,13 +55,21 @@ _EXPORTS = {
     # conversational rows (issue 12): `messages` split at the final assistant turn, in every mode
     "as_prompt_completion": "trl_distill.conversation",
     "expand_assistant_turns": "trl_distill.conversation",
+    # real models offline and students cut from them (issue 12)
+    "real_model_path": "trl_distill.real_models",
+    "depth_prune": "trl_distill.pruning",
+    "score_layers": "trl_distill.pruning",
+    "select_layers": "trl_distill.pruning",
 }
 
 __all__ = ["__version__", *sorted(_EXPORTS)]
 
 if TYPE_CHECKING:
+    from .artifact import append_stage, save_artifact
+    from .callbacks import HeldOutKLCallback
     from .config import DistillConfig
     from .conversation import as_prompt_completion, expand_assistant_turns
+    from .evaluation import heldout_metrics
     from .losses import (
         distillation_loss,
         feature_distillation_loss,
@@ -69,18 +77,17 @@ if TYPE_CHECKING:
         linear_top_k_distillation_loss,
     )
     from .modes import DistillMode, MetricsSink, ModeContext, available_modes, register_mode
-    from .teachers.cache import cache_teacher
+    from .preference import teacher_ranked_pairs
+    from .pruning import depth_prune, score_layers, select_layers
+    from .quantization import disable_bnb_cpu_repack, qat_convert, qat_prepare, unwrap_fake_quantized
+    from .real_models import real_model_path
     from .scripts.cache_teacher import CacheTeacherArguments, cache_teacher_parser, run_cache_teacher
+    from .teachers.cache import cache_teacher
+    from .teachers.generation import generate_teacher_completions
     from .teachers.served import ServedTeacher, cache_teacher_served
     from .teachers.store import TeacherStore
-    from .teachers.generation import generate_teacher_completions
     from .trainer import DistillTrainer
-    from .callbacks import HeldOutKLCallback
-    from .artifact import append_stage, save_artifact
     from .verify import verify_artifact
-    from .evaluation import heldout_metrics
-    from .preference import teacher_ranked_pairs
-    from .quantization import disable_bnb_cpu_repack, qat_convert, qat_prepare, unwrap_fake_quantized
 
 
 def __getattr__(name: str):
