@@ -29,6 +29,7 @@ import json
 import os
 import time
 
+
 MODEL_DIR = os.path.expanduser("~/.cache/trl_distill/models/SmolLM2-135M-Instruct")
 CACHE_DIR = os.path.expanduser("~/.cache/trl_distill/minillm_bench")
 MODULES = ("json", "os.path", "re", "collections", "itertools", "functools", "math", "string", "textwrap", "shutil",

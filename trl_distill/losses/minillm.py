@@ -33,6 +33,7 @@ import torch
 from .chunked import check_linear_shapes, linear_loss_sums
 from .divergences import divergence_terms
 
+
 __all__ = ["MiniLLMCoefficients", "MiniLLMLossOutput", "linear_minillm_loss", "minillm_coefficients"]
 
 
@@ -205,7 +206,9 @@ def linear_minillm_loss(
     def selected(x, dtype):
         return x.detach().to(device).reshape(-1).index_select(0, index).to(dtype)
 
-    row_data = _Rows(selected(tokens, torch.long), selected(kl_weight, torch.float32), selected(pg_weight, torch.float32))
+    row_data = _Rows(
+        selected(tokens, torch.long), selected(kl_weight, torch.float32), selected(pg_weight, torch.float32)
+    )
     total, _, single_step = linear_loss_sums(
         (student_hidden, student_weight, student_bias),
         (teacher_hidden, teacher_weight, teacher_bias),

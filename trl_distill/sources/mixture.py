@@ -16,6 +16,7 @@ from torch import nn
 
 from ..inference import eval_mode, left_pad
 
+
 __all__ = ["MixtureSamples", "mixture_distribution", "sample_mixture"]
 
 

@@ -8,11 +8,12 @@ import pytest
 import torch
 
 from tests import reference_minillm as ref
-from tests.test_trainer import config, snapshot
+from tests.helpers import config, snapshot
 from trl_distill import DistillConfig, DistillTrainer
 from trl_distill.losses.minillm import linear_minillm_loss, minillm_coefficients
 from trl_distill.modes import get_mode
 from trl_distill.sources.mixture import mixture_distribution, sample_mixture
+
 
 # ---------------------------------------------------------------- the surrogate vs the float64 reference
 
