@@ -215,3 +215,176 @@ def test_codec_round_trip_and_limits():
     with pytest.raises(ValueError, match="teacher_cache_num_samples=16384"):
         codec.encode_sampled(torch.zeros(1, 16384, dtype=torch.long), torch.zeros(1, 16384, dtype=torch.long),
                              torch.zeros(1), 262144)  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The store: writing, reading, verifying, training from it.
+
+NUM_SAMPLES, TEMPERATURE = 12, 2.0
+
+
+def config(tmp_path, **kwargs):
+    defaults = dict(
+        output_dir=str(tmp_path / "out"), use_cpu=True, bf16=False, activation_checkpointing=False, max_steps=2,
+        per_device_train_batch_size=4, learning_rate=1e-2, logging_steps=1, save_strategy="no", report_to="none",
+        seed=0, dataloader_num_workers=0, disable_tqdm=True, kd_temperature=TEMPERATURE, max_length=48,
+        teacher_cache_kind="sampled", teacher_cache_num_samples=NUM_SAMPLES, teacher_cache_seed=7,
+    )  # fmt: skip
+    return DistillConfig(**{**defaults, **kwargs})
+
+
+@pytest.fixture(scope="module")
+def teacher(tokenizer):
+    model = build_tiny_model(tokenizer, hidden_size=64, num_layers=2, num_heads=4, seed=2)
+    with torch.no_grad():  # a peaked teacher, so that the KD term is far from zero
+        model.lm_head.weight.mul_(20.0)
+    return model
+
+
+def write(teacher, tokenizer, dataset, directory, eval_dataset=None, **kwargs):
+    settings = {"rows_per_shard": 10, "batch_size": 4}
+    settings.update({k: kwargs.pop(k) for k in list(kwargs) if k in settings})
+    args = config(directory, teacher_cache=str(directory / "store"), **kwargs)
+    return cache_teacher(teacher, dataset, eval_dataset=eval_dataset, args=args, processing_class=tokenizer,
+                         progress=False, **settings)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, teacher, tokenizer, prompt_completion_dataset, eval_dataset):
+    root = tmp_path_factory.mktemp("sampled")
+    manifest = write(teacher, tokenizer, prompt_completion_dataset, root, eval_dataset=eval_dataset)
+    assert manifest is not None
+    return root / "store"
+
+
+def shard_words(path):
+    reader = TeacherStore(path, progress=False)
+    return {key: reader.read(key).clone() for key in reader.index}
+
+
+def test_manifest_and_receipt_record_the_sampling(store):
+    manifest = json.loads((store / MANIFEST).read_text())
+    assert (manifest["store_kind"], manifest["num_samples"], manifest["sample_seed"]) == ("sampled", NUM_SAMPLES, 7)
+    assert manifest["top_k"] is None and manifest["encoding"]["bytes_per_position"] == 4 * (NUM_SAMPLES + 1)
+    reader = TeacherStore(store, progress=False)  # the digest check passes
+    record = reader.teacher_record["store"]
+    assert (record["kind"], record["num_samples"], record["sample_seed"]) == ("sampled", NUM_SAMPLES, 7)
+    for words in shard_words(store).values():
+        counts = (words[:, :-1].long() & 0xFFFFFFFF) >> codec.id_bits(reader.vocab_size)
+        assert torch.all(counts.sum(-1) == NUM_SAMPLES)
+    # An edited sampling setting is refused by the manifest digest.
+    edited = json.loads((store / MANIFEST).read_text())
+    edited["num_samples"] = 64
+    copy = store.parent / "edited"
+    import shutil
+
+    shutil.copytree(store, copy)
+    (copy / MANIFEST).write_text(json.dumps(edited))
+    with pytest.raises(ValueError, match=r"edited.*`num_samples` 12 -> 64"):
+        TeacherStore(copy, progress=False)
+
+
+def test_draws_do_not_depend_on_batching_and_the_seed_changes_them(
+    tmp_path, store, teacher, tokenizer, prompt_completion_dataset, eval_dataset
+):
+    again = write(teacher, tokenizer, prompt_completion_dataset, tmp_path / "a", eval_dataset=eval_dataset)
+    assert [s["sha256"] for s in again["shards"]] == [
+        s["sha256"] for s in json.loads((store / MANIFEST).read_text())["shards"]
+    ]  # a re-run (or a resumed run) writes byte-identical shards
+    other_layout = write(teacher, tokenizer, prompt_completion_dataset, tmp_path / "b", eval_dataset=eval_dataset,
+                         rows_per_shard=7, batch_size=3)  # fmt: skip
+    assert other_layout is not None
+    reference, relaid = shard_words(store), shard_words(tmp_path / "b" / "store")
+    assert set(relaid) == set(reference)
+    # Another batch size pads the teacher's batches differently, which moves its logits by float noise: the entropy
+    # words may differ in their last bits, and a draw whose uniform falls within that noise of a CDF boundary may
+    # move to the neighbouring token; every other draw is the same.
+    draws = torch.cat([relaid[k][:, :-1] for k in reference]), torch.cat([reference[k][:, :-1] for k in reference])
+    assert (draws[0] != draws[1]).float().mean() < 1e-3
+    entropy = [torch.cat([words[k][:, -1] for k in reference]).view(torch.float32) for words in (relaid, reference)]
+    torch.testing.assert_close(entropy[0], entropy[1], rtol=1e-5, atol=1e-6)
+    reseeded = write(teacher, tokenizer, prompt_completion_dataset, tmp_path / "c", teacher_cache_seed=8)
+    assert reseeded["sample_seed"] == 8
+    changed = shard_words(tmp_path / "c" / "store")
+    assert any(not torch.equal(changed[k], reference[k]) for k in changed)
+
+
+def test_store_loss_is_the_sampled_loss_of_the_live_teacher(
+    tmp_path, store, teacher, tokenizer, make_student, prompt_completion_dataset
+):
+    """The loss from the store equals the sampled loss recomputed from the live teacher with the same uniforms."""
+    from trl_distill.batch import model_inputs
+    from trl_distill.teachers.cache import row_uniforms
+    from trl_distill.teachers.store import batch_row_keys
+
+    trainer = DistillTrainer(model=make_student(), args=config(tmp_path, teacher_cache=str(store), alpha=1.0),
+                             train_dataset=prompt_completion_dataset, processing_class=tokenizer)  # fmt: skip
+    assert type(trainer.distill_mode).__name__ == "SampledOfflineTokenMode" and trainer.teacher_model is None
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(6)])
+    loss = trainer.compute_loss(trainer.model, batch)
+    loss.backward()
+    grad = trainer.model.lm_head.weight.grad.clone()
+
+    in_loss = batch["labels"][:, 1:] != -100
+    with torch.no_grad():
+        t_hidden = teacher.model(**model_inputs(batch)).last_hidden_state[:, :-1][in_loss]
+        uniforms = torch.cat([row_uniforms(key, 7, int(n), NUM_SAMPLES)
+                              for key, n in zip(batch_row_keys(batch), in_loss.sum(-1).tolist())])  # fmt: skip
+        ids, counts, entropy = teacher_sampled_targets(t_hidden, teacher.lm_head.weight, uniforms,
+                                                       temperature=TEMPERATURE, vocab_size=len(tokenizer))  # fmt: skip
+    student = make_student()
+    s_hidden = student(**model_inputs(batch), output_hidden_states=True).hidden_states[-1][:, :-1][in_loss]
+    direct = linear_sampled_distillation_loss(s_hidden, student.lm_head.weight, ids, counts.float() / NUM_SAMPLES,
+                                              entropy, temperature=TEMPERATURE, vocab_size=len(tokenizer))  # fmt: skip
+    direct.backward()
+    assert loss.item() > 0.05
+    assert abs(loss.item() / direct.item() - 1) < 1e-5
+    torch.testing.assert_close(grad, student.lm_head.weight.grad, rtol=1e-4, atol=1e-6)
+
+    # Negative control: the rows matched to another row's draws give another loss.
+    shuffled = {k: v.roll(1, dims=0) for k, v in batch.items()}
+    other = trainer.distill_mode.store.sampled_targets(shuffled)
+    assert not torch.equal(other.ids[0], trainer.distill_mode.store.sampled_targets(batch).ids[0])
+
+
+def test_trains_from_a_sampled_store(tmp_path, store, tokenizer, make_student, prompt_completion_dataset, eval_dataset):
+    trainer = DistillTrainer(
+        model=make_student(), args=config(tmp_path, teacher_cache=str(store), max_steps=3, alpha=0.9,
+                                          eval_strategy="steps", eval_steps=3),  # fmt: skip
+        train_dataset=prompt_completion_dataset, eval_dataset=eval_dataset, processing_class=tokenizer,
+    )
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    for name, param in trainer.model.named_parameters():
+        assert not torch.equal(param.detach(), before[name]), name
+    logs = trainer.state.log_history
+    assert all(torch.isfinite(torch.tensor(log["loss"])) for log in logs if "loss" in log)
+    assert any("eval_loss" in log for log in logs)
+
+
+@pytest.mark.parametrize(
+    "settings,error,match",
+    [
+        (dict(objective="reverse_kl"), SampledObjectiveError, r"`objective='reverse_kl'` cannot be trained from a sampled"),
+        (dict(objective="generalized_jsd", beta=0.5), SampledObjectiveError, r"`beta=0.5`"),
+        (dict(kd_top_k=12), ValueError, r"`kd_top_k=12` with `teacher_cache_kind='sampled'`"),
+        (dict(teacher_cache_kind="random"), ValueError, r"`teacher_cache_kind` must be 'topk' or 'sampled'"),
+        (dict(teacher_cache_num_samples=0), ValueError, r"`teacher_cache_num_samples` must be a positive integer"),
+    ],
+)
+def test_config_refuses_what_a_sampled_store_cannot_estimate(tmp_path, settings, error, match):
+    with pytest.raises(error, match=match):
+        config(tmp_path, teacher_cache=str(tmp_path), **settings)
+    config(tmp_path, teacher_cache=str(tmp_path), objective="generalized_jsd", beta=0.0)  # = forward KL
+
+
+def test_kind_mismatch_and_served_teacher_are_refused(tmp_path, store, tokenizer, make_student, prompt_completion_dataset):
+    with pytest.raises(ValueError, match=r"`teacher_cache_kind='topk'` but .* is a 'sampled' store"):
+        DistillTrainer(model=make_student(), args=config(tmp_path, teacher_cache=str(store), teacher_cache_kind="topk",
+                                                         kd_top_k=4),  # fmt: skip
+                       train_dataset=prompt_completion_dataset, processing_class=tokenizer)
+    from trl_distill.teachers.served import SampledStoreUnsupportedError, cache_teacher_served
+
+    with pytest.raises(SampledStoreUnsupportedError, match=r"needs its full softmax"):
+        cache_teacher_served("http://127.0.0.1:9", prompt_completion_dataset,
+                             args=config(tmp_path, teacher_cache=str(tmp_path / "s")), processing_class=tokenizer)
