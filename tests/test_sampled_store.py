@@ -11,7 +11,6 @@ from trl_distill import DistillConfig, DistillTrainer, TeacherStore, cache_teach
 from trl_distill.demo.tiny import build_tiny_model
 from trl_distill.losses import (
     SampledObjectiveError,
-    linear_distillation_loss,
     linear_sampled_distillation_loss,
     linear_top_k_distillation_loss,
     teacher_sampled_targets,
@@ -32,7 +31,8 @@ def reference_sampled_loss(student_logits, ids, weights, entropy, labels, *, tem
     `local_normalizer=True` is a classic mistake (a softmax over the sampled ids only), for negative controls.
     """
     keep = labels != -100
-    z, i, w, h, y = student_logits.double()[keep], ids[keep], weights.double()[keep], entropy.double()[keep], labels[keep]
+    z, i, w, y = student_logits.double()[keep], ids[keep], weights.double()[keep], labels[keep]
+    h = entropy.double()[keep]
     T = temperature
     if local_normalizer:
         log_q = torch.log_softmax((z / T).gather(-1, i), dim=-1)
@@ -347,7 +347,9 @@ def test_store_loss_is_the_sampled_loss_of_the_live_teacher(
     assert not torch.equal(other.ids[0], trainer.distill_mode.store.sampled_targets(batch).ids[0])
 
 
-def test_trains_from_a_sampled_store(tmp_path, store, tokenizer, make_student, prompt_completion_dataset, eval_dataset):
+def test_trains_from_a_sampled_store(
+    tmp_path, store, tokenizer, make_student, prompt_completion_dataset, eval_dataset
+):
     trainer = DistillTrainer(
         model=make_student(), args=config(tmp_path, teacher_cache=str(store), max_steps=3, alpha=0.9,
                                           eval_strategy="steps", eval_steps=3),  # fmt: skip
@@ -360,12 +362,16 @@ def test_trains_from_a_sampled_store(tmp_path, store, tokenizer, make_student, p
     logs = trainer.state.log_history
     assert all(torch.isfinite(torch.tensor(log["loss"])) for log in logs if "loss" in log)
     assert any("eval_loss" in log for log in logs)
+    from trl_distill.provenance import applicable_settings
+
+    settings = applicable_settings(trainer.args.to_dict())
+    assert (settings["teacher_cache_kind"], settings["teacher_cache_num_samples"]) == ("sampled", NUM_SAMPLES)
 
 
 @pytest.mark.parametrize(
     "settings,error,match",
     [
-        (dict(objective="reverse_kl"), SampledObjectiveError, r"`objective='reverse_kl'` cannot be trained from a sampled"),
+        (dict(objective="reverse_kl"), SampledObjectiveError, r"`objective='reverse_kl'` cannot be trained from a"),
         (dict(objective="generalized_jsd", beta=0.5), SampledObjectiveError, r"`beta=0.5`"),
         (dict(kd_top_k=12), ValueError, r"`kd_top_k=12` with `teacher_cache_kind='sampled'`"),
         (dict(teacher_cache_kind="random"), ValueError, r"`teacher_cache_kind` must be 'topk' or 'sampled'"),
@@ -378,7 +384,9 @@ def test_config_refuses_what_a_sampled_store_cannot_estimate(tmp_path, settings,
     config(tmp_path, teacher_cache=str(tmp_path), objective="generalized_jsd", beta=0.0)  # = forward KL
 
 
-def test_kind_mismatch_and_served_teacher_are_refused(tmp_path, store, tokenizer, make_student, prompt_completion_dataset):
+def test_kind_mismatch_and_served_teacher_are_refused(
+    tmp_path, store, tokenizer, make_student, prompt_completion_dataset
+):
     with pytest.raises(ValueError, match=r"`teacher_cache_kind='topk'` but .* is a 'sampled' store"):
         DistillTrainer(model=make_student(), args=config(tmp_path, teacher_cache=str(store), teacher_cache_kind="topk",
                                                          kd_top_k=4),  # fmt: skip

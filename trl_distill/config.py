@@ -428,7 +428,7 @@ class DistillConfig(SFTConfig):
                 f"`teacher_cache_num_samples` must be a positive integer, got {self.teacher_cache_num_samples!r}."
             )
         if isinstance(self.teacher_cache_seed, bool) or not isinstance(self.teacher_cache_seed, int):
-            raise ValueError(f"`teacher_cache_seed` must be an integer, got {self.teacher_cache_seed!r}.")
+            raise TypeError(f"`teacher_cache_seed` must be an integer, got {self.teacher_cache_seed!r}.")
         if self.teacher_cache_kind != "sampled" or self.teacher_cache is None:
             return
         if self.kd_top_k is not None:

@@ -212,6 +212,8 @@ def applicable_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
         keys += list(_FEATURE)
     if settings.get("heldout_eval"):
         keys.append("heldout_max_rows")
+    if settings.get("teacher_cache") and settings.get("teacher_cache_kind") == "sampled":  # issue 16
+        keys += ["teacher_cache_kind", "teacher_cache_num_samples", "teacher_cache_seed"]
     unset_is_default = ("kd_top_k", "teacher_cache", "teacher_model_init_kwargs", "teacher_model_name_or_path")
     return {key: settings[key] for key in dict.fromkeys(keys)
             if key in settings and not (key in unset_is_default and settings[key] is None)}  # fmt: skip
