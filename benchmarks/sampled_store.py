@@ -14,8 +14,8 @@ Three students train for the same steps from the same pruned start with pure for
 Each is then measured on held-out rows with `trl_distill.evaluation.heldout_metrics` (full-vocabulary KL(teacher ||
 student) at T = 1 and the student's perplexity on the reference answers).
 
-    .venv/bin/python benchmarks/sampled_store.py --seed 0 --out runs/sampled_store.json   # ~15 min on 2 shared cores
-    .venv/bin/python benchmarks/sampled_store.py --quick                                   # a smoke run, ~2 min
+    .venv/bin/python benchmarks/sampled_store.py --parallel --seed 0 --out runs/sampled_store_seed0.json  # ~15 min
+    .venv/bin/python benchmarks/sampled_store.py --quick                                                 # smoke run
 """
 
 from __future__ import annotations
@@ -125,9 +125,9 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     parser.add_argument("--k", type=int, default=12, help="top-k entries = samples per position (equal bytes)")
     parser.add_argument("--keep", type=int, default=16, help="student layers kept of the teacher's 30")
-    parser.add_argument("--train_rows", type=int, default=96)
-    parser.add_argument("--eval_rows", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=36)
+    parser.add_argument("--train_rows", type=int, default=48)
+    parser.add_argument("--eval_rows", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--batch_size", type=int, default=4)
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--max_length", type=int, default=128)
@@ -255,7 +255,8 @@ def table(results: dict) -> str:
         r = results["start"]
         lines.append(f"| (pruned start, untrained) | - | {r['heldout_kl']:.3f} | {r['student_perplexity']:.2f} | "
                      f"{r['top1_agreement']:.3f} |")  # fmt: skip
-    names = {"full": "full vocabulary (live teacher)", "topk": f"top-{s['k']} store", "sampled": f"sampled store, K={s['k']}"}
+    names = {"full": "full vocabulary (live teacher)", "topk": f"top-{s['k']} store",
+             "sampled": f"sampled store, K={s['k']}"}
     for case, name in names.items():
         if case in results:
             r = results[case]
