@@ -384,10 +384,20 @@ def test_config_refuses_what_a_sampled_store_cannot_estimate(tmp_path, settings,
     config(tmp_path, teacher_cache=str(tmp_path), objective="generalized_jsd", beta=0.0)  # = forward KL
 
 
+def test_store_kind_defaults_to_sampled_without_kd_top_k(tmp_path):
+    """`teacher_cache_kind=None` resolves from `kd_top_k` (top-k stores keep working unchanged)."""
+    defaults = dict(output_dir=str(tmp_path), use_cpu=True, bf16=False, teacher_cache=str(tmp_path))
+    assert DistillConfig(**defaults).teacher_cache_kind == "sampled"
+    assert DistillConfig(**defaults, kd_top_k=8).teacher_cache_kind == "topk"
+    assert DistillConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False).teacher_cache_kind is None
+    with pytest.raises(SampledObjectiveError):  # the sampled default still refuses what it cannot estimate
+        DistillConfig(**defaults, objective="reverse_kl")
+
+
 def test_kind_mismatch_and_served_teacher_are_refused(
     tmp_path, store, tokenizer, make_student, prompt_completion_dataset
 ):
-    with pytest.raises(ValueError, match=r"`teacher_cache_kind='topk'` but .* is a 'sampled' store"):
+    with pytest.raises(ValueError, match=r"`teacher_cache_kind='topk'` but .* is a 'sampled' store.*`kd_top_k=None`"):
         DistillTrainer(model=make_student(), args=config(tmp_path, teacher_cache=str(store), teacher_cache_kind="topk",
                                                          kd_top_k=4),  # fmt: skip
                        train_dataset=prompt_completion_dataset, processing_class=tokenizer)

@@ -89,14 +89,16 @@ class DistillConfig(SFTConfig):
     Parameters of the offline teacher:
         teacher_cache (`str`, *optional*):
             Directory of a teacher store written by `trl-distill cache-teacher` / [`cache_teacher`]: train from the
-            teacher's stored top-k instead of a live teacher (which is then not loaded). Needs `kd_top_k` (at most the
-            store's k) and the store's `kd_temperature`; `packing` and `padding_free` are refused.
-        teacher_cache_kind (`str`, *optional*, defaults to `"topk"`):
+            teacher's stored targets instead of a live teacher (which is then not loaded). Needs the store's
+            `kd_temperature`; `packing` and `padding_free` are refused.
+        teacher_cache_kind (`str`, *optional*):
             What the store holds: `"topk"`, the teacher's top-k log-probabilities (exact for the `kd_top_k` loss,
-            biased for the full-vocabulary one); `"sampled"`, `teacher_cache_num_samples` tokens drawn from the
-            teacher at `kd_temperature` (Sparse Logit Sampling, https://arxiv.org/abs/2503.16870): the forward-KL loss
-            against them is unbiased in value and gradient. `"sampled"` needs `objective="forward_kl"` and
-            `kd_top_k=None`. Read by the caching run and checked against the store at training.
+            biased for the full-vocabulary one; needs `kd_top_k`, at most the store's k); `"sampled"`,
+            `teacher_cache_num_samples` tokens drawn from the teacher at `kd_temperature` (Sparse Logit Sampling,
+            https://arxiv.org/abs/2503.16870): the forward-KL loss against them is unbiased in value and gradient
+            (needs `objective="forward_kl"` and `kd_top_k=None`). `None` (default, with `teacher_cache`): `"topk"`
+            when `kd_top_k` is set, else `"sampled"` (at equal bytes it trained closer to the full-vocabulary
+            teacher, README "Offline teacher store"). Read by the caching run and checked against the store.
         teacher_cache_num_samples (`int`, *optional*, defaults to `12`):
             Draws per position in a sampled store (`4 * (n + 1)` bytes per position, the size of a top-`n` store).
         teacher_cache_seed (`int`, *optional*, defaults to `0`):
@@ -242,12 +244,12 @@ class DistillConfig(SFTConfig):
             "instead of a live teacher. Needs `kd_top_k` <= the store's k and the store's `kd_temperature`."
         },
     )
-    teacher_cache_kind: str = field(
-        default="topk",
+    teacher_cache_kind: str | None = field(
+        default=None,
         metadata={
-            "help": "What the teacher store holds: 'topk' (the teacher's top-k) or 'sampled' (teacher_cache_num_samples "
-            "draws from the teacher per position: an unbiased forward-KL target; needs objective='forward_kl' and "
-            "kd_top_k=None)."
+            "help": "What the teacher store holds: 'topk' (the teacher's top-k; needs kd_top_k) or 'sampled' "
+            "(teacher_cache_num_samples draws from the teacher per position: an unbiased forward-KL target; needs "
+            "objective='forward_kl' and kd_top_k=None). None: 'topk' if kd_top_k is set, else 'sampled'."
         },
     )
     teacher_cache_num_samples: int = field(
@@ -419,7 +421,9 @@ class DistillConfig(SFTConfig):
 
     def _check_teacher_cache_kind(self) -> None:
         """A sampled teacher store (issue 16): forward KL over the full vocabulary, estimated from the draws."""
-        if self.teacher_cache_kind not in ("topk", "sampled"):
+        if self.teacher_cache_kind is None and self.teacher_cache is not None:
+            self.teacher_cache_kind = "topk" if self.kd_top_k is not None else "sampled"
+        if self.teacher_cache_kind not in (None, "topk", "sampled"):
             raise ValueError(
                 f"`teacher_cache_kind` must be 'topk' or 'sampled', got {self.teacher_cache_kind!r}."
             )

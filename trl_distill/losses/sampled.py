@@ -39,7 +39,7 @@ def check_sampled_objective(objective: str, beta: float = 0.5) -> None:
             + (f" with `beta={beta}`" if objective == "generalized_jsd" else "")
             + " cannot be trained from a sampled teacher store: reverse KL and the JSD need the teacher's probability "
             "at the student's likely tokens, which the draws do not hold, so no estimate from them is unbiased. Use "
-            "`objective='forward_kl'`, or a top-k store (`teacher_cache_kind='topk'`)."
+            "`objective='forward_kl'`, or a top-k store (`kd_top_k=k`, `teacher_cache_kind='topk'`)."
         )
 
 

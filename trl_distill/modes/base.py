@@ -91,7 +91,7 @@ class DistillMode(ABC):
                 "`distill_mode='token'`."
             )
         if args.teacher_cache is not None and _offline_variant(cls, args) is None:
-            kind = getattr(args, "teacher_cache_kind", "topk")
+            kind = getattr(args, "teacher_cache_kind", None) or "topk"
             served = [name for name in available_modes() if _offline_variant(get_mode(name), args) is not None]
             raise ValueError(
                 f"`distill_mode={cls.name!r}` needs a live teacher and cannot train from `teacher_cache`; offline "

@@ -91,7 +91,7 @@ def cache_teacher(
     from trl import SFTTrainer
 
     store_dir, top_k = args.teacher_cache, args.kd_top_k
-    kind = getattr(args, "teacher_cache_kind", "topk")
+    kind = getattr(args, "teacher_cache_kind", None) or "topk"
     if kind == "sampled":
         top_k = None  # the draws replace the top-k (the config refuses `kd_top_k` with a sampled store)
         if store_dir is None:

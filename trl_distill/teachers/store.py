@@ -269,7 +269,9 @@ class TeacherStore:
         if kind != self.kind:
             raise ValueError(
                 f"`teacher_cache_kind={kind!r}` but {where} is a {self.kind!r} store (`store_kind` in {MANIFEST}): "
-                f"set `teacher_cache_kind={self.kind!r}`, or write a {kind!r} store with `trl-distill cache-teacher`."
+                f"set `teacher_cache_kind={self.kind!r}`"
+                + (" and `kd_top_k` (at most the store's k)" if self.kind == "topk" else " and `kd_top_k=None`")
+                + f", or write a {kind!r} store with `trl-distill cache-teacher`."
             )
         if self.manifest["tokenizer_sha256"] != tokenizer_sha256(tokenizer):
             raise ValueError(
