@@ -23,7 +23,12 @@ students, who share the tokenizer, not with the teacher's) and greedy task accur
 from __future__ import annotations
 
 import argparse
-import os
+
+
+try:
+    from . import harness  # imported as benchmarks.<script>
+except ImportError:
+    import harness  # run as a script
 
 from trl_distill.demo.harness import demo_session, new_student, prepare_demo, student_args, train
 
@@ -47,9 +52,11 @@ def _sft(setup, tokenizer, name, dataset, verbose):
     from trl import SFTConfig, SFTTrainer
 
     trainer = SFTTrainer(
-        model=new_student(setup, tokenizer), args=SFTConfig(**student_args(setup, name, verbose=verbose)),
-        train_dataset=dataset, processing_class=tokenizer,
-    )  # fmt: skip
+        model=new_student(setup, tokenizer),
+        args=SFTConfig(**student_args(setup, name, verbose=verbose)),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+    )
     return trainer, train(trainer, verbose=verbose)
 
 
@@ -68,9 +75,13 @@ def _uld(setup, tokenizer, name, settings, verbose):
         **student_args(setup, name, verbose=verbose), distill_mode="uld", kd_temperature=1.0, alpha=0.5, **settings
     )
     trainer = DistillTrainer(
-        model=new_student(setup, tokenizer), teacher_model=setup.teacher, args=args,
-        train_dataset=setup.train_dataset, processing_class=tokenizer, teacher_processing_class=setup.tokenizer,
-    )  # fmt: skip
+        model=new_student(setup, tokenizer),
+        teacher_model=setup.teacher,
+        args=args,
+        train_dataset=setup.train_dataset,
+        processing_class=tokenizer,
+        teacher_processing_class=setup.tokenizer,
+    )
     return trainer, train(trainer, verbose=verbose)
 
 
@@ -88,8 +99,7 @@ def _measure(setup, model, tokenizer):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output-dir", default="runs/uld_quality")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quick", action="store_true", help="The test-sized budget (seconds).")
+    harness.add_common_args(parser, seed=0)  # --quick: the test-sized budget (seconds); --seed; --out
     parser.add_argument("--students", nargs="+", default=["sft", "seq_kd", *ULD_VARIANTS])
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args(argv)
@@ -107,7 +117,9 @@ def main(argv=None) -> int:
             elif name in ULD_VARIANTS:
                 trainer, seconds = _uld(setup, tokenizer, name, ULD_VARIANTS[name], args.verbose)
             else:
-                raise ValueError(f"`--students`: unknown {name!r}; choose from sft, seq_kd, {', '.join(ULD_VARIANTS)}.")
+                raise ValueError(
+                    f"`--students`: unknown {name!r}; choose from sft, seq_kd, {', '.join(ULD_VARIANTS)}."
+                )
             results[name] = {**_measure(setup, trainer.model, tokenizer), "seconds": seconds}
             print(f"{name} done in {seconds:.0f} s", flush=True)
 
@@ -120,6 +132,7 @@ def main(argv=None) -> int:
     print("|---|---|---|---|")
     for name, row in results.items():
         print(f"| {name} | {row['perplexity']:.3f} | {row['accuracy']:.1%} | {row['seconds']:.0f} |")
+    harness.write_json(args.out, {"args": vars(args), "environment": harness.environment(), "results": results})
     return 0
 
 

@@ -2,6 +2,7 @@
 
 import os
 
+
 # No Hub here or in CI: fail fast instead of retrying downloads, and send no telemetry.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
@@ -38,11 +39,25 @@ def make_student(tokenizer):
     return build
 
 
+@pytest.fixture(scope="session")
+def tokenizer_dir(tokenizer, tmp_path_factory):
+    """A directory holding only the shared tokenizer's files."""
+    path = tmp_path_factory.mktemp("tokenizer")
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
 @pytest.fixture
-def make_teacher(tokenizer):
+def make_teacher(tokenizer, tokenizer_dir):
+    """A tiny teacher sharing the student's tokenizer. Its `config._name_or_path` points to a directory with that
+    tokenizer, as a model from `from_pretrained` would: token-level KD loads it and checks it against the student's
+    (an in-memory teacher with no tokenizer to load is refused there)."""
+
     def build(**kwargs):
         kwargs = {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "seed": 2, **kwargs}
-        return build_tiny_model(tokenizer, **kwargs)
+        model = build_tiny_model(tokenizer, **kwargs)
+        model.config._name_or_path = tokenizer_dir
+        return model
 
     return build
 
@@ -55,3 +70,12 @@ def prompt_completion_dataset():
 @pytest.fixture(scope="session")
 def eval_dataset():
     return make_task_dataset(8, seed=0, split="test")
+
+
+@pytest.fixture
+def one_thread():
+    """Generation runs many tiny matmuls: a second OpenMP thread on a shared 2-core machine made them ~15x slower."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

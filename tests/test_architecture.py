@@ -120,6 +120,7 @@ THIRD_PARTY = {
     "digests": {"torch", "tqdm"},
     "inference": {"torch"},
     "terms.layer_map": set(),
+    "gate": set(),
 }
 # layer -> the package's own layers it may import (besides itself)
 INTERNAL = {
@@ -130,11 +131,21 @@ INTERNAL = {
     "digests": set(),
     "inference": set(),
     "terms.layer_map": set(),
+    "gate": set(),  # the release gate's pure logic (issue 16), read by config, callbacks, artifact and verify
     "terms": {"losses", "inference"},
-    "teachers": {"losses", "alignment", "batch", "conversation", "digests", "inference", "config"},  # config: the CLI parser
+    "teachers": {
+        "losses",
+        "alignment",
+        "batch",
+        "conversation",
+        "digests",
+        "inference",
+        "config",
+    },  # config: the CLI parser
     "sources": {"teachers", "inference", "batch", "conversation", "losses"},
     "modes": {"losses", "alignment", "teachers", "batch", "conversation", "inference", "terms"},
-    "config": {"losses", "modes", "terms"},  # terms.layer_map, a stdlib-only leaf (its package's init comes along)
+    # terms.layer_map and gate: stdlib-only leaves (the terms package's init comes along)
+    "config": {"losses", "modes", "terms", "gate"},
 }
 
 

@@ -7,8 +7,13 @@ Every check says what it compared; a failure names what differs (a file, a recei
 3. the model card is exactly the card the receipt gives (`model_card.card_text`, regenerated): any other line (an
    edited `model-index` figure, teacher name, held-out table, an added `base_model`...) fails, naming the line;
 4. with a public key, `distill_receipt.sig` is a valid Ed25519 signature of the receipt by that key;
-5. with `replay`, teacher and student are reloaded and the held-out figures recomputed on the recorded rows, and
-   must match the receipt within float noise (and the teacher's weights must hash as recorded).
+5. a release gate's recorded verdict follows from its recorded thresholds and figures (each check's value is the
+   recorded held-out figure, each pass/fail follows from value and threshold, the overall verdict from the checks, an
+   override has a reason); a failed gate is noted;
+6. with `replay`, teacher and student are reloaded and the held-out figures recomputed on the recorded rows, and
+   must match the receipt within float noise (and the teacher's weights must hash as recorded); the release gate is
+   judged again on the recomputed figures (and its check re-run on fresh greedy answers) and must give the recorded
+   verdict.
 """
 
 from __future__ import annotations
@@ -117,10 +122,13 @@ def card_differences(text: str, expected: str) -> list[str]:
         for offset in range(max(i2 - i1, j2 - j1)):
             line_no, ours, theirs = i1 + offset + 1, i1 + offset < i2, j1 + offset < j2
             if ours and theirs:
-                problems.append(f"README.md line {line_no}: says {have[i1 + offset]!r}, the receipt gives "
-                                f"{want[j1 + offset]!r}")  # fmt: skip
+                problems.append(
+                    f"README.md line {line_no}: says {have[i1 + offset]!r}, the receipt gives {want[j1 + offset]!r}"
+                )
             elif ours:
-                problems.append(f"README.md line {line_no}: {have[i1 + offset]!r} is not in the card the receipt gives")
+                problems.append(
+                    f"README.md line {line_no}: {have[i1 + offset]!r} is not in the card the receipt gives"
+                )
             else:
                 problems.append(f"README.md after line {i2}: missing {want[j1 + offset]!r}, which the receipt gives")
     if len(problems) > _MAX_CARD_LINES:
@@ -133,8 +141,10 @@ def _check_card(path: Path, receipt: dict, result: Verification) -> None:
 
     card = path / CARD_NAME
     if not card.is_file():
-        result.problems.append(f"{CARD_NAME}: missing (the receipt gives a model card; regenerate it with "
-                               "`trl_distill.model_card.write_model_card(dir, receipt)`)")  # fmt: skip
+        result.problems.append(
+            f"{CARD_NAME}: missing (the receipt gives a model card; regenerate it with "
+            "`trl_distill.model_card.write_model_card(dir, receipt)`)"
+        )
         return
     try:
         text = card.read_bytes().decode("utf-8")
@@ -175,6 +185,28 @@ def _check_signature(path: Path, public_key, result: Verification) -> None:
         result.passed.append(f"{SIGNATURE_NAME}: valid signature by the given public key")
 
 
+def _check_release_gate(receipt: dict, result: Verification) -> None:
+    from .gate import gate_failures, record_problems
+
+    for index, stage in enumerate(receipt.get("stages") or []):
+        if "release_gate" not in stage:
+            continue
+        where = f"release gate (stage {index} {stage.get('name')!r})"
+        problems = record_problems(stage, where=where)
+        result.problems += problems
+        if problems:
+            continue
+        record = stage["release_gate"]
+        gate_result, override = record.get("result") or {}, record.get("override") or {}
+        count = len(gate_result.get("checks") or [])
+        if gate_result.get("passed"):
+            result.passed.append(f"{where}: passed; its {count} checks follow from the recorded figures, thresholds")
+            continue
+        result.passed.append(f"{where}: the recorded failure follows from the recorded figures and thresholds")
+        overridden = f"; published with an override: {override['reason']!r}" if override.get("reason") else ""
+        result.notes.append(f"{where}: FAILED ({'; '.join(gate_failures(record))}){overridden}")
+
+
 def verify_artifact(
     output_dir,
     *,
@@ -211,6 +243,7 @@ def verify_artifact(
     _check_files(path, receipt, result, strict)
     _check_card(path, receipt, result)
     _check_signature(path, public_key, result)
+    _check_release_gate(receipt, result)
     if replay:
         from .replay import replay_problems
 

@@ -10,6 +10,7 @@ from ..teachers.live import call_with_lm_heads, check_plain_lm_head, lm_head_and
 from .base import DistillMode, register_mode
 from .token_offline import OfflineTokenMode
 from .token_sampled import SampledOfflineTokenMode
+from .token_served import ServedTokenMode
 
 
 @register_mode("token")
@@ -41,6 +42,10 @@ class TokenMode(DistillMode):
     @classmethod
     def for_teacher_cache(cls):
         return OfflineTokenMode
+
+    @classmethod
+    def for_served_teacher(cls):
+        return ServedTokenMode
 
     @classmethod
     def for_sampled_teacher_cache(cls):
@@ -96,6 +101,10 @@ class TokenMode(DistillMode):
             return result.loss, metrics
         # Feature KD (`feature_weight > 0`): `+ feature_weight * L_feat` on the same positions.
         return feature_term.add(
-            result.loss, metrics, outputs.hidden_states, teacher_outputs.hidden_states, shift_labels,
+            result.loss,
+            metrics,
+            outputs.hidden_states,
+            teacher_outputs.hidden_states,
+            shift_labels,
             num_items_in_batch,
-        )  # fmt: skip
+        )

@@ -184,9 +184,13 @@ class FeatureTerm:
         mask = (shift_labels != -100).to(student_hidden_states[-1].device)
         student, teacher = self.projector(student_hidden_states, teacher_hidden_states, mask)
         result = feature_distillation_loss(
-            student, teacher, loss=self.loss, reduction=self.reduction, num_items_in_batch=num_items_in_batch,
+            student,
+            teacher,
+            loss=self.loss,
+            reduction=self.reduction,
+            num_items_in_batch=num_items_in_batch,
             return_components=True,
-        )  # fmt: skip
+        )
         return loss + self.weight * result.loss, {**metrics, "feature_kd_loss": result.feature_loss}
 
     def add_param_groups(self, optimizer: torch.optim.Optimizer, *, weight_decay: float) -> None:
@@ -206,16 +210,22 @@ class FeatureTerm:
         save_feature_projections(self.projector, output_dir)
 
     def resume(self, checkpoint: str) -> None:
-        """Restore the projections saved in `checkpoint` (bit for bit); warn if it has none."""
+        """Restore the projections saved in `checkpoint` (bit for bit).
+
+        Raises:
+            ValueError: the checkpoint has no `feature_projections.safetensors` (saved without feature KD, or the file
+                was removed). Resuming would pair freshly initialized projections with the optimizer state (moments,
+                step count) of the trained ones, so it is refused.
+        """
         path = os.path.join(checkpoint, FEATURE_PROJECTIONS_NAME)
         if not os.path.isfile(path):
-            logger.warning(
-                "Checkpoint %s has no %s (saved without feature KD?): the feature projections start from their "
-                "initialization.",
-                checkpoint,
-                FEATURE_PROJECTIONS_NAME,
+            raise ValueError(
+                f"`resume_from_checkpoint={os.fspath(checkpoint)!r}` has no {FEATURE_PROJECTIONS_NAME}, but "
+                f"`feature_weight={self.weight}` trains feature projections: resuming would restart them from their "
+                "initialization while reusing the optimizer state of the trained ones. Restore the file from the run "
+                "that wrote the checkpoint, or start a new run from its weights (`model=<checkpoint>` without "
+                "`resume_from_checkpoint`), which starts new projections and a new optimizer."
             )
-            return
         load_feature_projections(self.projector, path)
 
 
@@ -245,9 +255,12 @@ def build_feature_term(
         args.feature_layer_map, student_config.num_hidden_layers, teacher_config.num_hidden_layers
     )
     projector = FeatureProjector(
-        layer_map, student_config.hidden_size, teacher_config.hidden_size, projection=args.feature_projection,
+        layer_map,
+        student_config.hidden_size,
+        teacher_config.hidden_size,
+        projection=args.feature_projection,
         seed=args.seed,
-    )  # fmt: skip
+    )
     projector.to(next(student.parameters()).device)
     _reuse_saved_projections(projector, student)
     add_callback(FeatureProjectionCallback(projector))
