@@ -37,12 +37,57 @@ import torch
 MODELS = os.path.expanduser("~/.cache/trl_distill/models")
 TEACHER = "SmolLM2-135M-Instruct"
 MODULES = (
-    "json", "textwrap", "string", "functools", "itertools", "collections", "heapq", "bisect", "shutil", "pathlib",
-    "os", "posixpath", "random", "statistics", "fractions", "decimal", "difflib", "csv", "base64", "hashlib",
-    "tempfile", "glob", "fnmatch", "argparse", "logging", "enum", "dataclasses", "typing", "copy", "pprint",
-    "calendar", "datetime", "zipfile", "tarfile", "gzip", "queue", "threading", "subprocess", "socket", "urllib.parse",
-    "email.utils", "html", "uuid", "secrets", "contextlib", "abc", "numbers", "operator", "weakref", "inspect",
-)  # fmt: skip
+    "json",
+    "textwrap",
+    "string",
+    "functools",
+    "itertools",
+    "collections",
+    "heapq",
+    "bisect",
+    "shutil",
+    "pathlib",
+    "os",
+    "posixpath",
+    "random",
+    "statistics",
+    "fractions",
+    "decimal",
+    "difflib",
+    "csv",
+    "base64",
+    "hashlib",
+    "tempfile",
+    "glob",
+    "fnmatch",
+    "argparse",
+    "logging",
+    "enum",
+    "dataclasses",
+    "typing",
+    "copy",
+    "pprint",
+    "calendar",
+    "datetime",
+    "zipfile",
+    "tarfile",
+    "gzip",
+    "queue",
+    "threading",
+    "subprocess",
+    "socket",
+    "urllib.parse",
+    "email.utils",
+    "html",
+    "uuid",
+    "secrets",
+    "contextlib",
+    "abc",
+    "numbers",
+    "operator",
+    "weakref",
+    "inspect",
+)
 
 
 def docstring_rows(seed: int, n_train: int, n_eval: int, max_chars: int = 240) -> tuple[list[dict], list[dict]]:
@@ -66,11 +111,15 @@ def docstring_rows(seed: int, n_train: int, n_eval: int, max_chars: int = 240) -
     if len(pairs) < n_train + n_eval:
         raise SystemExit(f"only {len(pairs)} docstrings found, need {n_train + n_eval}")
     rows = [
-        {"messages": [{"role": "system", "content": "You are a helpful assistant."},  # shorter than the default one
-                      {"role": "user", "content": f"Explain `{name}` in Python."},
-                      {"role": "assistant", "content": text}]}
+        {
+            "messages": [
+                {"role": "system", "content": "You are a helpful assistant."},  # shorter than the default one
+                {"role": "user", "content": f"Explain `{name}` in Python."},
+                {"role": "assistant", "content": text},
+            ]
+        }
         for name, text in pairs[: n_train + n_eval]
-    ]  # fmt: skip
+    ]
     return rows[:n_train], rows[n_train:]
 
 
@@ -110,12 +159,26 @@ def config(output_dir: str, args, **kwargs):
     from trl_distill import DistillConfig
 
     return DistillConfig(
-        output_dir=output_dir, use_cpu=True, bf16=False, activation_checkpointing=False, max_steps=args.steps,
-        per_device_train_batch_size=args.batch_size, learning_rate=args.lr, max_length=args.max_length,
-        save_strategy="no", report_to="none", disable_tqdm=True, logging_steps=max(args.steps // 5, 1),
-        seed=args.seed, dataloader_num_workers=0, alpha=1.0, kd_temperature=1.0, objective="forward_kl",
-        heldout_eval=False, **kwargs,
-    )  # fmt: skip
+        output_dir=output_dir,
+        use_cpu=True,
+        bf16=False,
+        activation_checkpointing=False,
+        max_steps=args.steps,
+        per_device_train_batch_size=args.batch_size,
+        learning_rate=args.lr,
+        max_length=args.max_length,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        logging_steps=max(args.steps // 5, 1),
+        seed=args.seed,
+        dataloader_num_workers=0,
+        alpha=1.0,
+        kd_temperature=1.0,
+        objective="forward_kl",
+        heldout_eval=False,
+        **kwargs,
+    )
 
 
 def main(argv=None) -> int:
@@ -132,8 +195,11 @@ def main(argv=None) -> int:
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--max_length", type=int, default=128)
     parser.add_argument("--cases", default="full,topk,sampled")
-    parser.add_argument("--parallel", action="store_true",
-                        help="run each case in its own process at once (one thread each), then merge")  # fmt: skip
+    parser.add_argument(
+        "--parallel",
+        action="store_true",
+        help="run each case in its own process at once (one thread each), then merge",
+    )
     parser.add_argument("--no_start", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick:
@@ -156,9 +222,14 @@ def main(argv=None) -> int:
     def measure(student):
         start = time.perf_counter()
         metrics = heldout_metrics(student, teacher, tokenizer, eval_rows, batch_size=8, vocab_size=vocab)
-        return {"heldout_kl": metrics["kl_teacher_student"], "student_perplexity": metrics["student_perplexity"],
-                "teacher_perplexity": metrics["teacher_perplexity"], "top1_agreement": metrics["top1_agreement"],
-                "num_tokens": metrics["num_tokens"], "measure_s": time.perf_counter() - start}  # fmt: skip
+        return {
+            "heldout_kl": metrics["kl_teacher_student"],
+            "student_perplexity": metrics["student_perplexity"],
+            "teacher_perplexity": metrics["teacher_perplexity"],
+            "top1_agreement": metrics["top1_agreement"],
+            "num_tokens": metrics["num_tokens"],
+            "measure_s": time.perf_counter() - start,
+        }
 
     if not args.no_start:
         results["start"] = measure(pruned)
@@ -170,23 +241,38 @@ def main(argv=None) -> int:
                 if case == "topk":
                     store_kwargs = dict(teacher_cache=os.path.join(tmp, case), kd_top_k=args.k)
                 else:
-                    store_kwargs = dict(teacher_cache=os.path.join(tmp, case), teacher_cache_kind="sampled",
-                                        teacher_cache_num_samples=args.k, teacher_cache_seed=args.seed)  # fmt: skip
+                    store_kwargs = dict(
+                        teacher_cache=os.path.join(tmp, case),
+                        teacher_cache_kind="sampled",
+                        teacher_cache_num_samples=args.k,
+                        teacher_cache_seed=args.seed,
+                    )
                 start = time.perf_counter()
-                manifest = cache_teacher(teacher, train, args=config(os.path.join(tmp, "w"), args, **store_kwargs),
-                                         processing_class=tokenizer, batch_size=8, progress=False)  # fmt: skip
+                manifest = cache_teacher(
+                    teacher,
+                    train,
+                    args=config(os.path.join(tmp, "w"), args, **store_kwargs),
+                    processing_class=tokenizer,
+                    batch_size=8,
+                    progress=False,
+                )
                 positions = manifest["splits"]["train"]["positions"]
-                stats = {"store_bytes_per_position": manifest["encoding"]["bytes_per_position"],
-                         "store_file_bytes_per_position": manifest["total_bytes"] / positions,
-                         "store_positions": positions, "store_write_s": time.perf_counter() - start}  # fmt: skip
+                stats = {
+                    "store_bytes_per_position": manifest["encoding"]["bytes_per_position"],
+                    "store_file_bytes_per_position": manifest["total_bytes"] / positions,
+                    "store_positions": positions,
+                    "store_write_s": time.perf_counter() - start,
+                }
             student = copy.deepcopy(pruned)
             for param in student.parameters():
                 param.requires_grad_(True)
             trainer = DistillTrainer(
-                model=student, teacher_model=None if store_kwargs else teacher,
+                model=student,
+                teacher_model=None if store_kwargs else teacher,
                 args=config(os.path.join(tmp, f"out-{case}"), args, **store_kwargs),
-                train_dataset=train, processing_class=tokenizer,
-            )  # fmt: skip
+                train_dataset=train,
+                processing_class=tokenizer,
+            )
             start = time.perf_counter()
             trainer.train()
             train_s = time.perf_counter() - start
@@ -253,16 +339,23 @@ def table(results: dict) -> str:
     ]
     if "start" in results:
         r = results["start"]
-        lines.append(f"| (pruned start, untrained) | - | {r['heldout_kl']:.3f} | {r['student_perplexity']:.2f} | "
-                     f"{r['top1_agreement']:.3f} |")  # fmt: skip
-    names = {"full": "full vocabulary (live teacher)", "topk": f"top-{s['k']} store",
-             "sampled": f"sampled store, K={s['k']}"}
+        lines.append(
+            f"| (pruned start, untrained) | - | {r['heldout_kl']:.3f} | {r['student_perplexity']:.2f} | "
+            f"{r['top1_agreement']:.3f} |"
+        )
+    names = {
+        "full": "full vocabulary (live teacher)",
+        "topk": f"top-{s['k']} store",
+        "sampled": f"sampled store, K={s['k']}",
+    }
     for case, name in names.items():
         if case in results:
             r = results[case]
             size = r.get("store_bytes_per_position", 4 * s["vocab_size"])
-            lines.append(f"| {name} | {size} | {r['heldout_kl']:.3f} | {r['student_perplexity']:.2f} | "
-                         f"{r['top1_agreement']:.3f} |")  # fmt: skip
+            lines.append(
+                f"| {name} | {size} | {r['heldout_kl']:.3f} | {r['student_perplexity']:.2f} | "
+                f"{r['top1_agreement']:.3f} |"
+            )
     return "\n".join(lines)
 
 

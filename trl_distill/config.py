@@ -615,9 +615,7 @@ class DistillConfig(SFTConfig):
         if self.teacher_cache_kind is None and self.teacher_cache is not None:
             self.teacher_cache_kind = "topk" if self.kd_top_k is not None else "sampled"
         if self.teacher_cache_kind not in (None, "topk", "sampled"):
-            raise ValueError(
-                f"`teacher_cache_kind` must be 'topk' or 'sampled', got {self.teacher_cache_kind!r}."
-            )
+            raise ValueError(f"`teacher_cache_kind` must be 'topk' or 'sampled', got {self.teacher_cache_kind!r}.")
         if not _positive_int(self.teacher_cache_num_samples):
             raise ValueError(
                 f"`teacher_cache_num_samples` must be a positive integer, got {self.teacher_cache_num_samples!r}."

@@ -24,8 +24,9 @@ from trl_distill.teachers.store import MANIFEST
 # Float64 reference, written from the formula: KL_hat = -sum_i w_i log softmax(z / T)_{id_i} - H(p).
 
 
-def reference_sampled_loss(student_logits, ids, weights, entropy, labels, *, temperature, alpha, reduction="mean",
-                           local_normalizer=False):  # fmt: skip
+def reference_sampled_loss(
+    student_logits, ids, weights, entropy, labels, *, temperature, alpha, reduction="mean", local_normalizer=False
+):
     """`alpha T^2 KL_hat + (1 - alpha) CE`, reduced over positions with a label; float64, autograd-connected.
 
     `local_normalizer=True` is a classic mistake (a softmax over the sampled ids only), for negative controls.
@@ -74,13 +75,22 @@ def test_sampled_loss_matches_reference(temperature, alpha, pad, reduction, chun
     settings = dict(temperature=temperature, alpha=alpha)
 
     loss = linear_sampled_distillation_loss(
-        hidden, weight, ids, weights, entropy, labels=labels, vocab_size=V, chunk_size=chunk, reduction=reduction,
+        hidden,
+        weight,
+        ids,
+        weights,
+        entropy,
+        labels=labels,
+        vocab_size=V,
+        chunk_size=chunk,
+        reduction=reduction,
         **settings,
-    )  # fmt: skip
+    )
     loss.backward()
     h64, w64 = hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
-    expected = reference_sampled_loss((h64 @ w64.T)[..., :V], ids, weights, entropy, labels, reduction=reduction,
-                                      **settings)  # fmt: skip
+    expected = reference_sampled_loss(
+        (h64 @ w64.T)[..., :V], ids, weights, entropy, labels, reduction=reduction, **settings
+    )
     expected.backward()
     torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(hidden.grad.double(), h64.grad, rtol=1e-4, atol=1e-6)
@@ -88,8 +98,9 @@ def test_sampled_loss_matches_reference(temperature, alpha, pad, reduction, chun
     assert torch.all(weight.grad[V:] == 0)  # padding rows are outside the student's distribution
 
     # Negative control: normalizing the student over the sampled ids only must not match.
-    wrong = reference_sampled_loss((h64 @ w64.T)[..., :V], ids, weights, entropy, labels, reduction=reduction,
-                                   local_normalizer=True, **settings)  # fmt: skip
+    wrong = reference_sampled_loss(
+        (h64 @ w64.T)[..., :V], ids, weights, entropy, labels, reduction=reduction, local_normalizer=True, **settings
+    )
     assert not torch.allclose(loss.double(), wrong, rtol=1e-3)
 
 
@@ -184,9 +195,14 @@ def test_sampler_is_unbiased_statistically_and_top_k_is_not():
 
     h = h_s.detach().unsqueeze(0).expand(S, N, -1).clone().requires_grad_()
     loss = linear_sampled_distillation_loss(
-        h, w_s.detach(), ids.view(S, N, K), counts.view(S, N, K).double() / K, entropy.view(S, N).double(),
-        temperature=T, reduction="sum",
-    )  # fmt: skip
+        h,
+        w_s.detach(),
+        ids.view(S, N, K),
+        counts.view(S, N, K).double() / K,
+        entropy.view(S, N).double(),
+        temperature=T,
+        reduction="sum",
+    )
     loss.backward()
     per_seed = h.grad  # (S, N, H): each seed's gradient with respect to the row's hidden state
     mean, err = per_seed.mean(0), per_seed.std(0) / S**0.5
@@ -213,8 +229,9 @@ def test_codec_round_trip_and_limits():
         assert torch.equal(back.entropy, entropy.float())
     assert codec.max_num_samples(262144) == 2**14 - 1
     with pytest.raises(ValueError, match="teacher_cache_num_samples=16384"):
-        codec.encode_sampled(torch.zeros(1, 16384, dtype=torch.long), torch.zeros(1, 16384, dtype=torch.long),
-                             torch.zeros(1), 262144)  # fmt: skip
+        codec.encode_sampled(
+            torch.zeros(1, 16384, dtype=torch.long), torch.zeros(1, 16384, dtype=torch.long), torch.zeros(1), 262144
+        )
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -225,11 +242,25 @@ NUM_SAMPLES, TEMPERATURE = 12, 2.0
 
 def config(tmp_path, **kwargs):
     defaults = dict(
-        output_dir=str(tmp_path / "out"), use_cpu=True, bf16=False, activation_checkpointing=False, max_steps=2,
-        per_device_train_batch_size=4, learning_rate=1e-2, logging_steps=1, save_strategy="no", report_to="none",
-        seed=0, dataloader_num_workers=0, disable_tqdm=True, kd_temperature=TEMPERATURE, max_length=48,
-        teacher_cache_kind="sampled", teacher_cache_num_samples=NUM_SAMPLES, teacher_cache_seed=7,
-    )  # fmt: skip
+        output_dir=str(tmp_path / "out"),
+        use_cpu=True,
+        bf16=False,
+        activation_checkpointing=False,
+        max_steps=2,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        seed=0,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        kd_temperature=TEMPERATURE,
+        max_length=48,
+        teacher_cache_kind="sampled",
+        teacher_cache_num_samples=NUM_SAMPLES,
+        teacher_cache_seed=7,
+    )
     return DistillConfig(**{**defaults, **kwargs})
 
 
@@ -245,8 +276,9 @@ def write(teacher, tokenizer, dataset, directory, eval_dataset=None, **kwargs):
     settings = {"rows_per_shard": 10, "batch_size": 4}
     settings.update({k: kwargs.pop(k) for k in list(kwargs) if k in settings})
     args = config(directory, teacher_cache=str(directory / "store"), **kwargs)
-    return cache_teacher(teacher, dataset, eval_dataset=eval_dataset, args=args, processing_class=tokenizer,
-                         progress=False, **settings)  # fmt: skip
+    return cache_teacher(
+        teacher, dataset, eval_dataset=eval_dataset, args=args, processing_class=tokenizer, progress=False, **settings
+    )
 
 
 @pytest.fixture(scope="module")
@@ -291,8 +323,15 @@ def test_draws_do_not_depend_on_batching_and_the_seed_changes_them(
     assert [s["sha256"] for s in again["shards"]] == [
         s["sha256"] for s in json.loads((store / MANIFEST).read_text())["shards"]
     ]  # a re-run (or a resumed run) writes byte-identical shards
-    other_layout = write(teacher, tokenizer, prompt_completion_dataset, tmp_path / "b", eval_dataset=eval_dataset,
-                         rows_per_shard=7, batch_size=3)  # fmt: skip
+    other_layout = write(
+        teacher,
+        tokenizer,
+        prompt_completion_dataset,
+        tmp_path / "b",
+        eval_dataset=eval_dataset,
+        rows_per_shard=7,
+        batch_size=3,
+    )
     assert other_layout is not None
     reference, relaid = shard_words(store), shard_words(tmp_path / "b" / "store")
     assert set(relaid) == set(reference)
@@ -317,8 +356,12 @@ def test_store_loss_is_the_sampled_loss_of_the_live_teacher(
     from trl_distill.teachers.cache import row_uniforms
     from trl_distill.teachers.store import batch_row_keys
 
-    trainer = DistillTrainer(model=make_student(), args=config(tmp_path, teacher_cache=str(store), alpha=1.0),
-                             train_dataset=prompt_completion_dataset, processing_class=tokenizer)  # fmt: skip
+    trainer = DistillTrainer(
+        model=make_student(),
+        args=config(tmp_path, teacher_cache=str(store), alpha=1.0),
+        train_dataset=prompt_completion_dataset,
+        processing_class=tokenizer,
+    )
     assert type(trainer.distill_mode).__name__ == "SampledOfflineTokenMode" and trainer.teacher_model is None
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(6)])
     loss = trainer.compute_loss(trainer.model, batch)
@@ -328,14 +371,26 @@ def test_store_loss_is_the_sampled_loss_of_the_live_teacher(
     in_loss = batch["labels"][:, 1:] != -100
     with torch.no_grad():
         t_hidden = teacher.model(**model_inputs(batch)).last_hidden_state[:, :-1][in_loss]
-        uniforms = torch.cat([row_uniforms(key, 7, int(n), NUM_SAMPLES)
-                              for key, n in zip(batch_row_keys(batch), in_loss.sum(-1).tolist())])  # fmt: skip
-        ids, counts, entropy = teacher_sampled_targets(t_hidden, teacher.lm_head.weight, uniforms,
-                                                       temperature=TEMPERATURE, vocab_size=len(tokenizer))  # fmt: skip
+        uniforms = torch.cat(
+            [
+                row_uniforms(key, 7, int(n), NUM_SAMPLES)
+                for key, n in zip(batch_row_keys(batch), in_loss.sum(-1).tolist())
+            ]
+        )
+        ids, counts, entropy = teacher_sampled_targets(
+            t_hidden, teacher.lm_head.weight, uniforms, temperature=TEMPERATURE, vocab_size=len(tokenizer)
+        )
     student = make_student()
     s_hidden = student(**model_inputs(batch), output_hidden_states=True).hidden_states[-1][:, :-1][in_loss]
-    direct = linear_sampled_distillation_loss(s_hidden, student.lm_head.weight, ids, counts.float() / NUM_SAMPLES,
-                                              entropy, temperature=TEMPERATURE, vocab_size=len(tokenizer))  # fmt: skip
+    direct = linear_sampled_distillation_loss(
+        s_hidden,
+        student.lm_head.weight,
+        ids,
+        counts.float() / NUM_SAMPLES,
+        entropy,
+        temperature=TEMPERATURE,
+        vocab_size=len(tokenizer),
+    )
     direct.backward()
     assert loss.item() > 0.05
     assert abs(loss.item() / direct.item() - 1) < 1e-5
@@ -351,9 +406,11 @@ def test_trains_from_a_sampled_store(
     tmp_path, store, tokenizer, make_student, prompt_completion_dataset, eval_dataset
 ):
     trainer = DistillTrainer(
-        model=make_student(), args=config(tmp_path, teacher_cache=str(store), max_steps=3, alpha=0.9,
-                                          eval_strategy="steps", eval_steps=3),  # fmt: skip
-        train_dataset=prompt_completion_dataset, eval_dataset=eval_dataset, processing_class=tokenizer,
+        model=make_student(),
+        args=config(tmp_path, teacher_cache=str(store), max_steps=3, alpha=0.9, eval_strategy="steps", eval_steps=3),
+        train_dataset=prompt_completion_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
     )
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     trainer.train()
@@ -398,11 +455,18 @@ def test_kind_mismatch_and_served_teacher_are_refused(
     tmp_path, store, tokenizer, make_student, prompt_completion_dataset
 ):
     with pytest.raises(ValueError, match=r"`teacher_cache_kind='topk'` but .* is a 'sampled' store.*`kd_top_k=None`"):
-        DistillTrainer(model=make_student(), args=config(tmp_path, teacher_cache=str(store), teacher_cache_kind="topk",
-                                                         kd_top_k=4),  # fmt: skip
-                       train_dataset=prompt_completion_dataset, processing_class=tokenizer)
+        DistillTrainer(
+            model=make_student(),
+            args=config(tmp_path, teacher_cache=str(store), teacher_cache_kind="topk", kd_top_k=4),
+            train_dataset=prompt_completion_dataset,
+            processing_class=tokenizer,
+        )
     from trl_distill.teachers.served import SampledStoreUnsupportedError, cache_teacher_served
 
     with pytest.raises(SampledStoreUnsupportedError, match=r"needs its full softmax"):
-        cache_teacher_served("http://127.0.0.1:9", prompt_completion_dataset,
-                             args=config(tmp_path, teacher_cache=str(tmp_path / "s")), processing_class=tokenizer)
+        cache_teacher_served(
+            "http://127.0.0.1:9",
+            prompt_completion_dataset,
+            args=config(tmp_path, teacher_cache=str(tmp_path / "s")),
+            processing_class=tokenizer,
+        )

@@ -95,7 +95,9 @@ def linear_sampled_distillation_loss(
     k = teacher_ids.shape[-1]
     leading = student_hidden.shape[:-1]
     if (tuple(teacher_ids.shape), tuple(teacher_weights.shape), tuple(teacher_entropy.shape)) != (
-        (*leading, k), (*leading, k), tuple(leading)
+        (*leading, k),
+        (*leading, k),
+        tuple(leading),
     ):
         raise ValueError(
             f"`teacher_ids` and `teacher_weights` must have shape {(*leading, k)} and `teacher_entropy` "
@@ -128,9 +130,18 @@ def linear_sampled_distillation_loss(
         return SampledTargets(ids[rows], weights[rows], entropy[rows])
 
     return apply_linear(
-        h_s, student_weight, student_bias, width, teacher_fn, flat_labels, spec, chunk_size,
-        reduction, num_items_in_batch, return_components,
-    )  # fmt: skip
+        h_s,
+        student_weight,
+        student_bias,
+        width,
+        teacher_fn,
+        flat_labels,
+        spec,
+        chunk_size,
+        reduction,
+        num_items_in_batch,
+        return_components,
+    )
 
 
 @torch.no_grad()

@@ -129,8 +129,11 @@ def _cache(script_args, cache_args, args) -> int:
         print(
             f"Teacher store {args.teacher_cache}: {len(manifest['shards'])} shards, {positions} positions, "
             f"{manifest['total_bytes'] / max(positions, 1):.1f} bytes per position ("
-            + (f"{manifest['num_samples']} samples" if manifest.get("store_kind") == "sampled"
-               else f"k={manifest['top_k']}")
+            + (
+                f"{manifest['num_samples']} samples"
+                if manifest.get("store_kind") == "sampled"
+                else f"k={manifest['top_k']}"
+            )
             + f", T={manifest['temperature']})."
         )
     return 0

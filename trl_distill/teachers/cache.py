@@ -266,10 +266,12 @@ def _batch_samples(batch: dict, backbone, head, num_samples: int, args, vocab_si
     with torch.no_grad():
         hidden = backbone(**inputs, use_cache=False).last_hidden_state
     in_loss = batch["labels"][:, 1:] != -100
-    uniforms = torch.cat([
-        row_uniforms(key, args.teacher_cache_seed, int(count), num_samples)
-        for key, count in zip(batch_row_keys(batch), in_loss.sum(-1).tolist())
-    ])  # fmt: skip
+    uniforms = torch.cat(
+        [
+            row_uniforms(key, args.teacher_cache_seed, int(count), num_samples)
+            for key, count in zip(batch_row_keys(batch), in_loss.sum(-1).tolist())
+        ]
+    )
     ids, counts, entropy = teacher_sampled_targets(
         hidden[:, :-1][in_loss],
         head.weight,

@@ -274,9 +274,15 @@ class TeacherStore:
                 )
 
     def check_run(
-        self, *, tokenizer, vocab_size: int, top_k: int | None, temperature: float, tokenization: dict,
+        self,
+        *,
+        tokenizer,
+        vocab_size: int,
+        top_k: int | None,
+        temperature: float,
+        tokenization: dict,
         kind: str = "topk",
-    ) -> None:  # fmt: skip
+    ) -> None:
         """Refuse a training run the store's targets are not exact for; each error names the field and the fix."""
         where = f"the teacher store at {self.path!r}"
         if kind != self.kind:
