@@ -143,7 +143,8 @@ INTERNAL = {
         "config",
     },  # config: the CLI parser
     "sources": {"teachers", "inference", "batch", "conversation", "losses"},
-    "modes": {"losses", "alignment", "teachers", "batch", "conversation", "inference", "terms"},
+    # sources: MiniLLM samples from the teacher-mixed policy itself (sources/mixture.py); sources never import modes.
+    "modes": {"losses", "alignment", "teachers", "batch", "conversation", "inference", "terms", "sources"},
     # terms.layer_map and gate: stdlib-only leaves (the terms package's init comes along)
     "config": {"losses", "modes", "terms", "gate"},
 }

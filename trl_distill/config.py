@@ -502,6 +502,27 @@ class DistillConfig(SFTConfig):
         default=None,
         metadata={"help": "Push a student that failed its release gate anyway, for this reason (recorded)."},
     )
+    # MiniLLM (distill_mode="minillm", issue 15): reverse KL over student samples by policy gradient; checked by
+    # `MiniLLMMode.validate_config`. Samples also use `max_completion_length`, `temperature`, `top_k`, `top_p`.
+    minillm_teacher_mix: float = field(
+        default=0.2,
+        metadata={
+            "help": "MiniLLM: teacher's share alpha of the sampling policy alpha*p + (1-alpha)*q, in [0, 1) "
+            "(the paper's 0.2; 0 = pure student samples)."
+        },
+    )
+    minillm_clip: float | None = field(
+        default=0.2,
+        metadata={"help": "MiniLLM: PPO-style clip range of the long-term term's importance weight; None = no clip."},
+    )
+    minillm_length_normalize: bool = field(
+        default=True,
+        metadata={"help": "MiniLLM: the future reward R_{t+1} is the mean of the later rewards, not their sum."},
+    )
+    minillm_lm_weight: float = field(
+        default=0.0,
+        metadata={"help": "MiniLLM: weight of the cross-entropy on the dataset's completions added to the loss."},
+    )
 
     def __post_init__(self):
         _check_field_types(self)  # before any comparison: `kd_temperature="2"` must name the field

@@ -40,6 +40,7 @@ Extending it:
 
 from .base import DistillMode, available_modes, get_mode, register_mode, resolve_mode
 from .context import MetricsSink, ModeContext
+from .minillm import MiniLLMMode
 from .sequence import SequenceMode
 from .token import TokenMode
 from .token_offline import OfflineTokenMode
@@ -50,6 +51,7 @@ from .uld import ULDMode
 __all__ = [
     "DistillMode",
     "MetricsSink",
+    "MiniLLMMode",
     "ModeContext",
     "OfflineTokenMode",
     "SampledOfflineTokenMode",
