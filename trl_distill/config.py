@@ -15,7 +15,7 @@ from typing import Any
 from trl import SFTConfig
 
 from .gate import load_release_check, parse_release_gate, wrong_direction
-from .losses import FEATURE_LOSSES, OBJECTIVES, REDUCTIONS, ULD_DISTANCES
+from .losses import FEATURE_LOSSES, OBJECTIVES, REDUCTIONS, ULD_DISTANCES, check_sampled_objective
 from .modes import available_modes, get_mode
 from .terms.layer_map import FEATURE_PROJECTION_MODES, parse_layer_map
 
@@ -169,8 +169,21 @@ class DistillConfig(SFTConfig):
     Parameters of the offline teacher:
         teacher_cache (`str`, *optional*):
             Directory of a teacher store written by `trl-distill cache-teacher` / [`cache_teacher`]: train from the
-            teacher's stored top-k instead of a live teacher (which is then not loaded). Needs `kd_top_k` (at most the
-            store's k) and the store's `kd_temperature`; `packing` and `padding_free` are refused.
+            teacher's stored targets instead of a live teacher (which is then not loaded). Needs the store's
+            `kd_temperature`; `packing` and `padding_free` are refused.
+        teacher_cache_kind (`str`, *optional*):
+            What the store holds: `"topk"`, the teacher's top-k log-probabilities (exact for the `kd_top_k` loss,
+            biased for the full-vocabulary one; needs `kd_top_k`, at most the store's k); `"sampled"`,
+            `teacher_cache_num_samples` tokens drawn from the teacher at `kd_temperature` (Sparse Logit Sampling,
+            https://arxiv.org/abs/2503.16870): the forward-KL loss against them is unbiased in value and gradient
+            (needs `objective="forward_kl"` and `kd_top_k=None`). `None` (default, with `teacher_cache`): `"topk"`
+            when `kd_top_k` is set, else `"sampled"` (at equal bytes it trained closer to the full-vocabulary
+            teacher, README "Offline teacher store"). Read by the caching run and checked against the store.
+        teacher_cache_num_samples (`int`, *optional*, defaults to `12`):
+            Draws per position in a sampled store (`4 * (n + 1)` bytes per position, the size of a top-`n` store).
+        teacher_cache_seed (`int`, *optional*, defaults to `0`):
+            Seed of a sampled store's draws (combined with each row's content, so the draws do not depend on batching,
+            sharding or resumption).
     Parameters that control feature (hidden-state) KD, added to the token mode's loss:
         feature_weight (`float`, *optional*, defaults to `0.0`):
             Weight of the feature term: the loss becomes `L + feature_weight * L_feat`. `0` turns feature KD off (the
@@ -356,6 +369,20 @@ class DistillConfig(SFTConfig):
             "instead of a live teacher. Needs `kd_top_k` <= the store's k and the store's `kd_temperature`."
         },
     )
+    teacher_cache_kind: str | None = field(
+        default=None,
+        metadata={
+            "help": "What the teacher store holds: 'topk' (the teacher's top-k; needs kd_top_k) or 'sampled' "
+            "(teacher_cache_num_samples draws from the teacher per position: an unbiased forward-KL target; needs "
+            "objective='forward_kl' and kd_top_k=None). None: 'topk' if kd_top_k is set, else 'sampled'."
+        },
+    )
+    teacher_cache_num_samples: int = field(
+        default=12, metadata={"help": "Draws per position in a sampled teacher store (teacher_cache_kind='sampled')."}
+    )
+    teacher_cache_seed: int = field(
+        default=0, metadata={"help": "Seed of a sampled teacher store's draws (combined with each row's content)."}
+    )
     # Feature (hidden-state) KD, issue 5 (see trl_distill/features.py)
     feature_weight: float = field(
         default=0.0,
@@ -535,8 +562,9 @@ class DistillConfig(SFTConfig):
         if self.kd_chunk_size is not None and not _positive_int(self.kd_chunk_size):
             raise ValueError(f"`kd_chunk_size` must be None or a positive integer, got {self.kd_chunk_size!r}.")
         # Offline teacher (issue 6): the store holds top-k targets of padded, unpacked rows.
+        self._check_teacher_cache_kind()
         if self.teacher_cache is not None:
-            if self.kd_top_k is None:
+            if self.kd_top_k is None and self.teacher_cache_kind == "topk":
                 raise ValueError(
                     "`teacher_cache` holds the teacher's top-k only: set `kd_top_k` (at most the store's k), got None."
                 )
@@ -602,6 +630,27 @@ class DistillConfig(SFTConfig):
         # What the mode itself needs (feature term, generated completions, teacher store, its own fields): the mode
         # class owns those checks, so a mode registered by the user validates its settings too.
         get_mode(self.distill_mode).validate_config(self)
+
+    def _check_teacher_cache_kind(self) -> None:
+        """A sampled teacher store (issue 16): forward KL over the full vocabulary, estimated from the draws."""
+        if self.teacher_cache_kind is None and self.teacher_cache is not None:
+            self.teacher_cache_kind = "topk" if self.kd_top_k is not None else "sampled"
+        if self.teacher_cache_kind not in (None, "topk", "sampled"):
+            raise ValueError(f"`teacher_cache_kind` must be 'topk' or 'sampled', got {self.teacher_cache_kind!r}.")
+        if not _positive_int(self.teacher_cache_num_samples):
+            raise ValueError(
+                f"`teacher_cache_num_samples` must be a positive integer, got {self.teacher_cache_num_samples!r}."
+            )
+        if isinstance(self.teacher_cache_seed, bool) or not isinstance(self.teacher_cache_seed, int):
+            raise TypeError(f"`teacher_cache_seed` must be an integer, got {self.teacher_cache_seed!r}.")
+        if self.teacher_cache_kind != "sampled" or self.teacher_cache is None:
+            return
+        if self.kd_top_k is not None:
+            raise ValueError(
+                f"`kd_top_k={self.kd_top_k}` with `teacher_cache_kind='sampled'`: a sampled store estimates the "
+                "full-vocabulary loss, it holds no top-k. Set `kd_top_k=None` (or use `teacher_cache_kind='topk'`)."
+            )
+        check_sampled_objective(self.objective, self.beta)
 
     def _warn_ignored_beta(self) -> None:
         default = next(f.default for f in dataclasses.fields(self) if f.name == "beta")

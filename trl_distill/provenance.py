@@ -246,6 +246,8 @@ def applicable_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
         keys += list(_FEATURE)
     if settings.get("heldout_eval"):
         keys.append("heldout_max_rows")
+    if settings.get("teacher_cache") and settings.get("teacher_cache_kind") == "sampled":  # issue 16
+        keys += ["teacher_cache_kind", "teacher_cache_num_samples", "teacher_cache_seed"]
     unset_is_default = (
         "kd_top_k",
         "teacher_cache",

@@ -530,7 +530,7 @@ def test_teacher_with_store_and_bad_configs_are_refused(
             processing_class=tokenizer,
         )
     for kwargs, match in [
-        (dict(kd_top_k=None), "set `kd_top_k`"),
+        (dict(kd_top_k=None, teacher_cache_kind="topk"), "set `kd_top_k`"),
         (dict(packing=True), "`packing=True` cannot be used with `teacher_cache`"),
         (dict(padding_free=True), "`padding_free=True` cannot be used with `teacher_cache`"),
     ]:

@@ -228,6 +228,62 @@ class TopKTargets(NamedTuple):
     log_probs: torch.Tensor
 
 
+class SampledTargets(NamedTuple):
+    """The teacher's side of the sampled (Random Sampling KD) loss: `K` tokens drawn from the teacher per row.
+
+    Sparse Logit Sampling (Anshumann et al., ACL 2025, https://arxiv.org/abs/2503.16870): the `K` draws
+    `v_1..v_K ~ p` (with replacement, at the loss temperature) are stored as their distinct ids with weights
+    `count / K`, an unbiased estimate of `p` (`E[w_v] = p_v`). See [`sampled_terms`] for what is unbiased.
+
+    Attributes:
+        ids (`torch.Tensor` of shape `(C, K)`, int64): the distinct sampled ids of each row (unused slots: any id,
+            weight 0).
+        weights (`torch.Tensor` of shape `(C, K)`, float32): `count / K` per id (0 in unused slots); each row sums to 1.
+        entropy (`torch.Tensor` of shape `(C,)`, float32): the teacher's exact entropy `H(p) = -sum_v p_v log p_v` at
+            the loss temperature (a constant of the student; it turns the cross-entropy estimate into a KL estimate).
+    """
+
+    ids: torch.Tensor
+    weights: torch.Tensor
+    entropy: torch.Tensor
+
+
+def sampled_terms(
+    u: torch.Tensor, teacher: SampledTargets, need_grad: bool, inv_t: float
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Forward KL(teacher || student) estimated from tokens sampled from the teacher, and its gradient w.r.t. `u / T`.
+
+    With `s = log_softmax(u / T)` (the student's full normalizer, computed here from the whole row) and draws
+    `v_k ~ p`, the estimate is `D_hat = -sum_i w_i s_{id_i} - H(p)` (`w_i = count_i / K`): the cross-entropy against
+    the empirical distribution of the draws, minus the teacher's stored entropy. Since `E[w_v] = p_v` and `D_hat` is
+    linear in `w`, `E[D_hat] = -sum_v p_v s_v - H(p) = KL(p || q)` exactly, and its gradient
+    `dD_hat/d(u/T)_j = q_j sum_i w_i - w_j` has expectation `q_j - p_j`, the full-vocabulary forward-KL gradient.
+    One draw's `D_hat` can be negative (it is an estimate); reverse KL and the JSD need `p` on the student's support
+    and have no such estimator.
+
+    Args:
+        u (`torch.Tensor` of shape `(C, V)`): float32 student logits. Consumed (reused for the gradient).
+        teacher ([`SampledTargets`]): the rows' draws.
+        need_grad (`bool`): whether to return the gradient.
+        inv_t (`float`): `1 / T`.
+
+    Returns:
+        `(value, grad)`: `D_hat` per row `(C,)` and `dD_hat/d(u/T)` `(C, V)` (or `None`).
+    """
+    ids, weights = teacher.ids, teacher.weights.float()
+    _, hi = _shift_scale_(u, inv_t)
+    _check_rows(hi, "student")
+    log_norm = torch.logsumexp(u, dim=-1, keepdim=True)
+    s_at = u.gather(-1, ids) - log_norm
+    # 0 * (-inf) = 0: an unused slot (weight 0) at a token the student masks adds nothing.
+    value = -torch.where(weights > 0, weights * s_at, s_at.new_zeros(())).sum(-1) - teacher.entropy.float()
+    if not need_grad:
+        return value, None
+    grad = u.sub_(log_norm).exp_().mul_(weights.sum(-1, keepdim=True))
+    grad.scatter_add_(-1, ids, -weights)
+    return value, grad
+
+
 def _fold_(x: torch.Tensor, idx: torch.Tensor, inv_t: float, side: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Fold raw logits onto the ids `idx` plus one "other" bucket, in log space; `x` is consumed.
 
@@ -306,9 +362,10 @@ def kd_chunk(
     Args:
         student_logits (`torch.Tensor` of shape `(C, V)`): float32 student logits (only real vocabulary rows).
             Consumed: the buffer is reused for the result. `-inf` entries are masked tokens.
-        teacher (`torch.Tensor` of shape `(C, V)` or [`TopKTargets`]): float32 teacher logits over the same vocabulary
-            (consumed), or the teacher's top-k ids and bucket log-probabilities already at temperature `T` (e.g. read
-            from an offline store; `spec.top_k` is then ignored: the targets carry their own k).
+        teacher (`torch.Tensor` of shape `(C, V)`, [`TopKTargets`] or [`SampledTargets`]): float32 teacher logits
+            over the same vocabulary (consumed), or the teacher's top-k ids and bucket log-probabilities already at
+            temperature `T` (e.g. read from an offline store; `spec.top_k` is then ignored: the targets carry their own
+            k), or tokens sampled from the teacher at `T` (forward KL only, [`sampled_terms`]).
         labels (`torch.Tensor` of shape `(C,)`, *optional*): target ids, required when `spec.alpha < 1`.
         spec ([`KDSpec`]): the loss hyper-parameters.
         need_grad (`bool`): whether to return the gradient.
@@ -323,7 +380,8 @@ def kd_chunk(
     T = float(spec.temperature)
     kd = ce = student_logits.new_zeros(rows)
     ce_grad = None
-    stored = isinstance(teacher, TopKTargets)
+    sampled = isinstance(teacher, SampledTargets)
+    stored = sampled or isinstance(teacher, TopKTargets)
     top_k = spec.top_k if spec.top_k is not None and spec.top_k < vocab else None
     # At T == 1 with the full vocabulary, the CE softmax is the KD softmax and is not computed twice.
     reuse_softmax = T == 1.0 and spec.needs_kd and top_k is None and not stored
@@ -344,7 +402,14 @@ def kd_chunk(
         return kd, ce, ce_grad
 
     beta = spec.effective_beta
-    if stored or top_k is not None:
+    if sampled:
+        if beta != 0.0:
+            raise ValueError(
+                f"`objective={spec.objective!r}` cannot be estimated from tokens sampled from the teacher: only the "
+                "forward KL (`objective='forward_kl'`) is unbiased from a sampled store."
+            )
+        value, grad = sampled_terms(student_logits, teacher, need_grad, 1.0 / T)
+    elif stored or top_k is not None:
         # Top-k pruning: keep the teacher's k most likely tokens and fold the rest of the vocabulary into one "other"
         # bucket on both sides.
         targets = teacher if stored else teacher_top_k(teacher, top_k, temperature=T)

@@ -17,7 +17,9 @@ How the pieces fit (the README's three knobs, and where each lives in the packag
   (`validate_config`), and how receipts name it (`label`, `describe(args)`, `papers`).
 - An offline **teacher source** (`teacher_cache`) is the same objective with the teacher's targets read from a store:
   the mode names that variant in `for_teacher_cache()` (`TokenMode` -> `OfflineTokenMode`), and the trainer builds it
-  instead (`resolve_mode`). Modes without one are refused with `teacher_cache`.
+  instead (`resolve_mode`). Modes without one are refused with `teacher_cache`. A sampled store
+  (`teacher_cache_kind="sampled"`) is served by `for_sampled_teacher_cache()` (`TokenMode` ->
+  `SampledOfflineTokenMode`).
 - A **completion source** replaces the batch's completions before the loss (on-policy student samples, fresh teacher
   text); modes are unaware of it and only declare `supports_generated_completions`.
 - An **extra term** (feature KD) is built by the trainer and handed to the mode in the context; a mode with
@@ -42,6 +44,7 @@ from .minillm import MiniLLMMode
 from .sequence import SequenceMode
 from .token import TokenMode
 from .token_offline import OfflineTokenMode
+from .token_sampled import SampledOfflineTokenMode
 from .uld import ULDMode
 
 
@@ -51,6 +54,7 @@ __all__ = [
     "MiniLLMMode",
     "ModeContext",
     "OfflineTokenMode",
+    "SampledOfflineTokenMode",
     "SequenceMode",
     "TokenMode",
     "ULDMode",

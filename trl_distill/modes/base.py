@@ -90,11 +90,13 @@ class DistillMode(ABC):
                 f"{args.lmbda}` / `seq_kd={args.seq_kd}` are refused. Set `lmbda=0` and `seq_kd=False`, or use "
                 "`distill_mode='token'`."
             )
-        if args.teacher_cache is not None and cls.for_teacher_cache() is None:
-            served = [name for name in available_modes() if get_mode(name).for_teacher_cache() is not None]
+        if args.teacher_cache is not None and _offline_variant(cls, args) is None:
+            kind = getattr(args, "teacher_cache_kind", None) or "topk"
+            served = [name for name in available_modes() if _offline_variant(get_mode(name), args) is not None]
             raise ValueError(
                 f"`distill_mode={cls.name!r}` needs a live teacher and cannot train from `teacher_cache`; offline "
-                f"stores serve {served}. Unset `teacher_cache` or use one of those modes."
+                f"stores serve {served} (`teacher_cache_kind={kind!r}`). Unset `teacher_cache` or use one of those "
+                "modes."
             )
 
     @classmethod
@@ -107,6 +109,12 @@ class DistillMode(ABC):
     def for_served_teacher(cls) -> type[DistillMode] | None:
         """The mode that trains this objective with the teacher's top-k scored live by a server (`teacher_url`,
         issue 16), or `None` when the mode needs a loaded teacher."""
+        return None
+
+    @classmethod
+    def for_sampled_teacher_cache(cls) -> type[DistillMode] | None:
+        """The mode that trains this objective from a *sampled* store (`teacher_cache_kind="sampled"`: tokens drawn
+        from the teacher, Sparse Logit Sampling), or `None` when the mode has no such variant."""
         return None
 
     @classmethod
@@ -172,6 +180,13 @@ def available_modes() -> tuple[str, ...]:
     return tuple(sorted(_MODES))
 
 
+def _offline_variant(mode_cls: type[DistillMode], args: Any) -> type[DistillMode] | None:
+    """The mode's variant for `args.teacher_cache`, by the store's kind (`teacher_cache_kind`)."""
+    if getattr(args, "teacher_cache_kind", "topk") == "sampled":
+        return mode_cls.for_sampled_teacher_cache()
+    return mode_cls.for_teacher_cache()
+
+
 def resolve_mode(args: Any) -> type[DistillMode]:
     """The mode class the trainer builds: `distill_mode`'s, its offline variant when `teacher_cache` is set, or its
     served variant when only `teacher_url` is (live scoring through a vLLM server)."""
@@ -183,7 +198,7 @@ def resolve_mode(args: Any) -> type[DistillMode]:
         return served
     if args.teacher_cache is None:
         return mode_cls
-    offline = mode_cls.for_teacher_cache()
+    offline = _offline_variant(mode_cls, args)
     if offline is None:  # the config refuses this already; a config edited after validation lands here
         mode_cls.validate_config(args)
         raise ValueError(f"`distill_mode={mode_cls.name!r}` cannot train from `teacher_cache`; unset `teacher_cache`.")

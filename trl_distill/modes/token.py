@@ -9,6 +9,7 @@ from ..losses import linear_distillation_loss
 from ..teachers.live import call_with_lm_heads, check_plain_lm_head, lm_head_and_backbone
 from .base import DistillMode, register_mode
 from .token_offline import OfflineTokenMode
+from .token_sampled import SampledOfflineTokenMode
 from .token_served import ServedTokenMode
 
 
@@ -45,6 +46,10 @@ class TokenMode(DistillMode):
     @classmethod
     def for_served_teacher(cls):
         return ServedTokenMode
+
+    @classmethod
+    def for_sampled_teacher_cache(cls):
+        return SampledOfflineTokenMode
 
     def compute_loss(self, model, inputs, num_items_in_batch):
         context, args = self.context, self.args

@@ -58,6 +58,12 @@ class OfflineTokenMode(DistillMode):
             temperature=args.kd_temperature,
             tokenization=dict(context.tokenization),
         )
+        self.check_datasets(store, context)
+        return store
+
+    @staticmethod
+    def check_datasets(store, context) -> None:
+        """Every training and evaluation row must be in the store (iterable datasets are checked batch by batch)."""
         for name, dataset in context.prepared_datasets():
             if hasattr(dataset, "select_columns") and hasattr(dataset, "__len__"):
                 store.check_dataset(dataset, name)
@@ -65,7 +71,6 @@ class OfflineTokenMode(DistillMode):
                 logger.warning(
                     "The %s dataset is iterable: its rows are looked up in the teacher store batch by batch.", name
                 )
-        return store
 
     @classmethod
     def describe(cls, args) -> str:

@@ -27,6 +27,9 @@ accelerate launch --num_processes 8 -m trl_distill.scripts.cache_teacher --confi
 # then train from the store (teacher_model_name_or_path is not loaded):
 trl-distill train --config distill.yaml --model_name_or_path Qwen/Qwen2.5-0.5B-Instruct
 ```
+
+For a sampled store (an unbiased forward-KL target, issue 16) replace `kd_top_k` by `teacher_cache_kind: sampled`,
+`teacher_cache_num_samples: 12` (and optionally `teacher_cache_seed`); not with `--teacher_url`.
 """
 
 from __future__ import annotations
@@ -125,8 +128,13 @@ def _cache(script_args, cache_args, args) -> int:
         positions = sum(info["positions"] for info in manifest["splits"].values())
         print(
             f"Teacher store {args.teacher_cache}: {len(manifest['shards'])} shards, {positions} positions, "
-            f"{manifest['total_bytes'] / max(positions, 1):.1f} bytes per position (k={manifest['top_k']}, "
-            f"T={manifest['temperature']})."
+            f"{manifest['total_bytes'] / max(positions, 1):.1f} bytes per position ("
+            + (
+                f"{manifest['num_samples']} samples"
+                if manifest.get("store_kind") == "sampled"
+                else f"k={manifest['top_k']}"
+            )
+            + f", T={manifest['temperature']})."
         )
     return 0
 

@@ -10,6 +10,7 @@ process writes the manifest once every shard is recorded; every process returns 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -21,7 +22,7 @@ from torch import nn
 from ..batch import model_inputs
 from ..conversation import as_prompt_completion
 from ..digests import file_sha256, tokenizer_sha256, weights_sha256
-from ..losses import teacher_top_k_targets
+from ..losses import teacher_sampled_targets, teacher_top_k_targets
 from . import codec
 from .live import lm_head_and_backbone, load_teacher
 from .store import (
@@ -55,11 +56,14 @@ def cache_teacher(
     num_processes: int | None = None,
     progress: bool = True,
 ) -> dict | None:
-    r"""Run the teacher over a dataset and store its top-k targets in `args.teacher_cache`.
+    r"""Run the teacher over a dataset and store its top-k targets (or samples) in `args.teacher_cache`.
 
     Pass the `DistillConfig` of the training run: `teacher_cache` (the store directory), `kd_top_k` (k),
     `kd_temperature` (the log-probabilities are stored at this temperature; training must use the same one) and the
-    tokenization settings (`max_length`, `completion_only_loss`, ...) are read from it.
+    tokenization settings (`max_length`, `completion_only_loss`, ...) are read from it. With
+    `teacher_cache_kind="sampled"` the store holds `teacher_cache_num_samples` tokens drawn from the teacher at
+    `kd_temperature` per position instead (Sparse Logit Sampling, an unbiased target for the forward KL), seeded per
+    row from `teacher_cache_seed` and the row's content, so a resumed or re-run store is identical.
 
     Args:
         teacher_model (`str` or `PreTrainedModel`): the teacher, or its Hub id / local path (loaded with
@@ -87,7 +91,12 @@ def cache_teacher(
     from trl import SFTTrainer
 
     store_dir, top_k = args.teacher_cache, args.kd_top_k
-    if store_dir is None or top_k is None:
+    kind = getattr(args, "teacher_cache_kind", None) or "topk"
+    if kind == "sampled":
+        top_k = None  # the draws replace the top-k (the config refuses `kd_top_k` with a sampled store)
+        if store_dir is None:
+            raise ValueError("`cache_teacher` writes to `args.teacher_cache`; got `teacher_cache=None`: set it.")
+    elif store_dir is None or top_k is None:
         raise ValueError(
             f"`cache_teacher` writes to `args.teacher_cache` the top `args.kd_top_k` entries; got "
             f"`teacher_cache={store_dir!r}`, `kd_top_k={top_k!r}`: set both."
@@ -120,7 +129,14 @@ def cache_teacher(
     teacher.eval()
     tokenizer = getattr(sft.processing_class, "tokenizer", sft.processing_class)
     vocab_size = len(tokenizer)
-    if not top_k < vocab_size:
+    if kind == "sampled":
+        num_samples = args.teacher_cache_num_samples
+        if num_samples > codec.max_num_samples(vocab_size):
+            raise ValueError(
+                f"`teacher_cache_num_samples={num_samples}` counts do not fit beside the ids of a {vocab_size}-token "
+                f"vocabulary in 32-bit entries; use at most {codec.max_num_samples(vocab_size)}."
+            )
+    elif not top_k < vocab_size:
         raise ValueError(f"`kd_top_k={top_k}` must be below the vocabulary size ({vocab_size}).")
     codec.log_prob_bits(vocab_size)  # refuses vocabularies too large for 32-bit entries
     splits = {"train": sft.train_dataset}
@@ -152,11 +168,20 @@ def cache_teacher(
             "id_bits": codec.id_bits(vocab_size),
             "log_prob_bits": codec.log_prob_bits(vocab_size),
             "bytes_per_position": codec.bytes_per_position(top_k),
+        }
+        if kind == "topk"
+        else {
+            "entries": "int32 (positions, num_samples + 1): id | count << id_bits, then float32 entropy; see "
+            "trl_distill/teachers/codec.py (encode_sampled)",
+            "id_bits": codec.id_bits(vocab_size),
+            "bytes_per_position": codec.bytes_per_position(num_samples),
         },
         "splits": {split: {"rows": len(dataset)} for split, dataset in splits.items()},
         "rows_per_shard": rows_per_shard,
         "shards": shards,
     }
+    if kind == "sampled":  # only sampled stores carry these keys: a top-k plan stays what older versions wrote
+        plan.update(store_kind="sampled", num_samples=num_samples, sample_seed=int(args.teacher_cache_seed))
     os.makedirs(store_dir, exist_ok=True)
     check_or_write_plan(store_dir, plan)
 
@@ -166,7 +191,7 @@ def cache_teacher(
     batch_size = batch_size or args.per_device_eval_batch_size
     bar = tqdm(
         total=sum(shards[i]["end"] - shards[i]["start"] for i in todo),
-        desc=f"Caching teacher top-{top_k}",
+        desc=f"Caching teacher top-{top_k}" if kind == "topk" else f"Caching {num_samples} teacher samples",
         unit="row",
         disable=not (progress and state.is_local_main_process),
     )
@@ -177,7 +202,10 @@ def cache_teacher(
         for start in range(shard["start"], shard["end"], batch_size):
             rows = [dataset[i] for i in range(start, min(start + batch_size, shard["end"]))]
             batch = {k: v.to(sft.args.device) for k, v in sft.data_collator(rows).items()}
-            entries.append(_batch_entries(batch, backbone, head, top_k, args, vocab_size))
+            if kind == "topk":
+                entries.append(_batch_entries(batch, backbone, head, top_k, args, vocab_size))
+            else:
+                entries.append(_batch_samples(batch, backbone, head, num_samples, args, vocab_size))
             keys.extend(batch_row_keys(batch))
             counts.extend((batch["labels"][:, 1:] != -100).sum(-1).tolist())
             bar.update(len(rows))
@@ -219,6 +247,41 @@ def _batch_entries(batch: dict, backbone, head, top_k: int, args, vocab_size: in
         chunk_size=args.kd_chunk_size,
     )
     return codec.encode(targets, vocab_size).cpu()
+
+
+def row_uniforms(key: bytes, seed: int, positions: int, num_samples: int) -> torch.Tensor:
+    """The `(positions, num_samples)` float64 uniforms of one row's draws, from `seed` and the row's content key.
+
+    Seeded per row (not per batch or shard), so a row gets the same draws whatever the batch size, shard layout,
+    process count or resumption point.
+    """
+    digest = hashlib.blake2b(key + int(seed).to_bytes(8, "little", signed=True), digest_size=8).digest()
+    generator = torch.Generator().manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
+    return torch.rand((positions, num_samples), generator=generator, dtype=torch.float64)
+
+
+def _batch_samples(batch: dict, backbone, head, num_samples: int, args, vocab_size: int) -> torch.Tensor:
+    """The encoded `(positions, num_samples + 1)` words of a batch's response positions: draws from the teacher."""
+    inputs = model_inputs(batch)
+    with torch.no_grad():
+        hidden = backbone(**inputs, use_cache=False).last_hidden_state
+    in_loss = batch["labels"][:, 1:] != -100
+    uniforms = torch.cat(
+        [
+            row_uniforms(key, args.teacher_cache_seed, int(count), num_samples)
+            for key, count in zip(batch_row_keys(batch), in_loss.sum(-1).tolist())
+        ]
+    )
+    ids, counts, entropy = teacher_sampled_targets(
+        hidden[:, :-1][in_loss],
+        head.weight,
+        uniforms,
+        teacher_bias=getattr(head, "bias", None),
+        temperature=args.kd_temperature,
+        vocab_size=vocab_size,
+        chunk_size=args.kd_chunk_size,
+    )
+    return codec.encode_sampled(ids.cpu(), counts.cpu(), entropy.cpu(), vocab_size)
 
 
 def check_or_write_plan(store_dir: str, plan: dict) -> None:

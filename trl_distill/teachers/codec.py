@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import torch
 
-from ..losses import TopKTargets
+from ..losses import SampledTargets, TopKTargets
 
 
 ENTRY_BITS = 32
@@ -140,3 +140,42 @@ def fold(targets: TopKTargets, top_k: int) -> TopKTargets:
         return targets
     other = torch.logsumexp(log_probs[:, top_k:], dim=-1, keepdim=True)
     return TopKTargets(ids[:, :top_k], torch.cat([log_probs[:, :top_k], other], dim=-1))
+
+
+# A sampled store (`teacher_cache_kind="sampled"`, Sparse Logit Sampling): `K` draws from the teacher per position,
+# kept as their distinct ids with counts, in `K + 1` 32-bit words (`4 * (K + 1)` bytes, the size of a top-K entry):
+# - each of the first `K` words holds a token id in its low `id_bits` bits and its count (how many of the `K` draws
+#   gave it; 0 marks an unused slot) in the remaining `32 - id_bits` bits, exactly: no quantization, so the weights
+#   `count / K` are the unbiased estimate of the teacher's probabilities that the loss needs;
+# - the last word is the float32 bit pattern of the teacher's exact entropy at the loss temperature (a constant of
+#   the student that makes the loss an unbiased estimate of the KL itself, not only up to a constant).
+
+
+def max_num_samples(vocab_size: int) -> int:
+    """The largest `K` whose counts fit beside an id in a 32-bit word."""
+    return (1 << log_prob_bits(vocab_size)) - 1
+
+
+def encode_sampled(ids: torch.Tensor, counts: torch.Tensor, entropy: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Pack `(N, K)` distinct drawn ids, their `(N, K)` counts and the `(N,)` entropy into `(N, K + 1)` int32 words."""
+    ibits = id_bits(vocab_size)
+    k = ids.shape[-1]
+    if k > max_num_samples(vocab_size):
+        raise ValueError(
+            f"`teacher_cache_num_samples={k}` counts do not fit beside {ibits}-bit ids in 32-bit entries; use at most "
+            f"{max_num_samples(vocab_size)}."
+        )
+    words = (counts.long() << ibits) | ids.long()
+    header = entropy.float().contiguous().view(torch.int32).long() & 0xFFFFFFFF
+    return _as_int32(torch.cat([words, header[:, None]], dim=-1))
+
+
+def decode_sampled(entries: torch.Tensor, vocab_size: int) -> SampledTargets:
+    """Unpack `(N, K + 1)` words from [`encode_sampled`] into `SampledTargets` (weights `count / K`)."""
+    ibits = id_bits(vocab_size)
+    words = entries.long() & 0xFFFFFFFF
+    top = words[:, :-1]
+    k = top.shape[-1]
+    counts = top >> ibits
+    entropy = entries[:, -1].contiguous().view(torch.float32)
+    return SampledTargets(top & ((1 << ibits) - 1), counts.float() / k, entropy.clone())

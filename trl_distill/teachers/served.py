@@ -70,6 +70,10 @@ class UnnormalizedLogProbsError(ServedTeacherError, ValueError):
     """A position's top-k probabilities sum above 1: the server does not return normalized log-probabilities."""
 
 
+class SampledStoreUnsupportedError(ValueError):
+    """A sampled store (`teacher_cache_kind="sampled"`) was asked of a served teacher, which returns only its top-k."""
+
+
 class ServedTeacher:
     r"""Client of a teacher served by vLLM (`vllm serve`) that scores token-id rows with `prompt_logprobs`.
 
@@ -392,6 +396,14 @@ def cache_teacher_served(
     from .store import MANIFEST, PLAN, STORE_FORMAT, STORE_VERSION, shard_name
 
     store_dir, top_k = args.teacher_cache, args.kd_top_k
+    if (getattr(args, "teacher_cache_kind", None) or "topk") != "topk":
+        raise SampledStoreUnsupportedError(
+            f"`teacher_cache_kind={args.teacher_cache_kind!r}` cannot be written from a served teacher: drawing tokens "
+            "from the teacher's distribution needs its full softmax at every position, and the server returns only "
+            "its top `prompt_logprobs` (a draw from those would be a draw from the truncated, biased distribution). "
+            "Write a sampled store with the teacher loaded in-process (`cache_teacher`), or a top-k store: set "
+            "`kd_top_k` (and `teacher_cache_kind='topk'` or None)."
+        )
     if store_dir is None or top_k is None:
         raise ValueError(
             f"`cache_teacher_served` writes to `args.teacher_cache` the top `args.kd_top_k` entries; got "

@@ -18,7 +18,9 @@ Rows are found by content, not by position: a row's key is a hash of its token i
 gives them to the model. Shuffling, another `seed` or a subset of the cached rows therefore read the right targets,
 and a row the store does not hold (another dataset, tokenizer or `max_length`) is an error, never a wrong target.
 `entries` hold, for each response position of the row in order (positions `i` whose label `i + 1` is not -100), the
-[`codec`](codec.py) words of the teacher's top-k.
+[`codec`](codec.py) words of the teacher's top-k, or, in a sampled store (`store_kind: "sampled"` in the manifest,
+`teacher_cache_kind="sampled"`), the distinct ids and counts of `num_samples` tokens drawn from the teacher plus its
+entropy (`codec.encode_sampled`), `(P, num_samples + 1)`.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from typing import Any
 import torch
 
 from ..digests import file_sha256, json_sha256, tokenizer_sha256
-from ..losses import TopKTargets
+from ..losses import SampledTargets, TopKTargets
 from . import codec
 
 
@@ -42,6 +44,7 @@ MANIFEST = "manifest.json"
 PLAN = "plan.json"
 _KEY_BYTES = 16
 MANIFEST_DIGEST = "manifest_sha256"
+STORE_KINDS = ("topk", "sampled")
 
 
 def shard_name(index: int) -> str:
@@ -219,6 +222,9 @@ class TeacherStore:
         self.manifest = read_manifest(self.path)
         self.top_k = self.manifest["top_k"]
         self.vocab_size = self.manifest["vocab_size"]
+        # Stores written before sampled stores existed record no kind: they are top-k stores.
+        self.kind = self.manifest.get("store_kind", "topk")
+        self.num_samples = self.manifest.get("num_samples")
         if verify_hashes:
             self.verify_files(progress=progress)
         self._handles: dict[int, Any] = {}
@@ -236,6 +242,10 @@ class TeacherStore:
             "temperature": self.manifest.get("temperature"),
             "splits": {name: info.get("fingerprint") for name, info in self.manifest["splits"].items()},
         }
+        if self.kind != "topk":
+            record["store"].update(
+                kind=self.kind, num_samples=self.num_samples, sample_seed=self.manifest.get("sample_seed")
+            )
         return record
 
     def verify_files(self, *, progress: bool = True) -> None:
@@ -263,9 +273,25 @@ class TeacherStore:
                     "the same settings."
                 )
 
-    def check_run(self, *, tokenizer, vocab_size: int, top_k: int, temperature: float, tokenization: dict) -> None:
+    def check_run(
+        self,
+        *,
+        tokenizer,
+        vocab_size: int,
+        top_k: int | None,
+        temperature: float,
+        tokenization: dict,
+        kind: str = "topk",
+    ) -> None:
         """Refuse a training run the store's targets are not exact for; each error names the field and the fix."""
         where = f"the teacher store at {self.path!r}"
+        if kind != self.kind:
+            raise ValueError(
+                f"`teacher_cache_kind={kind!r}` but {where} is a {self.kind!r} store (`store_kind` in {MANIFEST}): "
+                f"set `teacher_cache_kind={self.kind!r}`"
+                + (" and `kd_top_k` (at most the store's k)" if self.kind == "topk" else " and `kd_top_k=None`")
+                + f", or write a {kind!r} store with `trl-distill cache-teacher`."
+            )
         if self.manifest["tokenizer_sha256"] != tokenizer_sha256(tokenizer):
             raise ValueError(
                 f"The student's tokenizer differs from the one {where} was tokenized with (tokenizer sha256 "
@@ -275,7 +301,7 @@ class TeacherStore:
             )
         if vocab_size != self.vocab_size:
             raise ValueError(f"The student's vocabulary has {vocab_size} tokens, {where} {self.vocab_size}.")
-        if top_k > self.top_k:
+        if self.kind == "topk" and top_k > self.top_k:
             raise ValueError(
                 f"`kd_top_k={top_k}` needs more entries than {where} holds (k={self.top_k}): set `kd_top_k` <= "
                 f"{self.top_k} (a smaller k is folded exactly), or re-run `trl-distill cache-teacher` with "
@@ -352,6 +378,8 @@ class TeacherStore:
         Returns `TopKTargets` with `ids` `(B, T - 1, top_k)` and `log_probs` `(B, T - 1, top_k + 1)` on the labels'
         device; positions whose shifted label is -100 hold zeros (they are not in the loss).
         """
+        if self.kind != "topk":
+            raise ValueError(f"Teacher store {self.path!r} is a {self.kind!r} store: read it with `sampled_targets`.")
         labels = inputs["labels"]
         in_loss = labels[:, 1:] != -100
         rows = [self.read(key) for key in batch_row_keys(inputs)]
@@ -367,3 +395,32 @@ class TeacherStore:
         ids[in_loss] = flat.ids.to(labels.device)
         log_probs[in_loss] = flat.log_probs.to(labels.device)
         return TopKTargets(ids, log_probs)
+
+    def _rows(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch's `in_loss` mask `(B, T - 1)` and the stored words of its response positions, in order."""
+        in_loss = inputs["labels"][:, 1:] != -100
+        rows = [self.read(key) for key in batch_row_keys(inputs)]
+        for row, (words, expected) in enumerate(zip(rows, in_loss.sum(-1).tolist())):
+            if words.shape[0] != expected:
+                raise ValueError(
+                    f"Teacher store {self.path!r}: batch row {row} has {expected} positions in the loss but its "
+                    f"stored row has {words.shape[0]}."
+                )
+        return in_loss, torch.cat(rows)
+
+    def sampled_targets(self, inputs: dict[str, torch.Tensor]) -> SampledTargets:
+        """The draws of a sampled store for a collated batch, aligned with `labels[:, 1:]`.
+
+        Returns `SampledTargets` with `ids` and `weights` `(B, T - 1, K)` and `entropy` `(B, T - 1)` on the labels'
+        device; positions whose shifted label is -100 hold zeros (they are not in the loss).
+        """
+        if self.kind != "sampled":
+            raise ValueError(f"Teacher store {self.path!r} is a {self.kind!r} store, not a sampled one.")
+        in_loss, words = self._rows(inputs)
+        flat = codec.decode_sampled(words, self.vocab_size)
+        device, k = inputs["labels"].device, flat.ids.shape[-1]
+        ids = torch.zeros((*in_loss.shape, k), dtype=torch.long, device=device)
+        weights = torch.zeros((*in_loss.shape, k), dtype=torch.float32, device=device)
+        entropy = torch.zeros(in_loss.shape, dtype=torch.float32, device=device)
+        ids[in_loss], weights[in_loss], entropy[in_loss] = (t.to(device) for t in flat)
+        return SampledTargets(ids, weights, entropy)
