@@ -377,7 +377,7 @@ def test_receipt_card_and_provenance_are_leaves():
                 names.add(node.module.split(".")[1])
         return names
 
-    assert imported("model_card") == set() and imported("digests") == set()
+    assert imported("model_card") <= {"gate"} and imported("digests") == set()  # gate: a standard-library leaf
     assert imported("receipt") == {"digests"}
     assert imported("provenance") & leaves == {"digests"} and not imported("provenance") & {"artifact", "trainer"}
     assert {"receipt", "model_card", "provenance"} <= imported("artifact")
