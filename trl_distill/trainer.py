@@ -177,6 +177,8 @@ class DistillTrainer(SFTTrainer):
             feature_term=self.feature_term,
         )
         self.distill_mode = mode_cls(self.mode_context)
+        for callback in self.distill_mode.callbacks():  # e.g. context distillation's teacher refresh (issue 15)
+            self.add_callback(callback)
 
         # 8. Callbacks and the completion source, which read the placed teacher and the prepared datasets.
         add_heldout_callback(self)  # held-out KL / perplexity at each evaluation and at the end (`heldout_eval`)

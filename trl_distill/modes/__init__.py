@@ -38,6 +38,7 @@ Extending it:
 
 from .base import DistillMode, available_modes, get_mode, register_mode, resolve_mode
 from .context import MetricsSink, ModeContext
+from .context_distill import ContextDistillMode
 from .sequence import SequenceMode
 from .token import TokenMode
 from .token_offline import OfflineTokenMode
@@ -45,6 +46,7 @@ from .uld import ULDMode
 
 
 __all__ = [
+    "ContextDistillMode",
     "DistillMode",
     "MetricsSink",
     "ModeContext",
