@@ -12,7 +12,6 @@ from trl_distill.conversation import with_teacher_context
 from trl_distill.modes import ContextDistillMode, ModeContext
 from trl_distill.sources import completion_batch
 
-
 CONTEXT = "Question: Zoe thinks of 7. Say it.\nAnswer: 7\n"
 
 
@@ -59,7 +58,7 @@ def test_messages_context_keeps_one_system_message_first():
     prompt = [{"role": "system", "content": "P"}, {"role": "user", "content": "3+3?"}]
     assert [m["content"] for m in with_teacher_context(prompt, shots)] == ["S\n\nP", "2+2?", "4", "3+3?"]
     assert [m["content"] for m in with_teacher_context(prompt, shots[1:])] == ["P", "2+2?", "4", "3+3?"]
-    with pytest.raises(ValueError, match="plain text"):
+    with pytest.raises(TypeError, match="plain text"):
         with_teacher_context("3+3?", shots)
 
 
@@ -248,7 +247,7 @@ def test_trains_on_messages_rows(tmp_path, tokenizer, make_student, make_teacher
 def test_messages_context_is_refused_for_text_rows(tmp_path, tokenizer, make_student, make_teacher,
                                                    prompt_completion_dataset):  # fmt: skip
     shots = [{"role": "user", "content": "Say 7."}, {"role": "assistant", "content": "7"}]
-    with pytest.raises(ValueError, match="list of messages but the rows' prompts are plain text"):
+    with pytest.raises(TypeError, match="list of messages but the rows' prompts are plain text"):
         _train(tmp_path, tokenizer, make_student(), prompt_completion_dataset, make_teacher(), teacher_context=shots)
 
 

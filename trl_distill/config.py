@@ -311,7 +311,7 @@ class DistillConfig(SFTConfig):
         default=32, metadata={"help": "Prompts per teacher generate call when caching teacher completions."}
     )
     # Context distillation (distill_mode="context", issue 15): the teacher sees a context the student does not
-    teacher_context: str | list[dict[str, str]] | None = field(
+    teacher_context: list[dict[str, str]] | str | None = field(
         default=None,
         metadata={"help": "distill_mode='context': text, or a list of {'role', 'content'} messages, put in front of "
                   "each prompt on the teacher's side only (system message / leading turns for conversational rows)."},

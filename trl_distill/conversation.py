@@ -24,6 +24,10 @@ the student's rendering. Sequence-level KD and `seq_kd` render the prompt with t
 that says how to give it one. ULD's teacher reads the student's rendered text, re-tokenized by its own tokenizer:
 the character-offset alignment pairs tokens of the same text, so the teacher's own template (other scaffolding
 characters) cannot be used there; a base teacher therefore works in ULD as is.
+
+**Context distillation.** With `distill_mode="context"` the teacher's prompt is [`with_teacher_context`]`(prompt,
+teacher_context)`: the context as (or merged into) the system message, or prepended turns; the student's is the
+prompt alone, and both share the completion's tokens.
 """
 
 from __future__ import annotations
@@ -238,7 +242,7 @@ def with_teacher_context(prompt: str | Sequence[Mapping], context: str | Sequenc
     check_teacher_context(context)
     if isinstance(prompt, str):
         if not isinstance(context, str):
-            raise ValueError(
+            raise TypeError(
                 "`teacher_context` is a list of messages but the rows' prompts are plain text: a conversation cannot be "
                 "put in front of raw text. Give `teacher_context` as text, or use conversational (`messages` or "
                 "prompt/completion messages) rows."

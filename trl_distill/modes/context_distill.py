@@ -25,7 +25,6 @@ from ..losses import linear_distillation_loss
 from ..teachers.live import call_with_lm_heads, check_plain_lm_head, lm_head_and_backbone
 from .base import DistillMode, register_mode
 
-
 __all__ = ["ContextDistillMode", "TeacherBatch"]
 
 logger = logging.getLogger(__name__)
@@ -190,7 +189,7 @@ class ContextDistillMode(DistillMode):
         """The tokenizer's leading special tokens (e.g. BOS) and the context's ids without special tokens."""
         context = self.args.teacher_context
         if not isinstance(context, str):
-            raise ValueError(
+            raise TypeError(
                 "`teacher_context` is a list of messages but the rows' prompts are plain text (or pre-tokenized): a "
                 "conversation cannot be put in front of raw text. Give `teacher_context` as text, or use "
                 "conversational rows (`messages`, or prompt/completion messages)."
