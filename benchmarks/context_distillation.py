@@ -12,7 +12,7 @@ Two training runs of the same budget: `kd` (the teacher's greedy answers to the 
 forward KL: Snell et al. 2022's offline variant) and `on_policy` (`lmbda=1`, `objective="reverse_kl"`: the student
 samples answers without the context, the teacher scores them with it: the seed's loop).
 
-    python benchmarks/context_distillation.py --out runs/context_distillation.json            # ~15 min, 2 CPU threads
+    python benchmarks/context_distillation.py --out runs/context_distillation.json            # ~5 min on a quiet CPU
     python benchmarks/context_distillation.py --quick --out runs/context_distillation_quick.json   # smoke run
 
 Prints a Markdown table (README "Context distillation") and writes the figures as JSON.
@@ -42,13 +42,13 @@ SUBJECTS = [
 TEMPLATES = ["What is {}?", "Describe {} in a few words.", "Why do people like {}?", "Tell me one fact about {}."]
 
 
-def questions(seed: int) -> tuple[list[str], list[str]]:
-    """120 questions (every subject x template), shuffled by `seed`; the held-out subjects never appear in training."""
+def questions(seed: int, train_subjects: int, heldout_subjects: int) -> tuple[list[str], list[str]]:
+    """Every template about each subject, subjects drawn by `seed`; held-out subjects never appear in training."""
     import random
 
     subjects = list(SUBJECTS)
     random.Random(seed).shuffle(subjects)
-    held_out, train = subjects[:10], subjects[10:]
+    held_out, train = subjects[:heldout_subjects], subjects[heldout_subjects : heldout_subjects + train_subjects]
     return [t.format(s) for s in train for t in TEMPLATES], [t.format(s) for s in held_out for t in TEMPLATES]
 
 
@@ -131,8 +131,10 @@ def run(args) -> dict:
     from trl_distill import DistillConfig, DistillTrainer
 
     torch.manual_seed(args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     tokenizer = AutoTokenizer.from_pretrained(MODEL)
-    train_q, test_q = questions(args.seed)
+    train_q, test_q = questions(args.seed, args.train_subjects, args.heldout_subjects)
     if args.quick:
         train_q, test_q = train_q[:8], test_q[:6]
     max_new = 16 if args.quick else args.max_new_tokens
@@ -212,11 +214,14 @@ def table(result: dict) -> str:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="8 training / 6 held-out questions, 2 steps, 16 tokens")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="where to write the JSON figures")
-    parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--steps", type=int, default=24)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--train-subjects", type=int, default=6, help="x4 questions each (of 30 subjects)")
+    parser.add_argument("--heldout-subjects", type=int, default=4, help="x4 questions each, never trained on")
     parser.add_argument("--variants", nargs="+", default=["kd", "on_policy"], choices=["kd", "on_policy"])
     args = parser.parse_args(argv)
     if not os.path.isdir(MODEL):

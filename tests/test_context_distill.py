@@ -286,6 +286,29 @@ def test_teacher_update_steps_copies_the_student(tmp_path, tokenizer, make_stude
     assert any(not torch.equal(teacher[n], at_step[3][n]) for n in teacher)  # and not refreshed at step 3
 
 
+def test_resume_with_teacher_update_steps_gives_the_same_losses(tmp_path, tokenizer, make_student,
+                                                               prompt_completion_dataset):  # fmt: skip
+    """The refreshed teacher is not in the checkpoint: a resumed run rebuilds it from the checkpoint's student."""
+    settings = dict(self_distillation=True, teacher_update_steps=2, max_steps=4, save_strategy="steps", save_steps=2,
+                    per_device_train_batch_size=2)  # fmt: skip
+    full = _train(tmp_path / "a", tokenizer, make_student(), prompt_completion_dataset, **settings)
+    full.train()
+    resumed = _train(tmp_path / "a", tokenizer, make_student(), prompt_completion_dataset, **settings)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "out" / "checkpoint-2"))
+
+    def losses(trainer):
+        return [log["loss"] for log in trainer.state.log_history if "loss" in log and log["step"] in (3, 4)]
+
+    assert len(losses(resumed)) == 2 and losses(resumed) == pytest.approx(losses(full), rel=1e-5)
+    fresh = _train(tmp_path / "b", tokenizer, make_student(), prompt_completion_dataset, **{**settings, "max_steps": 2})
+    fresh.distill_mode.callbacks = lambda: []  # control: no refresh on resume -> the initial student teaches
+    fresh.callback_handler.callbacks = [c for c in fresh.callback_handler.callbacks
+                                        if type(c).__name__ != "TeacherRefresh"]  # fmt: skip
+    fresh.args.max_steps = 4
+    fresh.train(resume_from_checkpoint=str(tmp_path / "a" / "out" / "checkpoint-2"))
+    assert losses(fresh) != pytest.approx(losses(full), rel=1e-5)
+
+
 def test_lora_student_teaches_itself_with_adapters_disabled(tmp_path, tokenizer, make_student,
                                                             prompt_completion_dataset):  # fmt: skip
     import copy

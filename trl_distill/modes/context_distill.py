@@ -364,9 +364,9 @@ class ContextDistillMode(DistillMode):
 
         teacher_head_arg = None if teacher_head is student_head else teacher_head
         result = call_with_lm_heads(loss_of, student_hidden[rows, positions], student_head, teacher_head_arg)
-        extra = (aligned.attention_mask.sum() - inputs["attention_mask"].sum()) / max(labels.shape[0], 1)
+        extra = int(aligned.attention_mask.sum()) - int(inputs["attention_mask"].sum())  # the contexts' tokens
         metrics = {"kd_loss": result.kd_loss, "ce_loss": result.ce_loss, "kd_tokens": result.num_tokens,
-                   "context_tokens": extra.float()}  # fmt: skip
+                   "context_tokens": torch.tensor(extra / max(labels.shape[0], 1), device=device)}  # fmt: skip
         return result.loss, metrics
 
 
