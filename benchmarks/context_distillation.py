@@ -172,6 +172,7 @@ def run(args) -> dict:
                 kd_temperature=1.0, alpha=1.0, max_steps=2 if args.quick else args.steps,
                 per_device_train_batch_size=4, learning_rate=args.lr, lr_scheduler_type="constant", logging_steps=5,
                 save_strategy="no", report_to="none", use_cpu=True, bf16=False, seed=args.seed, max_length=256,
+                activation_checkpointing=False,
                 **variants[name],
             )  # fmt: skip
             trainer = DistillTrainer(

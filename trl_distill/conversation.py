@@ -197,8 +197,8 @@ def prompt_token_ids(tokenizer, prompt: str | list[dict], *, role: str = "teache
 
 
 def check_teacher_context(context: Any, field: str = "teacher_context") -> None:
-    """Refuse a malformed context (`ValueError`/`TypeError` naming `field`): it is non-empty text, or a non-empty list of
-    `{"role": "system" | "user" | "assistant", "content": str}` messages."""
+    """Refuse a malformed context (`ValueError`/`TypeError` naming `field`): it is non-empty text, or a non-empty list
+    of `{"role": "system" | "user" | "assistant", "content": str}` messages."""
     if isinstance(context, str):
         if not context.strip():
             raise ValueError(f"`{field}` is empty text: give the instruction or examples the teacher should see.")
@@ -243,8 +243,8 @@ def with_teacher_context(prompt: str | Sequence[Mapping], context: str | Sequenc
     if isinstance(prompt, str):
         if not isinstance(context, str):
             raise TypeError(
-                "`teacher_context` is a list of messages but the rows' prompts are plain text: a conversation cannot be "
-                "put in front of raw text. Give `teacher_context` as text, or use conversational (`messages` or "
+                "`teacher_context` is a list of messages but the rows' prompts are plain text: a conversation cannot "
+                "be put in front of raw text. Give `teacher_context` as text, or use conversational (`messages` or "
                 "prompt/completion messages) rows."
             )
         return context + prompt

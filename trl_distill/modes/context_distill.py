@@ -150,15 +150,15 @@ class ContextDistillMode(DistillMode):
         if args.self_distillation:
             if context.teacher is not None:
                 raise ValueError(
-                    "`self_distillation=True` makes the student its own teacher, but a `teacher_model` was given. Pass "
-                    "`teacher_model=None`, or set `self_distillation=False` to distill from that teacher."
+                    "`self_distillation=True` makes the student its own teacher, but a `teacher_model` was given. "
+                    "Pass `teacher_model=None`, or set `self_distillation=False` to distill from that teacher."
                 )
             if _is_peft(student):
                 if args.teacher_update_steps is not None:
                     raise ValueError(
                         f"`teacher_update_steps={args.teacher_update_steps}` with a PEFT student: its teacher is the "
-                        "base model with the adapters disabled, and refreshing it would mean merging the adapters into "
-                        "the base weights, which moves the student too. Unset `teacher_update_steps`, or train a "
+                        "base model with the adapters disabled, and refreshing it would mean merging the adapters "
+                        "into the base weights, which moves the student too. Unset `teacher_update_steps`, or train a "
                         "full-weight student (its teacher is then a frozen copy that can be refreshed)."
                     )
                 self.adapters_off, self.teacher = True, student
@@ -167,8 +167,8 @@ class ContextDistillMode(DistillMode):
         elif context.teacher is None:
             raise ValueError(
                 "`distill_mode='context'` needs a teacher: pass `teacher_model` (or `teacher_model_name_or_path`), or "
-                "set `self_distillation=True` to use the student itself (a frozen copy, or for a PEFT student the base "
-                "model with its adapters disabled)."
+                "set `self_distillation=True` to use the student itself (a frozen copy, or for a PEFT student the "
+                "base model with its adapters disabled)."
             )
         else:
             self.teacher = context.teacher
@@ -265,7 +265,9 @@ class ContextDistillMode(DistillMode):
         rest = list(key[len(lead) :]) if list(key[: len(lead)]) == lead else list(key)
         return lead + self.text_context_ids + rest
 
-    def teacher_batch(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> TeacherBatch:
+    def teacher_batch(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+    ) -> TeacherBatch:
         """The teacher's rows for a right-padded student batch (`(B, T)` tensors) and the aligned positions."""
         rows, offsets = [], []
         for row in range(input_ids.shape[0]):
@@ -327,7 +329,9 @@ class ContextDistillMode(DistillMode):
         args, context = self.args, self.context
         labels = inputs["labels"]
         if "attention_mask" not in inputs:
-            raise ValueError("`distill_mode='context'` needs padded batches with an `attention_mask` (no padding-free).")
+            raise ValueError(
+                "`distill_mode='context'` needs padded batches with an `attention_mask`: set `padding_free=False`."
+            )
         aligned = self.teacher_batch(inputs["input_ids"].cpu(), inputs["attention_mask"].cpu(), labels.cpu())
         teacher_hidden = self.teacher_hidden_states(aligned.input_ids, aligned.attention_mask)
 
@@ -380,9 +384,9 @@ class TeacherRefresh(TrainerCallback):
         if state.global_step > 0:  # resumed: the teacher is the student at the last refresh, i.e. the checkpoint's
             if state.global_step % self.every:
                 warnings.warn(
-                    f"Resuming at step {state.global_step}, not a multiple of `teacher_update_steps={self.every}`: the "
-                    "teacher is refreshed from the checkpoint's student, which is newer than the one it had at that "
-                    "step. Save checkpoints at multiples of `teacher_update_steps` for an exact resume.",
+                    f"Resuming at step {state.global_step}, not a multiple of `teacher_update_steps={self.every}`: "
+                    "the teacher is refreshed from the checkpoint's student, which is newer than the one it had at "
+                    "that step. Save checkpoints at multiples of `teacher_update_steps` for an exact resume.",
                     UserWarning,
                     stacklevel=2,
                 )
