@@ -11,6 +11,12 @@ from __future__ import annotations
 import argparse
 import os
 
+
+try:
+    from . import harness  # imported as benchmarks.<script>
+except ImportError:
+    import harness  # run as a script
+
 from trl_distill.demo.runner import run_demo
 
 
@@ -18,8 +24,10 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--output-dir", default="runs/demo_seeds")
-    parser.add_argument("--quick", action="store_true", help="The test-sized budget (seconds per seed).")
+    harness.add_common_args(parser, seed=None)  # --quick: the test-sized budget; --seed N: only that seed; --out
     args = parser.parse_args(argv)
+    if args.seed is not None:
+        args.seeds = [args.seed]
 
     rows = []
     for seed in args.seeds:
@@ -36,6 +44,8 @@ def main(argv=None) -> int:
             f"| {sft['perplexity']:.3f} | {kd['perplexity']:.3f} | {sft['accuracy']:.1%} | {kd['accuracy']:.1%} "
             f"| {'yes' if r['kd_beats_sft_on_kl'] else 'no'} |"
         )
+    harness.write_json(args.out, {"args": vars(args), "environment": harness.environment(),
+                                  "results": {str(seed): r for seed, r in rows}})  # fmt: skip
     return 0 if all(r["kd_beats_sft_on_kl"] for _, r in rows) else 1
 
 

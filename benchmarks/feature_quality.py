@@ -19,6 +19,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+
+
+try:
+    from . import harness  # imported as benchmarks.<script>
+except ImportError:
+    import harness  # run as a script
 import statistics
 
 from trl_distill import DistillConfig, DistillTrainer
@@ -89,8 +95,10 @@ def main(argv=None) -> int:
         "--variants", type=parse_variant, nargs="+", default=[("mse", 0.1), ("mse", 1.0), ("cosine", 0.1)],
         help="Feature-KD students as LOSS:WEIGHT (default: mse:0.1 mse:1.0 cosine:0.1); logit KD alone always runs.",
     )  # fmt: skip
-    parser.add_argument("--quick", action="store_true", help="The test-sized demo budget (seconds per seed).")
+    harness.add_common_args(parser, seed=None)  # --quick: the test-sized budget; --seed N: only that seed; --out
     args = parser.parse_args(argv)
+    if args.seed is not None:
+        args.seeds = [args.seed]
 
     per_seed = {}
     with demo_session():
@@ -105,6 +113,7 @@ def main(argv=None) -> int:
         json.dump(per_seed, f, indent=2)
     print()
     print(table(per_seed))
+    harness.write_json(args.out, {"args": vars(args), "environment": harness.environment(), "results": per_seed})
     return 0
 
 

@@ -207,6 +207,7 @@ def check_training_step(device, model_dir, smoke, rows) -> bool:
             save_strategy="no", report_to="none", disable_tqdm=True, activation_checkpointing=False,
         )  # fmt: skip
         trainer = DistillTrainer(model=student, teacher_model=teacher, args=args, processing_class=tokenizer,
+                                 teacher_processing_class=tokenizer,  # the same tokenizer (in-memory teacher)
                                  train_dataset=make_task_dataset(16, seed=0, split="train"))  # fmt: skip
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)

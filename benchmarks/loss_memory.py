@@ -39,22 +39,23 @@ processes. On a shared CPU, time ratios within about +-30% are noise.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import math
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
 
+try:
+    from . import harness  # imported as benchmarks.loss_memory (e.g. by a test)
+except ImportError:
+    import harness  # run as a script
+
 
 # GKDTrainer lives in trl.experimental, whose import warning is noise here
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RESULT_MARKER = "@@LOSS_MEMORY_RESULT "
+REPO_ROOT = harness.REPO_ROOT
 BETA = {"forward_kl": 0.0, "jsd": 0.5}  # TRL's generalized-JSD `beta` for each objective
 TRL_METHODS = ("trl_materialized", "trl_chunked")
 MASK_FRACTION = 0.75
@@ -64,7 +65,7 @@ DEFAULTS = {"n": 2048, "vocab": [32000, 151936], "hidden": 256, "repeats": 3}
 TARGET_MEM_VS_MATERIALIZED = 0.15
 TARGET_MEM_VS_CHUNKED = 1.0
 TARGET_TIME_VS_CHUNKED = 1.0
-TIME_NOISE = 0.30
+TIME_NOISE = harness.TIME_NOISE
 
 
 def trl_scale(method: str, temperature: float) -> float:
@@ -214,45 +215,6 @@ def make_loss_fn(case: Case):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _proc_status_kib(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise KeyError(key)
-
-
-class PeakMemory:
-    """Peak memory growth during a block: the RSS high-water mark on CPU, the caching allocator's peak on CUDA."""
-
-    def __init__(self, device: str):
-        import torch
-
-        self.torch = torch
-        self.cuda = device.startswith("cuda")
-        self.how = "torch.cuda.max_memory_allocated" if self.cuda else "VmHWM after clear_refs"
-        if not self.cuda and not os.access("/proc/self/clear_refs", os.W_OK):
-            # ru_maxrss cannot be reset, so it would hide everything below the inputs' own peak
-            raise SystemExit("CPU peak memory needs Linux's /proc/self/clear_refs to reset the RSS high-water mark.")
-
-    def start(self):
-        gc.collect()
-        if self.cuda:
-            self.torch.cuda.synchronize()
-            self.torch.cuda.reset_peak_memory_stats()
-            self.base = self.torch.cuda.memory_allocated()
-        else:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # resets VmHWM to the current RSS
-            self.base = _proc_status_kib("VmRSS") * 1024
-
-    def peak(self) -> int:
-        if self.cuda:
-            self.torch.cuda.synchronize()
-            return self.torch.cuda.max_memory_allocated() - self.base
-        return _proc_status_kib("VmHWM") * 1024 - self.base
-
-
 def _step(fn, inputs, sync) -> tuple[float, float]:
     """One forward+backward from cleared gradients; return `(seconds, loss value)`."""
     for key in ("student_hidden", "student_weight"):
@@ -277,7 +239,7 @@ def run_case(case: Case) -> dict:
     del tiny
 
     inputs = build_inputs(case.n, case.vocab, case.hidden, case.device, case.dtype, seed=case.seed)
-    meter = PeakMemory(case.device)
+    meter = harness.PeakMemory(case.device)
     meter.start()
     baseline_rss = meter.base
     cold_seconds, loss = _step(fn, inputs, sync)
@@ -370,17 +332,6 @@ def check_agreement(args) -> bool:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _mem_available_bytes() -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
 def estimated_peak_bytes(case: Case) -> int:
     """Rough peak of a case (from peaks measured on our 2-core CPU machine), to skip cases that would exhaust RAM."""
     elem = 4 if case.dtype == "fp32" else 2
@@ -395,17 +346,10 @@ def estimated_peak_bytes(case: Case) -> int:
 
 
 def run_in_subprocess(case: Case, timeout: float) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--case", json.dumps(asdict(case))]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT)
-    except subprocess.TimeoutExpired:
-        return {"label": case.label, "case": asdict(case), "error": f"timed out after {timeout:.0f} s"}
-    for line in proc.stdout.splitlines():
-        if line.startswith(RESULT_MARKER):
-            return json.loads(line[len(RESULT_MARKER) :])
-    why = f"killed by signal {-proc.returncode} (out of memory?)" if proc.returncode < 0 else f"exit {proc.returncode}"
-    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-    return {"label": case.label, "case": asdict(case), "error": why + ": " + " | ".join(tail)}
+    result = harness.run_child(__file__, asdict(case), timeout=timeout)
+    if "error" in result:
+        return {"label": case.label, "case": asdict(case), "error": result["error"]}
+    return result
 
 
 def build_cases(args) -> list[Case]:
@@ -420,16 +364,12 @@ def build_cases(args) -> list[Case]:
                 device=args.device,
                 dtype=args.dtype,
                 temperature=args.temperature,
+                seed=args.seed,
             )
             if "ours" in args.methods:
                 cases += [Case(method="ours", chunk_size=cs, **common) for cs in args.chunk_sizes]
             cases += [Case(method=m, **common) for m in args.methods if m != "ours"]
     return cases
-
-
-def _median(values):
-    values = [v for v in values if v is not None]
-    return statistics.median(values) if values else None
 
 
 def summarize(runs: list[dict]) -> dict:
@@ -447,14 +387,13 @@ def summarize(runs: list[dict]) -> dict:
             g["runs"].append(r)
     for g in groups.values():
         ok = g["runs"]
-        g["seconds"] = _median([r["seconds"] for r in ok])
-        g["peak_bytes"] = _median([r["peak_bytes"] for r in ok])
-        g["peak_steady_bytes"] = _median([r["peak_steady_bytes"] for r in ok])
-        g["loss"] = _median([r["loss_trl_scale"] for r in ok])
+        g["seconds"] = harness.median([r["seconds"] for r in ok])
+        g["peak_bytes"] = harness.median([r["peak_bytes"] for r in ok])
+        g["peak_steady_bytes"] = harness.median([r["peak_steady_bytes"] for r in ok])
+        g["loss"] = harness.median([r["loss_trl_scale"] for r in ok])
         g["impl"] = ok[0]["impl"] if ok else None
         g["resolved_chunk_size"] = sorted({r.get("resolved_chunk_size") or 0 for r in ok})
-        times = [r["seconds"] for r in ok]
-        g["time_spread"] = (max(times) - min(times)) / g["seconds"] if len(times) > 1 and g["seconds"] else None
+        g["time_spread"] = harness.spread([r["seconds"] for r in ok])
     return groups
 
 
@@ -555,22 +494,7 @@ def losses_agree(groups, keys):
 
 
 def environment(args) -> dict:
-    import torch
-    import trl
-
-    env = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "trl": trl.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-        "machine": platform.machine(),
-        "mem_available_bytes": _mem_available_bytes(),
-        "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
-    }
-    if args.device.startswith("cuda"):
-        env["gpu"] = torch.cuda.get_device_name(args.device)
-    return env
+    return harness.environment(args.device)
 
 
 def _chunk_size(text: str) -> int | None:
@@ -600,13 +524,11 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available, else cpu)")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--quick", action="store_true", help="small N, V, H and one repeat: a smoke run")
     p.add_argument("--check", action="store_true", help="first compare losses and gradients with TRL's (small sizes)")
     p.add_argument("--check-only", action="store_true", help="run the agreement check and stop")
-    p.add_argument("--out", default=None, help="write raw results and the environment to this JSON file")
     p.add_argument("--no-memory-guard", action="store_true", help="run cases estimated to exceed MemAvailable")
     p.add_argument("--case-timeout", type=float, default=1800.0, help="seconds per case process")
-    p.add_argument("--case", default=None, help=argparse.SUPPRESS)  # internal: run one case, print its JSON
+    harness.add_common_args(p, seed=0)  # --quick (small N, V, H, one repeat), --seed (inputs), --out
     return p
 
 
@@ -628,7 +550,7 @@ def run_all(args, cases: list[Case]) -> list[dict]:
     runs, total, t_start = [], len(cases) * args.repeats, time.time()
     for _round in range(args.repeats):
         for case in cases:
-            available, need = _mem_available_bytes(), estimated_peak_bytes(case)
+            available, need = harness.mem_available_bytes(), estimated_peak_bytes(case)
             if not args.no_memory_guard and available is not None and need > 0.85 * available:
                 why = f"skipped: needs ~{need / 2**30:.1f} GiB, {available / 2**30:.1f} GiB available"
                 r = {"label": case.label, "case": asdict(case), "skipped": why, "estimated_peak_bytes": need}
@@ -646,8 +568,7 @@ def run_all(args, cases: list[Case]) -> list[dict]:
 def main(argv=None) -> int:
     args = make_parser().parse_args(argv)
     if args.case is not None:
-        result = run_case(Case(**json.loads(args.case)))
-        print(RESULT_MARKER + json.dumps(result), flush=True)
+        harness.emit_result(run_case(Case(**json.loads(args.case))))
         return 0
 
     args = _resolve(args)
@@ -667,11 +588,7 @@ def main(argv=None) -> int:
     if args.quick:
         print("**Smoke run (`--quick`): at these sizes the process's own overhead dominates; ignore the targets.**\n")
     verdicts = print_table(args, groups)
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump({"args": vars(args), "environment": env, "runs": runs, "verdicts": verdicts}, f, indent=1)
-        print(f"\nRaw results: {args.out}")
+    harness.write_json(args.out, {"args": vars(args), "environment": env, "runs": runs, "verdicts": verdicts})
     return 0
 
 

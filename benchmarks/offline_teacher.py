@@ -122,7 +122,7 @@ def time_training(mode: str, store: str, steps: int, n_rows: int) -> float:
         if mode == "online":
             args = _args(out, steps + 1, kd_top_k=64)
             trainer = DistillTrainer(model=student, teacher_model=teacher, args=args, train_dataset=dataset,
-                                     processing_class=tokenizer)  # fmt: skip
+                                     processing_class=tokenizer, teacher_processing_class=tokenizer)  # fmt: skip
         else:
             del teacher
             args = _args(out, steps + 1, kd_top_k=64, teacher_cache=store)

@@ -22,6 +22,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+
+
+try:
+    from . import harness  # imported as benchmarks.<script>
+except ImportError:
+    import harness  # run as a script
 import time
 
 
@@ -70,11 +76,10 @@ def main(argv=None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output-dir", default="runs/onpolicy_quality")
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--student-hidden-sizes", type=int, nargs="+", default=[64])
     parser.add_argument("--only", nargs="*", help="Train only these rows (names as printed); the table shows them "
                         "with the rows already in OUTPUT_DIR/results.json.")  # fmt: skip
-    parser.add_argument("--quick", action="store_true", help="The test-sized budget (a smoke run).")
+    harness.add_common_args(parser, seed=0)  # --quick: the test-sized budget (a smoke run); --seed; --out
     args = parser.parse_args(argv)
 
     results_path = os.path.join(args.output_dir, "results.json")
@@ -111,6 +116,7 @@ def main(argv=None) -> int:
         row, name = results[key], key.split("/", 1)[1]
         print(f"| {row['hidden_size']} | {name} | {row['kl_teacher_student']:.4f} | {row['kl_student_teacher']:.4f} "
               f"| {row['perplexity']:.3f} | {row['accuracy']:.1%} | {row['s_per_step']:.3f} |")  # fmt: skip
+    harness.write_json(args.out, {"args": vars(args), "environment": harness.environment(), "results": results})
     return 0
 
 

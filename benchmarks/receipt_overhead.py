@@ -16,6 +16,12 @@ import tempfile
 import time
 
 
+try:
+    from . import harness  # imported as benchmarks.<script>
+except ImportError:
+    import harness  # run as a script
+
+
 def _median_seconds(fn, repeats: int) -> float:
     times = []
     for _ in range(repeats):
@@ -25,13 +31,16 @@ def _median_seconds(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def main() -> None:
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", nargs="+", default=["128x2", "512x4", "1024x8"], help="teacher HIDDENxLAYERS")
     parser.add_argument("--rows", type=int, default=32, help="held-out rows measured")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
+    harness.add_common_args(parser, seed=0)  # --quick: one small size, 8 rows, 1 repeat; --seed (data); --out
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.sizes, args.rows, args.repeats = ["128x2"], 8, 1
 
     import torch
 
@@ -44,11 +53,12 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     tokenizer = build_tokenizer(task_corpus(seed=0, n=1500), vocab_size=1000)
-    rows = make_task_dataset(args.rows, seed=0, split="test")
+    rows = make_task_dataset(args.rows, seed=args.seed, split="test")
     student = build_tiny_model(tokenizer, hidden_size=64, num_layers=2, num_heads=4, seed=1)
     header = ("| teacher (hidden x layers) | weights MiB | teacher sha256 s | artifact sha256 s | verify s "
               f"| held-out measurement s ({args.rows} rows) |")  # fmt: skip
     print(header + "\n" + "|---" * 6 + "|")
+    results = {}
     for size in args.sizes:
         hidden, layers = map(int, size.split("x"))
         teacher = build_tiny_model(tokenizer, hidden_size=hidden, num_layers=layers, num_heads=4, seed=2)
@@ -63,8 +73,12 @@ def main() -> None:
                 _median_seconds(lambda: heldout_metrics(student, teacher, tokenizer, rows), args.repeats),
             ]
         print(f"| {hidden} x {layers} | {mib:,.1f} | " + " | ".join(f"{c:.3f}" for c in cells) + " |")
+        results[size] = {"weights_mib": mib, "seconds": dict(zip(("teacher_sha256", "artifact_sha256", "verify",
+                                                                  "heldout"), cells))}  # fmt: skip
     print(f"\nCPU threads: {args.threads}; {os.cpu_count()} cores on this machine; medians of {args.repeats} runs.")
+    harness.write_json(args.out, {"args": vars(args), "environment": harness.environment(), "results": results})
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

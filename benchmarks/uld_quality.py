@@ -25,6 +25,12 @@ from __future__ import annotations
 import argparse
 import os
 
+
+try:
+    from . import harness  # imported as benchmarks.<script>
+except ImportError:
+    import harness  # run as a script
+
 from trl_distill.demo.harness import demo_session, new_student, prepare_demo, student_args, train
 
 
@@ -88,8 +94,7 @@ def _measure(setup, model, tokenizer):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output-dir", default="runs/uld_quality")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quick", action="store_true", help="The test-sized budget (seconds).")
+    harness.add_common_args(parser, seed=0)  # --quick: the test-sized budget (seconds); --seed; --out
     parser.add_argument("--students", nargs="+", default=["sft", "seq_kd", *ULD_VARIANTS])
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args(argv)
@@ -120,6 +125,7 @@ def main(argv=None) -> int:
     print("|---|---|---|---|")
     for name, row in results.items():
         print(f"| {name} | {row['perplexity']:.3f} | {row['accuracy']:.1%} | {row['seconds']:.0f} |")
+    harness.write_json(args.out, {"args": vars(args), "environment": harness.environment(), "results": results})
     return 0
 
 

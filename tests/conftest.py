@@ -38,11 +38,25 @@ def make_student(tokenizer):
     return build
 
 
+@pytest.fixture(scope="session")
+def tokenizer_dir(tokenizer, tmp_path_factory):
+    """A directory holding only the shared tokenizer's files."""
+    path = tmp_path_factory.mktemp("tokenizer")
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
 @pytest.fixture
-def make_teacher(tokenizer):
+def make_teacher(tokenizer, tokenizer_dir):
+    """A tiny teacher sharing the student's tokenizer. Its `config._name_or_path` points to a directory with that
+    tokenizer, as a model from `from_pretrained` would: token-level KD loads it and checks it against the student's
+    (an in-memory teacher with no tokenizer to load is refused there)."""
+
     def build(**kwargs):
         kwargs = {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "seed": 2, **kwargs}
-        return build_tiny_model(tokenizer, **kwargs)
+        model = build_tiny_model(tokenizer, **kwargs)
+        model.config._name_or_path = tokenizer_dir
+        return model
 
     return build
 

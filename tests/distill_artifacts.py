@@ -34,6 +34,7 @@ def train_and_save(tokenizer, output_dir, teacher, train_dataset, eval_dataset, 
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
+        teacher_processing_class=None if isinstance(teacher, str) else tokenizer,  # an in-memory teacher: no files
     )
     trainer.train()
     trainer.save_model()

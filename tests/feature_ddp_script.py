@@ -26,6 +26,7 @@ def one_step(output_dir: str, world_size: int):
         model=build_tiny_model(tokenizer, hidden_size=32, num_layers=2, num_heads=2, seed=1),
         teacher_model=build_tiny_model(tokenizer, hidden_size=64, num_layers=4, num_heads=4, seed=2),
         args=args, train_dataset=make_task_dataset(16, seed=0, split="train"), processing_class=tokenizer,
+        teacher_processing_class=tokenizer,
     )  # fmt: skip
     trainer.train()
     state = {f"projector.{k}": v for k, v in trainer.feature_projector.state_dict().items()}

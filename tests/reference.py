@@ -11,8 +11,15 @@ import torch
 
 
 def _kl(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """KL(p || q) along the last dim, with 0 * log 0 = 0."""
-    terms = torch.where(p > 0, p * (p.log() - q.log()), torch.zeros_like(p))
+    """KL(p || q) along the last dim, with 0 * log 0 = 0 (a token of probability 0 under `p` adds nothing).
+
+    Entries where `p = 0` (e.g. a `-inf` logit) are replaced by 1 *before* the logarithm, so their term and its
+    gradient are exactly 0 instead of `0 * -inf = NaN`; `+inf` where `p > 0 = q`, as in the math.
+    """
+    support = p > 0
+    one = torch.ones_like(p)
+    p_safe, q_safe = torch.where(support, p, one), torch.where(support, q, one)
+    terms = torch.where(support, p_safe * (p_safe.log() - q_safe.log()), torch.zeros_like(p))
     return terms.sum(-1)
 
 
@@ -29,7 +36,8 @@ def divergence(p: torch.Tensor, q: torch.Tensor, objective: str, beta: float) ->
 
 def bucket(probs: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """Top-k folding: the kept entries (in index order) followed by the summed mass of all the others."""
-    kept = probs[keep].reshape(probs.shape[0], -1)
+    k = int(keep[0].sum()) if keep.shape[0] else 0
+    kept = probs[keep].reshape(probs.shape[0], k)
     other = (probs * (~keep)).sum(-1, keepdim=True)
     return torch.cat([kept, other], dim=-1)
 

@@ -1,7 +1,7 @@
 """Float64 reference of the feature (hidden-state) KD loss, written from the formula (shares no code with the package).
 
 Per position and layer pair: `mse = sum_d (s_d - t_d)^2 / D`, `cosine = 1 - sum_d s_d t_d / (sqrt(sum_d s_d^2) *
-sqrt(sum_d t_d^2))`; each pair's values are summed over the selected positions and divided by their number (or by
+sqrt(sum_d t_d^2))`, `relative_mse = sum_d (s_d - t_d)^2 / sum_d t_d^2`; each pair's values are summed over the selected positions and divided by their number (or by
 `num_items_in_batch`; not divided for `reduction="sum"`), and the pairs are averaged.
 """
 
@@ -14,6 +14,8 @@ def per_position(s: torch.Tensor, t: torch.Tensor, loss: str) -> torch.Tensor:
     s, t = s.double(), t.double()
     if loss == "mse":
         return ((s - t) ** 2).sum(-1) / s.shape[-1]
+    if loss == "relative_mse":
+        return ((s - t) ** 2).sum(-1) / (t * t).sum(-1)
     dot = (s * t).sum(-1)
     return 1.0 - dot / (torch.sqrt((s * s).sum(-1)) * torch.sqrt((t * t).sum(-1)))
 

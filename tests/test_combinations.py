@@ -1,5 +1,7 @@
 """Knobs from different issues that cannot be combined are refused at config time, naming both fields."""
 
+import warnings
+
 import pytest
 
 from tests.test_trainer import config
@@ -25,10 +27,18 @@ def test_incompatible_knobs_are_refused(tmp_path, kwargs, match):
 @pytest.mark.parametrize(
     "kwargs",
     [
-        dict(lmbda=0.5, feature_weight=0.1),  # on-policy token KD with a feature term: the teacher reads the samples
+        # on-policy token KD (alpha=1.0 as in GKD) with a feature term: the teacher reads the samples
+        dict(lmbda=0.5, alpha=1.0, feature_weight=0.1),
         dict(teacher_cache="store", kd_top_k=8),  # offline teacher, off-policy
         dict(distill_mode="uld", uld_top_k=8),
     ],
 )
 def test_compatible_knobs_are_accepted(tmp_path, kwargs):
-    config(tmp_path, **kwargs)
+    # Accepted as given: no knob reset or ignored by the validation, and no warning about any of them.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        args = config(tmp_path, **kwargs)
+    for name, value in kwargs.items():
+        assert getattr(args, name) == value, name
+    about_knobs = [str(w.message) for w in caught if any(name in str(w.message) for name in kwargs)]
+    assert not about_knobs, about_knobs

@@ -60,7 +60,7 @@ def test_heldout_kl_matches_the_loss_at_temperature_one(tokenizer, make_student,
 def test_quick_demo_runs_and_kd_beats_sft(tmp_path):
     from trl_distill.cli import main
 
-    assert main(["demo", "--quick", "--output-dir", str(tmp_path)]) == 0
+    assert main(["demo", "--tiny", "--quick", "--output-dir", str(tmp_path)]) == 0
     import json
 
     results = json.loads((tmp_path / "results.json").read_text())
@@ -74,3 +74,19 @@ def test_quick_demo_runs_and_kd_beats_sft(tmp_path):
     assert replayed.ok, replayed.report()
     heldout = load_receipt(tmp_path / "kd")["stages"][0]["results"]["heldout"]
     assert heldout["kl_teacher_student"] == pytest.approx(results["kd"]["kl_teacher_student"], rel=1e-6)
+
+
+def test_real_demo_text_is_split_by_topic_and_deterministic():
+    from trl_distill.demo.real import RealDemoBudget, real_text_datasets, reference_paragraphs
+
+    budget = RealDemoBudget(n_train=200, n_test=40)
+    train, test = real_text_datasets(budget, seed=0)
+    assert len(train) == 200 and len(test) == 40
+    assert train["prompt"] == real_text_datasets(budget, seed=0)[0]["prompt"]
+    assert train["prompt"] != real_text_datasets(budget, seed=1)[0]["prompt"]
+    topic_of = {p: topic for topic, paragraphs in reference_paragraphs().items() for p in paragraphs}
+    train_topics = {topic_of[next(p for p in topic_of if p.startswith(r["prompt"] + r["completion"]))] for r in train}
+    test_topics = {topic_of[next(p for p in topic_of if p.startswith(r["prompt"] + r["completion"]))] for r in test}
+    assert train_topics and test_topics and not train_topics & test_topics
+    for row in test:
+        assert len(row["prompt"].split()) == budget.prompt_words and 0 < len(row["completion"].split()) <= 36

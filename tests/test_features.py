@@ -44,7 +44,7 @@ def ours_and_reference(students, teachers, **kwargs):
     return ours, ref, [s.grad for s in ours_in], [s.grad for s in ref_in]
 
 
-@pytest.mark.parametrize("loss", ["mse", "cosine"])
+@pytest.mark.parametrize("loss", ["mse", "cosine", "relative_mse"])
 @pytest.mark.parametrize("reduction,num_items", [("mean", None), ("mean", 37), ("sum", None)])
 def test_loss_and_gradients_match_reference(loss, reduction, num_items):
     students, teachers, mask = make_features(seed=len(loss) + (num_items or 0))
@@ -68,7 +68,7 @@ def test_loss_and_gradients_match_reference(loss, reduction, num_items):
         assert not torch.isclose(ours.double(), width_summed, rtol=1e-3)
 
 
-@pytest.mark.parametrize("loss", ["mse", "cosine"])
+@pytest.mark.parametrize("loss", ["mse", "cosine", "relative_mse"])
 def test_zero_when_features_match_and_when_all_masked(loss):
     students, _, mask = make_features()
     same = [s.clone().requires_grad_(True) for s in students]
@@ -84,13 +84,39 @@ def test_zero_when_features_match_and_when_all_masked(loss):
     assert value.item() == 0.0 and all(torch.equal(z.grad, torch.zeros_like(z)) for z in zeros)
 
 
-@pytest.mark.parametrize("loss,expected", [("mse", 2.0), ("cosine", 1.0)])
+@pytest.mark.parametrize("loss,expected", [("mse", 2.0), ("cosine", 1.0), ("relative_mse", 2.0)])
 def test_scale_does_not_depend_on_hidden_size(loss, expected):
-    # Independent unit-normal features: E[mse] = 2 and E[1 - cos] = 1 at any width.
+    # Independent unit-normal features: E[mse] = 2 and E[1 - cos] = 1 at any width, E[relative_mse] -> 2.
     g = torch.Generator().manual_seed(0)
     for width in (16, 1024):
         s, t = torch.randn(4096, width, generator=g), torch.randn(4096, width, generator=g)
-        assert feature_distillation_loss(s, t, loss=loss).item() == pytest.approx(expected, rel=0.05), width
+        # relative_mse: E[(|s|^2 + |t|^2 - 2 s.t) / |t|^2] = D / (D - 2) + 1 (inverse chi-square mean), tends to 2
+        mean = width / (width - 2) + 1 if loss == "relative_mse" else expected
+        assert feature_distillation_loss(s, t, loss=loss).item() == pytest.approx(mean, rel=0.05), width
+
+
+def test_relative_mse_is_not_dominated_by_a_massive_activation():
+    # A real LM's hidden state (SmolLM2: ~25,000 in one dimension at the first position): with "mse" that one position
+    # decides the term; "relative_mse" divides each position by the teacher's energy there, so it stays O(1), matches
+    # the float64 reference, and does not change when the teacher's features are scaled together with the student's.
+    g = torch.Generator().manual_seed(3)
+    teacher = torch.randn(2, 9, 64, generator=g)
+    teacher[:, 0, 5] = 25_000.0
+    student = (teacher + 0.3 * torch.randn(2, 9, 64, generator=g)).requires_grad_(True)
+    student.data[:, 0, 5] = 24_000.0
+    mse = feature_distillation_loss(student, teacher, loss="mse").item()
+    value = feature_distillation_loss(student, teacher, loss="relative_mse")
+    value.backward()
+    ref_in = student.detach().double().requires_grad_(True)
+    ref = reference_feature_loss([ref_in], [teacher.double()], loss="relative_mse")
+    ref.backward()
+    torch.testing.assert_close(value.double(), ref.detach(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(student.grad.double(), ref_in.grad, rtol=1e-4, atol=1e-9)
+    assert mse > 1000 and value.item() < 1.0, (mse, value.item())
+    scaled = feature_distillation_loss(student.detach() * 7, teacher * 7, loss="relative_mse")
+    torch.testing.assert_close(scaled, value.detach(), rtol=1e-5, atol=1e-7)
+    # Negative control: normalizing by the width instead of the teacher's energy is the plain "mse" again.
+    assert not torch.isclose(value.double(), ref * 0 + mse, rtol=1e-3)
 
 
 def test_half_precision_inputs_give_float32_loss():
@@ -440,3 +466,17 @@ def test_ddp_step_matches_one_process(tmp_path):
     ddp = torch.load(out)
     for name, value in single.items():
         torch.testing.assert_close(ddp[name], value, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_checkpoint_without_projections_is_refused(
+    tmp_path, tokenizer, make_student, wide_teacher, prompt_completion_dataset
+):
+    settings = dict(max_steps=2, save_strategy="steps", save_steps=2, per_device_train_batch_size=2)
+    trainer_for(tmp_path, tokenizer, make_student(hidden_size=64), wide_teacher(), prompt_completion_dataset, **settings).train()
+    checkpoint = tmp_path / "out" / "checkpoint-2"
+    (checkpoint / FEATURE_PROJECTIONS_NAME).unlink()
+    resumed = trainer_for(
+        tmp_path, tokenizer, make_student(hidden_size=64), wide_teacher(), prompt_completion_dataset, **{**settings, "max_steps": 4}
+    )  # fmt: skip
+    with pytest.raises(ValueError, match=f"has no {FEATURE_PROJECTIONS_NAME}.*optimizer state"):
+        resumed.train(resume_from_checkpoint=str(checkpoint))

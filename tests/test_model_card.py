@@ -158,6 +158,7 @@ trainer = DistillTrainer(
     train_dataset=make_task_dataset(8, seed=0, split="train"),
     eval_dataset=make_task_dataset(4, seed=0, split="test"),
     processing_class=tokenizer,
+    teacher_processing_class=tokenizer,
 )
 trainer.train()
 if sys.argv[2:] == ["expect-failure"]:  # the model was never saved before this call: push_to_hub must save it first

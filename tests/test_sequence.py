@@ -42,7 +42,10 @@ def count_generate(model, fail_after=None):
     return calls
 
 
-def test_trains_across_two_tokenizers(tmp_path, tokenizer, other_tokenizer, other_teacher, make_student, prompt_completion_dataset):
+def test_trains_across_two_tokenizers(
+    tmp_path, monkeypatch, tokenizer, other_tokenizer, other_teacher, make_student, prompt_completion_dataset
+):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     student = make_student()
     before = snapshot(student)
     trainer = DistillTrainer(
@@ -59,7 +62,9 @@ def test_trains_across_two_tokenizers(tmp_path, tokenizer, other_tokenizer, othe
     index = prompts.index(row["prompt"])
     assert row["completion"] == expected[index] + tokenizer.eos_token  # SFTTrainer appended the student's EOS
     assert tokenizer.decode(row["input_ids"]) == row["prompt"] + expected[index] + tokenizer.eos_token
-    assert os.listdir(tmp_path / "out" / "teacher_generations")  # cached under output_dir by default
+    # Cached outside output_dir by default (whatever is there is pushed with the model).
+    assert os.listdir(tmp_path / "cache" / "trl_distill" / "teacher_generations")
+    assert not (tmp_path / "out" / "teacher_generations").exists()
 
     trainer.train()
     for name, param in trainer.model.named_parameters():

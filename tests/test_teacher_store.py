@@ -254,7 +254,7 @@ def test_store_loss_equals_online_loss(tmp_path, store, teacher, tokenizer, make
     )  # fmt: skip
     online = DistillTrainer(
         model=make_student(), teacher_model=teacher, args=config(tmp_path, **common),
-        train_dataset=prompt_completion_dataset, processing_class=tokenizer,
+        train_dataset=prompt_completion_dataset, processing_class=tokenizer, teacher_processing_class=tokenizer,
     )  # fmt: skip
     assert offline.teacher_model is None
     batch = offline.data_collator([offline.train_dataset[i] for i in range(8)])

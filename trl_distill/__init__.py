@@ -55,6 +55,11 @@ _EXPORTS = {
     # conversational rows (issue 12): `messages` split at the final assistant turn, in every mode
     "as_prompt_completion": "trl_distill.conversation",
     "expand_assistant_turns": "trl_distill.conversation",
+    # real models offline and students cut from them (issue 12)
+    "real_model_path": "trl_distill.real_models",
+    "depth_prune": "trl_distill.pruning",
+    "score_layers": "trl_distill.pruning",
+    "select_layers": "trl_distill.pruning",
 }
 
 __all__ = ["__version__", *sorted(_EXPORTS)]
@@ -81,6 +86,8 @@ if TYPE_CHECKING:
     from .evaluation import heldout_metrics
     from .preference import teacher_ranked_pairs
     from .quantization import disable_bnb_cpu_repack, qat_convert, qat_prepare, unwrap_fake_quantized
+    from .real_models import real_model_path
+    from .pruning import depth_prune, score_layers, select_layers
 
 
 def __getattr__(name: str):

@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from . import model_card, provenance, receipt as receipts
+from . import gate, model_card, provenance, receipt as receipts
 
 
 __all__ = ["HubUploadError", "append_stage", "push_offline_error", "save_artifact", "write_trainer_model_card"]
@@ -86,22 +86,26 @@ def save_artifact(
     Returns:
         `dict`: the receipt as written.
     """
-    from .callbacks import heldout_results
+    from .callbacks import heldout_results, release_gate_record
 
     if heldout is not None and heldout_rows is None:
         raise ValueError("`heldout` was given without `heldout_rows`: pass the rows the figures were measured on.")
     output_dir = Path(output_dir)
     rows = heldout_rows
+    gate_record = release_gate_record(trainer)  # issue 16: the gate's settings, result and any override
     if heldout is None:
         heldout, rows = heldout_results(trainer)
+    elif gate_record is not None:  # figures measured outside the trainer are the recorded ones: judge the gate on them
+        gate_record = gate.rejudge(gate_record, heldout)
     rows_path = output_dir / provenance.HELDOUT_ROWS_NAME
     if rows is not None:
         _write_rows(rows_path, rows)
     elif rows_path.exists():
         rows_path.unlink()  # from an earlier save: the figures it backed are not in this receipt
     stage = provenance.distill_stage(
-        trainer, heldout, provenance.HELDOUT_ROWS_NAME if rows is not None else None, heldout_vocab_size
-    )
+        trainer, heldout, provenance.HELDOUT_ROWS_NAME if rows is not None else None, heldout_vocab_size,
+        release_gate=gate_record,
+    )  # fmt: skip
     stage["applicable_settings"] = sorted(provenance.applicable_settings(stage["settings"]))
     card = {"model_name": _model_name(trainer, output_dir), "tags": trainer_tags(trainer)}
     receipt = receipts.new_receipt(output_dir, [stage], card=card)

@@ -33,10 +33,20 @@ from typing import Any
 
 from transformers import ProgressCallback, TrainerCallback
 
-from .evaluation import heldout_metrics
+from . import gate
+from .evaluation import greedy_answers, heldout_metrics
 
 
-__all__ = ["HeldOutKLCallback", "add_heldout_callback", "find_heldout_callback", "heldout_results", "is_plateau"]
+__all__ = [
+    "HeldOutKLCallback",
+    "ReleaseGateCallback",
+    "add_heldout_callback",
+    "add_release_gate_callback",
+    "find_heldout_callback",
+    "heldout_results",
+    "is_plateau",
+    "release_gate_record",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -277,3 +287,149 @@ def heldout_results(trainer) -> tuple[dict[str, Any] | None, list[dict] | None]:
     if callback is None or callback.last_metrics is None or callback.last_step != trainer.state.global_step:
         return None, None
     return dict(callback.last_metrics), callback.rows
+
+
+# ---- the release gate (issue 16): judged at the end of training, after the held-out measurement --------------------
+
+
+class ReleaseGateCallback(TrainerCallback):
+    """
+    Evaluate the release gate (`trl_distill.gate`) at the end of training, after [`HeldOutKLCallback`] has measured.
+
+    The thresholds are judged on the held-out callback's figures of the same step; the check
+    (`release_gate_check`) scores the student's greedy answers to the held-out prompts. The result is logged
+    (`release_gate_passed`, and `release_gate_check_pass_fraction` with a check) and kept for the save
+    ([`release_gate_record`]): a student saved at another step records the gate as not evaluated, and never passes.
+
+    Args:
+        trainer (`DistillTrainer`): Its `args` hold the gate's settings.
+        heldout (`HeldOutKLCallback`, *optional*): Where the figures (and, with a check, the prompts) come from;
+            required with thresholds.
+        rows (`list[dict]`, *optional*): Prompts for the check when there is no held-out callback.
+    """
+
+    def __init__(self, trainer, heldout: HeldOutKLCallback | None = None, rows: list[dict] | None = None):
+        args = trainer.args
+        self.trainer, self.heldout, self._rows = trainer, heldout, rows
+        self.settings = gate.gate_settings(args.release_gate, args.release_gate_check, args.release_gate_min_pass,
+                                           args.max_completion_length)  # fmt: skip
+        self.check = gate.load_release_check(args.release_gate_check) if args.release_gate_check else None
+        self.result: dict | None = None
+        self.override: dict | None = None
+
+    @property
+    def rows(self) -> list[dict]:
+        return self.heldout.rows if self.heldout is not None else self._rows
+
+    def evaluate(self, state, model=None) -> dict:
+        """Judge the gate on the weights of `state.global_step` (measuring the held-out figures when not yet done)."""
+        step = state.global_step
+        if self.result is not None and self.result.get("step") == step:
+            return self.result
+        model = model if model is not None else self.trainer.model
+        figures = self.heldout._measure_and_log(state, model) if self.heldout is not None else None
+        check = None
+        if self.check is not None:
+            args = self.trainer.args
+            tokenizer = getattr(self.trainer.processing_class, "tokenizer", self.trainer.processing_class)
+            prompts, answers, references = greedy_answers(
+                model, tokenizer, self.rows, max_new_tokens=args.max_completion_length,
+                batch_size=args.per_device_eval_batch_size,
+            )  # fmt: skip
+            check = gate.score_answers(self.check, self.settings["check"], prompts, answers, references)
+            if check["failed"]:
+                shown = "; ".join(f"{prompts[i]!r} -> {answers[i]!r}" for i in check["failed"][:3])
+                logger.info("Release-gate check %s: %d of %d answers fail, e.g. %s", self.settings["check"],
+                            len(check["failed"]), check["num_answers"], shown)  # fmt: skip
+        self.result, self.override = gate.evaluate_gate(self.settings, figures, check, step=step), None
+        logs = {"release_gate_passed": float(self.result["passed"])}
+        if check is not None:
+            logs["release_gate_check_pass_fraction"] = check["pass_fraction"]
+        self.trainer.log(logs)
+        if not self.result["passed"]:
+            logger.warning("The student fails its release gate: %s. `push_to_hub` will refuse it.",
+                           "; ".join(gate.gate_failures({"result": self.result})))  # fmt: skip
+        return self.result
+
+    def record(self, step: int) -> dict:
+        """The gate record the receipt holds for weights at `step` (not evaluated when judged at another step)."""
+        result = self.result if self.result is not None and self.result.get("step") == step else None
+        override = self.override if result is not None else None
+        return {"settings": dict(self.settings), "result": dict(result) if result else gate.not_evaluated(step),
+                "override": dict(override) if override else None}  # fmt: skip
+
+    def allow(self, reason: str, source: str) -> None:
+        """Record an override of the failed gate of the current weights: `reason`, and where it came from."""
+        if not isinstance(reason, str) or not reason.strip():
+            raise ValueError(
+                f"`override_release_gate` must be a non-empty reason (it is recorded in the receipt), got {reason!r}."
+            )
+        self.override = {"reason": reason.strip(), "source": source}
+
+    def refuse(self, state, override: str | None, output_dir) -> gate.ReleaseGateError | None:
+        """What `push_to_hub` raises (after saving) for the current weights: `None` when the gate passes or is
+        overridden (by `override`, else `args.release_gate_override`; the override is then recorded)."""
+        result = self.evaluate(state)
+        if result["passed"]:
+            return None
+        failures = gate.gate_failures({"result": result})
+        reason = override if override is not None else self.trainer.args.release_gate_override
+        if reason is not None:
+            self.allow(reason, "push_to_hub" if override is not None else "release_gate_override")
+            logger.warning("Pushing a student that fails its release gate (%s), overridden: %s", "; ".join(failures),
+                           self.override["reason"])  # fmt: skip
+            return None
+        message = (
+            f"`push_to_hub` refused: the student fails its release gate: {'; '.join(failures)}. It is saved, not "
+            f"uploaded, in {str(output_dir)!r} (its README.md and distill_receipt.json record the gate's result). "
+            "Train further or relax `release_gate`; or push anyway with `trainer.push_to_hub(override_release_gate="
+            "\"<reason>\")` (or `release_gate_override` in the config): the reason is recorded in the receipt and "
+            "the card."
+        )
+        return gate.ReleaseGateError(message, str(output_dir), [c for c in result["checks"] if not c["passed"]])
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        self.evaluate(state, model)
+
+
+def add_release_gate_callback(trainer, heldout: HeldOutKLCallback | None) -> ReleaseGateCallback | None:
+    """Attach a [`ReleaseGateCallback`] when `args` configure a gate (after the held-out callback: it judges its
+    figures). Raises at trainer init, not after training, when the gate cannot be judged."""
+    args = trainer.args
+    if not (getattr(args, "release_gate", None) or getattr(args, "release_gate_check", None)):
+        return None
+    if args.release_gate and heldout is None:
+        raise ValueError(
+            f"`release_gate={args.release_gate}` is judged on held-out figures, but none will be measured: they need "
+            "a live teacher sharing the student's vocabulary (not `teacher_cache`), an `eval_dataset` (unpacked) and "
+            "`heldout_eval=True`. Provide them, or keep only `release_gate_check`."
+        )
+    rows = None
+    if heldout is None:  # a check alone: its prompts come from the eval set
+        eval_dataset = trainer.eval_dataset
+        if isinstance(eval_dataset, Mapping):
+            eval_dataset = next(iter(eval_dataset.values()), None)
+        if eval_dataset is None:
+            raise ValueError(
+                f"`release_gate_check={args.release_gate_check!r}` scores greedy answers to the held-out prompts: "
+                "pass an `eval_dataset`."
+            )
+        rows = list(itertools.islice(iter(eval_dataset), args.heldout_max_rows))
+    callback = ReleaseGateCallback(trainer, heldout=heldout, rows=rows)
+    trainer.add_callback(callback)
+    return callback
+
+
+def find_release_gate_callback(trainer) -> ReleaseGateCallback | None:
+    return next((c for c in trainer.callback_handler.callbacks if isinstance(c, ReleaseGateCallback)), None)
+
+
+def release_gate_record(trainer, *, evaluate: bool = False) -> dict | None:
+    """The trainer's gate record for its current weights (`None` without a gate); `evaluate=True` judges it now when
+    it was not judged at this step (what `push_to_hub` does)."""
+    callback = find_release_gate_callback(trainer)
+    if callback is None:
+        return None
+    if evaluate:
+        callback.evaluate(trainer.state)
+    return callback.record(trainer.state.global_step)

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
+import numbers
+import types
+import typing
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 from trl import SFTConfig
 
+from .gate import load_release_check, parse_release_gate, wrong_direction
 from .losses import FEATURE_LOSSES, OBJECTIVES, REDUCTIONS, ULD_DISTANCES
 from .modes import available_modes, get_mode
 from .terms.layer_map import FEATURE_PROJECTION_MODES, parse_layer_map
@@ -18,10 +24,82 @@ def _positive_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
+# What a field's annotation admits, for the type check of the fields `DistillConfig` adds (`_check_field_types`).
+_TYPE_CHECKS = {
+    "float": (lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool), "a number", "2.0"),
+    # A non-integral number is left to the field's own range check (a `ValueError` naming it).
+    "int": (lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool), "an integer", "8"),
+    "bool": (lambda v: isinstance(v, bool), "True or False", "True"),
+    "str": (lambda v: isinstance(v, str), "a string", "'forward_kl'"),
+}
+
+
+@functools.cache
+def _own_field_kinds(cls) -> dict[str, tuple[str, bool]]:
+    """`{field: (kind, optional)}` for the simple-typed fields `cls` adds to `SFTConfig` (kind: a `_TYPE_CHECKS` key).
+
+    Read from the resolved annotations, not `Field.type`: `HfArgumentParser` replaces the latter in place.
+    """
+    hints = typing.get_type_hints(cls)
+    inherited = {f.name for f in dataclasses.fields(SFTConfig)}
+    kinds = {}
+    for f in dataclasses.fields(cls):
+        if f.name in inherited or f.name not in hints:
+            continue
+        hint = hints[f.name]
+        args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+        named = [getattr(arg, "__name__", None) for arg in args if arg is not type(None)]
+        if len(named) == 1 and named[0] in _TYPE_CHECKS:
+            kinds[f.name] = (named[0], type(None) in args)
+    return kinds
+
+
+def _check_field_types(config) -> None:
+    """`TypeError` naming the field when a field `DistillConfig` adds holds a value of another type.
+
+    Command-line and YAML values are converted by TRL's parser from the annotations before they get here; this catches
+    Python calls such as `DistillConfig(kd_temperature="2")`, which would otherwise fail deep inside a comparison (or,
+    for a boolean, silently count as true). Fields of compound types (`list | str | None`, dicts) are checked by their
+    own validation.
+    """
+    defaults = {f.name: f.default for f in dataclasses.fields(config)}
+    for name, (kind, optional) in _own_field_kinds(type(config)).items():
+        value = getattr(config, name)
+        accepts, expected, example = _TYPE_CHECKS[kind]
+        if (value is None and optional) or accepts(value):
+            continue
+        if defaults[name] is not None and defaults[name] is not dataclasses.MISSING and accepts(defaults[name]):
+            example = repr(defaults[name])
+        hint = f"For example `{name}={example}`."
+        if isinstance(value, str) and kind in ("float", "int"):
+            try:
+                number = int(value) if kind == "int" else float(value)
+                hint = f"Pass the number, `{name}={number!r}`, not a string."
+            except ValueError:
+                pass
+        raise TypeError(f"`{name}` must be {expected}{' or None' if optional else ''}, got {value!r} "
+                        f"({type(value).__name__}). {hint}")  # fmt: skip
+
+
+def _default_bf16(config) -> bool:
+    """TRL defaults `bf16=True`, which `TrainingArguments` refuses on a machine without a bf16-capable accelerator
+    unless `use_cpu=True`. `DistillConfig` resolves an unset `bf16` to True only where bf16 mixed precision runs (an
+    accelerator with bf16 support, not `use_cpu`, not `fp16`); elsewhere training runs in float32."""
+    if config.fp16 or config.use_cpu:
+        return False
+    from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
+
+    return bool(is_torch_bf16_gpu_available() or is_torch_xla_available())
+
+
 @dataclass
 class DistillConfig(SFTConfig):
     r"""
     Configuration for [`DistillTrainer`]: every [`~trl.SFTConfig`] field plus the distillation settings below.
+
+    One default differs from `SFTConfig`: `bf16` left unset becomes `True` only when a bf16-capable accelerator is
+    present (and neither `use_cpu` nor `fp16` is set), else `False` (float32), so a config runs as written on a CPU
+    machine. Set `bf16` explicitly to override.
 
     The token-level loss at each response position is `alpha * T^2 * D(teacher_T, student_T) + (1 - alpha) * CE`, with
     `T = kd_temperature` and `D` chosen by `objective`; it is reduced per `loss_reduction`.
@@ -100,8 +178,10 @@ class DistillConfig(SFTConfig):
         feature_layer_map (`list[list[int]]` or `str`, *optional*):
             `(student layer, teacher layer)` pairs, 0-based decoder-layer indices (negative from the end), e.g.
             `"0:1,1:3"` or `[[0, 1], [1, 3]]`. `None`: `min(L_s, L_t)` evenly spaced pairs ending at both last layers.
-        feature_loss (`str`, *optional*, defaults to `"mse"`):
-            `"mse"` (squared error averaged over the hidden dimensions) or `"cosine"` (`1 - cos`), per position.
+        feature_loss (`str`, *optional*, defaults to `"relative_mse"`):
+            Per position: `"relative_mse"` (`||s - t||^2 / ||t||^2`, independent of the hidden states' scale, so the
+            massive activations of real LMs do not swamp the KD term), `"mse"` (squared error averaged over the hidden
+            dimensions) or `"cosine"` (`1 - cos`).
         feature_projection (`str`, *optional*, defaults to `"auto"`):
             `"auto"`: a learned linear map per pair when the widths differ, the identity when they match; `"always"`:
             a learned map for every pair (identity-initialized when the widths match).
@@ -148,6 +228,34 @@ class DistillConfig(SFTConfig):
             With `self_distillation=True` and a full-weight student: copy the student's weights into the teacher
             every `teacher_update_steps` optimizer steps (the teacher becomes the improved student, still with the
             context). Refused for a PEFT student (its teacher is the base model; see the mode's docstring).
+    Parameters of a served teacher (issue 16, `trl_distill.teachers.served`):
+        teacher_url (`str`, *optional*):
+            A vLLM server (`vllm serve`, OpenAI-compatible completions with `prompt_logprobs`) serving the teacher.
+            Without `teacher_cache`, `distill_mode="token"` scores every training batch through it (no teacher is
+            loaded here; the loss is the offline store's, from the top-`kd_top_k` log-probabilities); with
+            `teacher_cache`, `trl-distill cache-teacher` fills that store through it and training reads the store.
+            Needs `kd_top_k` and `kd_temperature=1.0` (vLLM's prompt log-probabilities are at temperature 1).
+        teacher_served_model (`str`, *optional*):
+            The served model name; defaults to the first one the server reports.
+        teacher_prompts_per_request, teacher_max_concurrency, teacher_request_timeout, teacher_max_retries:
+            Rows per request (default 8), requests in flight (4), seconds per request before a retry (120), retries
+            with exponential backoff after timeouts, resets and HTTP 5xx/429 (5).
+    Parameters of the release gate (issue 16, see `trl_distill/gate.py`): what a student must meet to be pushed:
+        release_gate (`list[str]`, `str` or `dict`, *optional*):
+            Thresholds on the held-out figures, by the names the held-out callback logs: `"name<=value"` /
+            `"name>=value"` strings (a list, or one comma-separated string on the command line), or a mapping
+            `{name: "<=value"}`, e.g. `["heldout_kl_teacher_student<=0.5", "heldout_top1_agreement>=0.6"]`. Evaluated
+            at the end of training (after the held-out measurement); needs a teacher and an `eval_dataset`.
+        release_gate_check (`str`, *optional*):
+            A check of the student's greedy answers to the held-out prompts, by import path (`"module:function"`):
+            `function(prompts, completions[, references])` returning one bool/score per answer (or a pass fraction),
+            or `function(prompt, completion) -> bool` called per answer. Answers are up to `max_completion_length`
+            tokens.
+        release_gate_min_pass (`float`, *optional*, defaults to `1.0`):
+            Fraction of the answers `release_gate_check` must pass.
+        release_gate_override (`str`, *optional*):
+            Push a student that failed its gate anyway, for this reason (recorded in the receipt and the card). The
+            same as `push_to_hub(override_release_gate=reason)`.
     """
 
     _VALID_DICT_FIELDS = SFTConfig._VALID_DICT_FIELDS + ["teacher_model_init_kwargs"]
@@ -260,8 +368,9 @@ class DistillConfig(SFTConfig):
         },
     )
     feature_loss: str = field(
-        default="mse",
-        metadata={"help": "'mse' (mean over hidden dims) or 'cosine' (1 - cos), per position.", "choices": FEATURE_LOSSES},
+        default="relative_mse",
+        metadata={"help": "'relative_mse' (|s - t|^2 / |t|^2: scale-free, so massive activations do not dominate), "
+                  "'mse' (mean over hidden dims) or 'cosine' (1 - cos), per position.", "choices": FEATURE_LOSSES},
     )
     feature_projection: str = field(
         default="auto",
@@ -326,8 +435,45 @@ class DistillConfig(SFTConfig):
         metadata={"help": "With self_distillation on a full-weight student: copy the student's weights into the "
                   "teacher every N optimizer steps; None = the teacher stays the initial student."},
     )
+    # A served teacher (issue 16, trl_distill/teachers/served.py): a vLLM server scores the teacher's side
+    teacher_url: str | None = field(
+        default=None,
+        metadata={"help": "A vLLM (OpenAI-compatible) server serving the teacher, e.g. http://host:8000: scores each "
+                  "batch live (token mode), or fills `teacher_cache` in `trl-distill cache-teacher`. Needs "
+                  "`kd_top_k` and `kd_temperature: 1.0`."},
+    )
+    teacher_served_model: str | None = field(
+        default=None, metadata={"help": "The served model name; default the first one the server reports."}
+    )
+    teacher_prompts_per_request: int = field(default=8, metadata={"help": "Rows per request to the teacher server."})
+    teacher_max_concurrency: int = field(default=4, metadata={"help": "Requests to the teacher server in flight."})
+    teacher_request_timeout: float = field(default=120.0, metadata={"help": "Seconds per request before a retry."})
+    teacher_max_retries: int = field(
+        default=5, metadata={"help": "Retries (exponential backoff) after timeouts, resets and HTTP 5xx/429."}
+    )
+    # Release gate (issue 16, trl_distill/gate.py): thresholds a student must meet before `push_to_hub` publishes it
+    release_gate: list[str] | str | dict[str, str] | None = field(
+        default=None,
+        metadata={"help": "Thresholds on held-out figures, e.g. 'heldout_kl_teacher_student<=0.5,"
+                  "heldout_top1_agreement>=0.6'; a student that fails is saved but not pushed."},
+    )
+    release_gate_check: str | None = field(
+        default=None,
+        metadata={"help": "Check of the student's greedy held-out answers, 'module:function' (prompts, completions) "
+                  "-> one bool per answer."},
+    )
+    release_gate_min_pass: float = field(
+        default=1.0, metadata={"help": "Fraction of answers `release_gate_check` must pass (in [0, 1])."}
+    )
+    release_gate_override: str | None = field(
+        default=None,
+        metadata={"help": "Push a student that failed its release gate anyway, for this reason (recorded)."},
+    )
 
     def __post_init__(self):
+        _check_field_types(self)  # before any comparison: `kd_temperature="2"` must name the field
+        if self.bf16 is None:
+            self.bf16 = _default_bf16(self)
         super().__post_init__()
         if self.distill_mode not in available_modes():  # the registry is the only place modes are known
             raise ValueError(
@@ -342,6 +488,7 @@ class DistillConfig(SFTConfig):
             )
         if not 0.0 <= self.beta <= 1.0:
             raise ValueError(f"`beta` must be in [0, 1] (0 = forward KL, 1 = reverse KL), got {self.beta}.")
+        self._warn_ignored_beta()
         if not (math.isfinite(self.kd_temperature) and self.kd_temperature > 0):
             raise ValueError(f"`kd_temperature` must be a finite number > 0, got {self.kd_temperature}.")
         if self.kd_temperature < 1.0:
@@ -420,6 +567,8 @@ class DistillConfig(SFTConfig):
         # Where the completions come from (issue 3).
         self._check_completion_sources()
         self._check_context_distillation()
+        self._check_served_teacher()  # issue 16: live scoring through a vLLM server
+        self._check_release_gate()  # issue 16: a bad threshold or check path fails now, not after training
         # What the mode itself needs (feature term, generated completions, teacher store, its own fields): the mode
         # class owns those checks, so a mode registered by the user validates its settings too.
         get_mode(self.distill_mode).validate_config(self)
@@ -435,6 +584,105 @@ class DistillConfig(SFTConfig):
                     f"`{name}={getattr(self, name)!r}` is read by context distillation only, got `distill_mode="
                     f"{self.distill_mode!r}`. Set `distill_mode='context'` or unset `{name}`."
                 )
+
+    def _warn_ignored_beta(self) -> None:
+        default = next(f.default for f in dataclasses.fields(self) if f.name == "beta")
+        if self.objective != "generalized_jsd" and self.beta != default:
+            fixed = " (`jsd` is the generalized JSD at beta = 0.5)" if self.objective == "jsd" else ""
+            warnings.warn(
+                f"`beta={self.beta}` is ignored with `objective={self.objective!r}`{fixed}: only "
+                "`objective='generalized_jsd'` reads it. Set `objective='generalized_jsd'` to use it, or drop `beta`.",
+                UserWarning,
+                stacklevel=4,
+            )
+
+    def _check_served_teacher(self) -> None:
+        for name in ("teacher_prompts_per_request", "teacher_max_concurrency"):
+            if not _positive_int(getattr(self, name)):
+                raise ValueError(f"`{name}` must be a positive integer, got {getattr(self, name)!r}.")
+        if isinstance(self.teacher_max_retries, bool) or not (
+            isinstance(self.teacher_max_retries, int) and self.teacher_max_retries >= 0
+        ):
+            raise ValueError(f"`teacher_max_retries` must be an integer >= 0, got {self.teacher_max_retries!r}.")
+        if not (isinstance(self.teacher_request_timeout, (int, float)) and self.teacher_request_timeout > 0):
+            raise ValueError(
+                f"`teacher_request_timeout` must be a number of seconds > 0, got {self.teacher_request_timeout!r}."
+            )
+        if self.teacher_url is None:
+            return
+        if not (isinstance(self.teacher_url, str) and self.teacher_url.startswith(("http://", "https://"))):
+            raise ValueError(
+                f"`teacher_url` must be an http(s) URL such as 'http://host:8000', got {self.teacher_url!r}."
+            )
+        if self.kd_top_k is None:
+            raise ValueError(
+                "`teacher_url` gives the teacher's top-k log-probabilities only: set `kd_top_k` (at most the server's "
+                "`--max-logprobs`, 20 by default), got None."
+            )
+        if self.kd_temperature != 1.0:
+            raise ValueError(
+                f"`kd_temperature={self.kd_temperature}` with `teacher_url`: vLLM's prompt log-probabilities are at "
+                "temperature 1, and top-k log-probabilities cannot be moved to another temperature (the normalizer "
+                "needs the whole vocabulary). Set `kd_temperature=1.0`."
+            )
+        if self.teacher_cache is not None:
+            return  # training reads the store (`trl-distill cache-teacher --teacher_url` fills it)
+        if get_mode(self.distill_mode).for_served_teacher() is None:
+            raise ValueError(
+                f"`teacher_url` scores the teacher's top-k for the token mode's loss; `distill_mode="
+                f"{self.distill_mode!r}` needs a teacher of its own. Use `distill_mode='token'`, or fill a store with "
+                "`trl-distill cache-teacher --teacher_url ...` where the mode reads one."
+            )
+        for name in ("packing", "padding_free"):
+            if getattr(self, name):
+                raise ValueError(
+                    f"`{name}=True` cannot be used with `teacher_url`: each row is sent to the server on its own, "
+                    f"which packed or padding-free batches merge. Set `{name}=False`."
+                )
+        if self.feature_weight > 0 or self.seq_kd:
+            raise ValueError(
+                f"`teacher_url` gives only the teacher's top-k log-probabilities: `feature_weight="
+                f"{self.feature_weight}` (hidden states) and `seq_kd={self.seq_kd}` (teacher generations) need a "
+                "loaded teacher. Set `feature_weight=0` and `seq_kd=False`."
+            )
+
+    def _check_release_gate(self) -> None:
+        self.release_gate = parse_release_gate(self.release_gate, field="release_gate")
+        for item in wrong_direction(self.release_gate):
+            warnings.warn(
+                f"`release_gate` entry {item!r} bounds the figure on the side where it improves (lower KL and "
+                "perplexity, higher agreement are better): a better student would fail it. Flip the operator if this "
+                "is a typo.",
+                UserWarning,
+                stacklevel=4,
+            )
+        if self.release_gate and not self.heldout_eval:
+            raise ValueError(
+                f"`release_gate={self.release_gate}` is judged on the held-out figures, which `heldout_eval=False` "
+                "turns off. Set `heldout_eval=True` (and pass a teacher and an `eval_dataset`), or drop "
+                "`release_gate`."
+            )
+        if self.release_gate_check is not None:
+            load_release_check(self.release_gate_check, field="release_gate_check")  # import now, not after training
+        minimum = self.release_gate_min_pass
+        if isinstance(minimum, bool) or not (isinstance(minimum, (int, float)) and 0.0 <= minimum <= 1.0):
+            raise ValueError(
+                f"`release_gate_min_pass` must be a number in [0, 1] (the fraction of answers `release_gate_check` "
+                f"must pass), got {minimum!r}."
+            )
+        if self.release_gate_check is None and minimum != 1.0:
+            warnings.warn(
+                f"`release_gate_min_pass={minimum}` is ignored because `release_gate_check` is not set.",
+                UserWarning,
+                stacklevel=4,
+            )
+        if self.release_gate_override is not None and not (
+            isinstance(self.release_gate_override, str) and self.release_gate_override.strip()
+        ):
+            raise ValueError(
+                f"`release_gate_override` must be a non-empty reason (it is recorded in the receipt), got "
+                f"{self.release_gate_override!r}."
+            )
 
     def _check_completion_sources(self) -> None:
         if not (isinstance(self.lmbda, (int, float)) and 0.0 <= self.lmbda <= 1.0):

@@ -13,10 +13,10 @@ from typing import Any
 import torch
 
 from .conversation import is_messages_row, split_conversation
-from .inference import eval_mode, generate_text
+from .inference import eval_mode, generate_text, left_pad
 
 
-__all__ = ["generate_completions", "heldout_metrics", "task_accuracy", "tokenize_prompt_completion"]
+__all__ = ["generate_completions", "greedy_answers", "heldout_metrics", "task_accuracy", "tokenize_prompt_completion"]
 
 
 def tokenize_prompt_completion(tokenizer, prompt: str | list, completion: str | list) -> tuple[list[int], list[int]]:
@@ -302,3 +302,59 @@ def task_accuracy(
     prompts = [row["prompt"] for row in _rows(dataset, ("prompt",))]
     completions = generate_completions(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
     return sum(is_correct(p, c) for p, c in zip(prompts, completions)) / len(prompts)
+
+
+def _prompt_of(tokenizer, row: Mapping) -> tuple[Any, list[int], Any]:
+    """`(prompt as a check sees it, prompt token ids as training saw them, reference completion)` of a held-out row."""
+    if "prompt" not in row and is_messages_row(row):
+        row = split_conversation(row["messages"])
+    if isinstance(row.get("prompt"), (str, list)):
+        prompt = row["prompt"]
+        if isinstance(prompt, str):
+            ids = tokenizer(text=prompt)["input_ids"]
+        else:
+            ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)
+            ids = ids["input_ids"]
+        return prompt, list(ids), row.get("completion")
+    ids, mask = _encode_row(tokenizer, row)  # tokenized rows only: the prompt ends where the completion mask starts
+    start = next((i for i, m in enumerate(mask) if m), len(ids))
+    reference = tokenizer.decode(ids[start:], skip_special_tokens=True)
+    return tokenizer.decode(ids[:start], skip_special_tokens=True), list(ids[:start]), reference
+
+
+def greedy_answers(
+    model, tokenizer, rows: Iterable[Mapping], *, max_new_tokens: int = 128, batch_size: int = 16
+) -> tuple[list, list[str], list]:
+    """
+    The model's greedy answers to the prompts of held-out rows, as the release gate's check reads them.
+
+    Each row's prompt is tokenized as in training (plain-text prompts with `tokenizer(text=...)`, conversational ones
+    with the chat template and a generation prompt, `messages` rows split at their final assistant turn, tokenized rows
+    cut where their completion starts), left-padded and continued greedily (`do_sample=False`) for at most
+    `max_new_tokens` tokens or until `tokenizer.eos_token_id`.
+
+    Returns:
+        `(prompts, completions, references)`: the prompts (text, or the prompt's messages), the decoded answers
+        (special tokens skipped) and the rows' own completions (`None` where a row has none), in row order.
+    """
+    _check_batch_size(batch_size)
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"`max_new_tokens` must be a positive int, got {max_new_tokens!r}.")
+    prompts, encoded, references = [], [], []
+    for row in rows:
+        prompt, ids, reference = _prompt_of(tokenizer, row)
+        prompts.append(prompt)
+        encoded.append(ids)
+        references.append(reference)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    device = next(model.parameters()).device
+    answers = []
+    with eval_mode(model):
+        for start in range(0, len(encoded), batch_size):
+            input_ids, attention_mask = left_pad(encoded[start : start + batch_size], pad_id)
+            output = model.generate(
+                input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), do_sample=False,
+                max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id,
+            )  # fmt: skip
+            answers += tokenizer.batch_decode(output[:, input_ids.shape[1] :], skip_special_tokens=True)
+    return prompts, answers, references

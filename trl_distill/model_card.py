@@ -18,6 +18,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from .gate import split_threshold
+
 
 __all__ = ["CARD_NAME", "build_model_card", "card_text", "distill_stage_of", "write_model_card"]
 
@@ -104,6 +106,13 @@ def _metadata(receipt: Mapping, stage: Mapping) -> dict[str, Any]:
         "papers": [f"arXiv:{p['arxiv']}" for p in stage.get("papers") or []],
         "receipt": receipt.get("content_id"),
     }
+    gate = stage.get("release_gate")
+    if isinstance(gate, Mapping):  # issue 16: the verdict in the metadata, the table in the text
+        result, override = gate.get("result") or {}, gate.get("override") or {}
+        metadata["distillation"]["release_gate"] = {
+            "passed": bool(result.get("passed")), "evaluated": bool(result.get("evaluated")),
+            "override": override.get("reason"),
+        }  # fmt: skip
     if heldout:
         metadata["model-index"] = [{
             "name": model_name,
@@ -153,6 +162,8 @@ def _text(receipt: Mapping, stage: Mapping, meta: Mapping) -> str:
         lines += [f"| {name} | {heldout[key]:.6g} |" for key, _, name in HELDOUT_METRICS if key in heldout]
     else:
         lines += ["Not measured (no eval set, or the weights changed since the last measurement)."]
+    if isinstance(stage.get("release_gate"), Mapping):
+        lines += ["", *_release_gate_lines(stage["release_gate"])]
     lines += ["", "## Receipt", ""]
     if receipt.get("content_id"):
         lines += [f"`distill_receipt.json` records the models, tokenizers, data fingerprints, settings, results, "
@@ -177,6 +188,39 @@ def _text(receipt: Mapping, stage: Mapping, meta: Mapping) -> str:
     versions = stage.get("libraries") or {}
     lines += ["", "## Framework versions", ""] + [f"- {k}: {v}" for k, v in sorted(versions.items()) if v]
     return "\n".join(lines) + "\n"
+
+
+def _release_gate_lines(gate: Mapping) -> list[str]:
+    """The card's "Release gate" section: the verdict, any override, and each check with its threshold and value."""
+    settings, result, override = gate.get("settings") or {}, gate.get("result") or {}, gate.get("override") or {}
+    if not result.get("evaluated"):
+        verdict = ("**Not evaluated** on these weights (it is judged at the end of training), so it does not pass: "
+                   "`push_to_hub` refuses the student without an override.")  # fmt: skip
+    elif result.get("passed"):
+        verdict = "**Passed**: every check below holds."
+    else:
+        verdict = ("**Failed**: the checks marked *fail* do not hold; `push_to_hub` refuses the student without an "
+                   "override.")  # fmt: skip
+    lines = ["## Release gate", "", verdict]
+    if override.get("reason"):
+        lines += ["", f"**Overridden** (via `{override.get('source') or 'push_to_hub'}`): {override['reason']}"]
+    lines += ["", "| check | must be | measured | result |", "|---|---|---|---|"]
+    entries = result.get("checks") or []
+    if not entries:  # not evaluated: list what the gate would check
+        entries = [dict(zip(("name", "op", "threshold"), split_threshold(item)))
+                   for item in settings.get("thresholds") or []]  # fmt: skip
+        if settings.get("check"):
+            entries.append({"name": settings["check"], "op": ">=", "threshold": settings.get("min_pass")})
+    for entry in entries:
+        name = f"`{entry.get('name')}`"
+        if entry.get("num_answers"):
+            name += f" on {entry['num_answers']} greedy held-out answers (pass fraction)"
+        threshold = entry.get("threshold")
+        bound = f"{entry.get('op')} {threshold:.6g}" if isinstance(threshold, (int, float)) else ""
+        value = f"{entry['value']:.6g}" if isinstance(entry.get("value"), (int, float)) else "not measured"
+        verdict = ("pass" if entry.get("passed") else "fail") if result.get("evaluated") else "not evaluated"
+        lines.append(f"| {name} | {bound} | {value} | {verdict} |")
+    return lines
 
 
 def card_text(receipt: Mapping) -> str:

@@ -40,7 +40,8 @@ logger = logging.getLogger(__name__)
 HELDOUT_ROWS_NAME = "distill_heldout_rows.jsonl"
 _LIBRARIES = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "evaluate", "tokenizers")
 # DistillConfig fields that are not distillation settings (a local key path says nothing about how the model was made)
-_NOT_SETTINGS = {"receipt_signing_key"}
+# (`release_gate_override` is a decision to publish, recorded with the gate's result: `stage["release_gate"]`)
+_NOT_SETTINGS = {"receipt_signing_key", "release_gate_override"}
 _TRAINING_FIELDS = (
     "seed", "data_seed", "learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay", "optim",
     "num_train_epochs", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "max_length",
@@ -58,7 +59,7 @@ PAPERS = {
 # Mode name -> (label, papers, settings that apply to it). Used when the mode class does not describe itself.
 MODE_DESCRIPTIONS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
     "token": ("token-level knowledge distillation", ("kd",),
-              ("objective", "kd_temperature", "alpha", "loss_reduction", "kd_top_k", "teacher_cache")),
+              ("objective", "kd_temperature", "alpha", "loss_reduction", "kd_top_k", "teacher_cache", "teacher_url")),
     "sequence": ("sequence-level knowledge distillation (cross-entropy on the teacher's completions)", ("seq_kd",),
                  ("loss_reduction", "teacher_completion_column", "teacher_do_sample", "teacher_num_beams",
                   "max_completion_length")),
@@ -168,6 +169,8 @@ def describe_method(settings: Mapping[str, Any], args=None) -> tuple[str, list[d
         extra.append("gkd")
     if settings.get("teacher_cache"):
         label += ", from an offline teacher store"
+    elif settings.get("teacher_url") and name == "token" and "served" not in label:
+        label += ", scored live by a served teacher"
     if (settings.get("lmbda") or 0) > 0:
         label += f", on-policy samples with probability lmbda={settings['lmbda']}"
     if settings.get("seq_kd"):
@@ -212,7 +215,8 @@ def applicable_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
         keys += list(_FEATURE)
     if settings.get("heldout_eval"):
         keys.append("heldout_max_rows")
-    unset_is_default = ("kd_top_k", "teacher_cache", "teacher_model_init_kwargs", "teacher_model_name_or_path")
+    unset_is_default = ("kd_top_k", "teacher_cache", "teacher_url", "teacher_model_init_kwargs",
+                        "teacher_model_name_or_path")  # fmt: skip
     return {key: settings[key] for key in dict.fromkeys(keys)
             if key in settings and not (key in unset_is_default and settings[key] is None)}  # fmt: skip
 
@@ -265,6 +269,11 @@ def teacher_record(trainer) -> dict[str, Any] | None:
     teacher = getattr(trainer, "teacher_model", None)
     if teacher is None:
         store_path = getattr(trainer.args, "teacher_cache", None)
+        served = getattr(getattr(getattr(trainer, "distill_mode", None), "store", None), "teacher", None)
+        if not store_path and hasattr(served, "settings"):  # scored live by a served teacher (`teacher_url`)
+            settings = served.settings()
+            return {"name_or_path": settings.get("model_root") or settings.get("model"), "local": False,
+                    "revision": None, "weights_sha256": None, "served": jsonable(settings)}  # fmt: skip
         if not store_path:
             return None
         from .teachers.store import TeacherStore
@@ -316,12 +325,14 @@ def distill_stage(
     heldout: Mapping[str, float] | None = None,
     rows_file: str | None = None,
     heldout_vocab_size: int | None = None,
+    release_gate: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The receipt stage describing `trainer`'s run: method, models, settings, data, training, results, papers.
 
     `heldout` (figures from `trl_distill.evaluation.heldout_metrics`), `rows_file` (the rows they were measured on,
     relative to the artifact) and `heldout_vocab_size` (the logits compared; default `trainer.vocab_size`) go to
-    `results`.
+    `results`. `release_gate` (settings, result and override, see `trl_distill.gate`) becomes the stage's
+    `release_gate` entry (absent without a gate).
     """
     settings = distillation_settings(trainer.args)
     method, papers = describe_method(settings, trainer.args)
@@ -344,4 +355,4 @@ def distill_stage(
         "data": {"train": dataset_record(trainer.train_dataset), "eval": dataset_record(trainer.eval_dataset)},
         "results": results,
         "libraries": library_versions(),
-    }
+    } | ({"release_gate": dict(release_gate)} if release_gate is not None else {})

@@ -136,4 +136,41 @@ def replay_problems(path: Path, receipt: dict, *, teacher: str | None, rtol: flo
     problems += figure_problems
     if not figure_problems:
         passed.append(f"replay: {len(recorded)} held-out figures recomputed on {len(rows)} rows match the receipt")
+    if isinstance(stage.get("release_gate"), dict) and (stage["release_gate"].get("result") or {}).get("evaluated"):
+        gate_problems, gate_passed, gate_notes = _replay_gate(stage, figures, student, tokenizer, rows)
+        problems, passed, notes = problems + gate_problems, passed + gate_passed, notes + gate_notes
+    return problems, passed, notes
+
+
+def _replay_gate(stage: dict, figures: dict, student, tokenizer, rows) -> tuple[list[str], list[str], list[str]]:
+    """Judge the recorded release gate again: thresholds on the recomputed figures, its check on fresh answers."""
+    from .evaluation import greedy_answers
+    from .gate import compare, load_release_check, record_problems, score_answers
+
+    problems = record_problems(stage, heldout=figures, where="replay: release gate")
+    passed, notes = [], []
+    settings = stage["release_gate"].get("settings") or {}
+    path = settings.get("check")
+    if path:
+        recorded = next((c for c in stage["release_gate"]["result"].get("checks") or [] if c.get("name") == path), {})
+        try:
+            check = load_release_check(path)
+            prompts, answers, references = greedy_answers(
+                student, tokenizer, rows, max_new_tokens=settings.get("max_new_tokens") or 128
+            )
+            fraction = score_answers(check, path, prompts, answers, references)["pass_fraction"]
+        except (ValueError, TypeError, RuntimeError) as error:
+            notes.append(f"replay: the release-gate check {path!r} was not re-run ({error})")
+        else:
+            verdict = compare(fraction, ">=", float(settings.get("min_pass") or 0.0))
+            if verdict != bool(recorded.get("passed")):
+                problems.append(f"replay: the release-gate check {path!r} passes {fraction:.6g} of fresh greedy "
+                                f"answers ({'pass' if verdict else 'fail'}), the receipt says {recorded.get('value')} "
+                                f"({'pass' if recorded.get('passed') else 'fail'})")  # fmt: skip
+            elif recorded.get("value") is not None and abs(fraction - float(recorded["value"])) > 1e-9:
+                notes.append(f"replay: the release-gate check {path!r} passes {fraction:.6g} of fresh greedy answers, "
+                             f"the receipt says {recorded['value']} (same verdict; another device can change greedy "
+                             "answers)")  # fmt: skip
+    if not problems:
+        passed.append("replay: the release gate gives the recorded verdict on the recomputed figures")
     return problems, passed, notes

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 from typing import Callable
@@ -14,9 +15,10 @@ from trl import SFTConfig, SFTTrainer
 
 from .alignment import shared_vocab_size
 from .artifact import push_offline_error, save_artifact, upload_error, write_trainer_model_card
-from .callbacks import add_heldout_callback
+from .callbacks import add_heldout_callback, add_release_gate_callback, find_release_gate_callback
 from .config import DistillConfig
 from .conversation import as_prompt_completion
+from .inputs import check_dataset, check_model_path, check_rows_left, row_count
 from .modes import MetricsSink, ModeContext, resolve_mode
 from .receipt import check_signing_key
 from .sources import CompletionSource, check_prompt_column
@@ -50,14 +52,18 @@ class DistillTrainer(SFTTrainer):
             Configuration. An `SFTConfig`/`TrainingArguments` is converted (with the distillation defaults).
         teacher_processing_class ([`~transformers.PreTrainedTokenizerBase`], *optional*):
             The teacher's tokenizer, used to check that the vocabularies match. Loaded from the teacher's path when
-            omitted; when the teacher is an in-memory model with no path, it is assumed to share the student's.
+            omitted. Modes that compare token ids (token-level KD) refuse a teacher whose tokenizer cannot be loaded
+            (an in-memory model with no path, a directory without tokenizer files): pass it here (the student's, if
+            the teacher shares it; it is then checked).
         data_collator, train_dataset, eval_dataset, processing_class, compute_metrics, callbacks, optimizers,
         optimizer_cls_and_kwargs, preprocess_logits_for_metrics, peft_config, formatting_func:
             As in [`~trl.SFTTrainer`].
 
     Raises:
         ValueError: `teacher and student tokenizers must share a vocabulary for token-level KD` when the tokenizers
-            differ (the message names cross-tokenizer ULD and sequence-level KD as alternatives).
+            differ (the message names cross-tokenizer ULD and sequence-level KD as alternatives); a dataset that is
+            empty, lacks the columns `SFTTrainer` reads, has `None` values, or has no row left after truncation to
+            `max_length`; a model or teacher path that does not exist (see `trl_distill.inputs`).
     """
 
     _tag_names = ["trl", "sft", "distillation", "trl-distill"]
@@ -103,7 +109,13 @@ class DistillTrainer(SFTTrainer):
                 "not be given (got one). Pass `teacher_model=None`, or unset `teacher_cache` to distill from the live "
                 "teacher."
             )
-        # The teacher *source*: a live model, or (`teacher_cache`) the mode's offline variant reading a store.
+        if args.teacher_url is not None and args.teacher_cache is None and teacher_model is not None:
+            raise ValueError(
+                f"`teacher_url={args.teacher_url!r}` scores the teacher on a server, so `teacher_model` must not be "
+                "given (got one). Pass `teacher_model=None`, or unset `teacher_url` to distill from a loaded teacher."
+            )
+        # The teacher *source*: a live model, (`teacher_cache`) the mode's offline variant reading a store, or
+        # (`teacher_url`) its served variant scoring each batch through a vLLM server.
         mode_cls = resolve_mode(args)
 
         # 2. Teacher and its tokenizer, before the dataset is tokenized (a wrong teacher or vocabulary fails fast).
@@ -122,6 +134,11 @@ class DistillTrainer(SFTTrainer):
             teacher_tokenizer=teacher_tokenizer if teacher_tokenizer is not None else processing_class,
         )  # fmt: skip
         check_prompt_column(train_dataset, args)
+        # Named errors for inputs TRL / datasets would fail on with a bare KeyError, StopIteration or AttributeError.
+        check_model_path(model, "model")
+        for name, dataset in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
+            check_dataset(dataset, name, text_field=args.dataset_text_field, formatting_func=formatting_func)
+        raw_rows = _row_counts(train_dataset), _row_counts(eval_dataset)
 
         # 4. SFTTrainer: loads/wraps the student (PEFT), tokenizes the datasets, builds the accelerator.
         super().__init__(
@@ -179,9 +196,16 @@ class DistillTrainer(SFTTrainer):
         self.distill_mode = mode_cls(self.mode_context)
         for callback in self.distill_mode.callbacks():  # e.g. context distillation's teacher refresh (issue 15)
             self.add_callback(callback)
+        # Rows SFTTrainer dropped (truncated to `max_length` with no response token left): a warning; none left: an
+        # error. After the mode, whose own refusals (e.g. a store of another tokenizer) name the deeper cause.
+        for name, dataset, rows in (("train_dataset", self.train_dataset, raw_rows[0]),
+                                    ("eval_dataset", self.eval_dataset, raw_rows[1])):  # fmt: skip
+            if dataset is not None:
+                check_rows_left(rows, dataset, name, max_length=args.max_length, packing=args.packing)
 
         # 8. Callbacks and the completion source, which read the placed teacher and the prepared datasets.
-        add_heldout_callback(self)  # held-out KL / perplexity at each evaluation and at the end (`heldout_eval`)
+        heldout = add_heldout_callback(self)  # held-out KL / perplexity at each evaluation and at the end
+        add_release_gate_callback(self, heldout)  # issue 16: judged at the end, after held-out figures; gates pushes
         self.completion_source = None
         if args.lmbda > 0 or args.seq_kd:  # where the samples come from (sources/): on-policy / fresh teacher text
             self.completion_source = CompletionSource(
@@ -210,9 +234,11 @@ class DistillTrainer(SFTTrainer):
         return optimizer
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
-        if self.feature_term is not None:
+        if self.feature_term is not None:  # first: a checkpoint without its projections is refused before any load
             self.feature_term.resume(resume_from_checkpoint)
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        # SFTTrainer's running `num_tokens` count starts at 0 in `__init__`: continue the checkpoint's instead.
+        self._total_train_tokens = _logged_train_tokens(resume_from_checkpoint)
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         batches, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
@@ -277,6 +303,19 @@ class DistillTrainer(SFTTrainer):
         if self.args.should_save and not getattr(self, "_saving_checkpoint", False):
             save_artifact(self, output_dir if output_dir is not None else self.args.output_dir)
 
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        # A release gate is judged at the end of training: no checkpoint is published before (`hub_strategy`).
+        gate_callback = find_release_gate_callback(self)
+        if gate_callback is None:
+            return super()._push_from_checkpoint(checkpoint_folder)
+        if not getattr(self, "_gate_held_checkpoint", False):
+            self._gate_held_checkpoint = True
+            logger.warning(
+                "Checkpoint pushes (`push_to_hub=True`, `hub_strategy=%r`) are held back: the release gate is judged "
+                "at the end of training; `push_to_hub()` then uploads the student if it passes.",
+                self.args.hub_strategy,
+            )
+
     def _save_checkpoint(self, model, trial):
         self._saving_checkpoint = True  # a checkpoint is resume state, not an artifact: no receipt in it
         try:
@@ -288,14 +327,23 @@ class DistillTrainer(SFTTrainer):
         if self.is_world_process_zero():
             write_trainer_model_card(self, self.args.output_dir, model_name=model_name, tags=tags)
 
-    def push_to_hub(self, commit_message: str | None = "End of training", blocking: bool = True, **kwargs):
+    def push_to_hub(self, commit_message: str | None = "End of training", blocking: bool = True,
+                    override_release_gate: str | None = None, **kwargs):  # fmt: skip
         """Save the artifact (weights, card, `distill_receipt.json`), then upload it (as `Trainer.push_to_hub`).
 
         The save comes first, so an unreachable Hub loses nothing: offline mode raises `OfflineModeIsEnabled` and a
         failed upload raises [`~trl_distill.artifact.HubUploadError`], both naming the directory that holds the model.
+        With a release gate (`release_gate`, `release_gate_check`), a student that fails it is saved and not uploaded:
+        [`~trl_distill.gate.ReleaseGateError`] names each failed threshold. `override_release_gate="<reason>"` (or
+        `args.release_gate_override`) uploads it anyway and records the reason in the receipt and the card.
         """
         output_dir = self.args.output_dir
+        # Release gate (issue 16): judged on these weights before the save, so the receipt records it (and overrides).
+        gate_callback = find_release_gate_callback(self)
+        refusal = gate_callback.refuse(self.state, override_release_gate, output_dir) if gate_callback else None
         self.save_model(_internal_call=True)  # before anything touches the network (transformers creates the repo first)
+        if refusal is not None:
+            raise refusal
         generations = os.path.join(output_dir, "teacher_generations")
         if os.path.isdir(generations):
             raise ValueError(
@@ -338,7 +386,8 @@ def _load_teacher_side(mode_cls, args, teacher_model, teacher_processing_class, 
     `vocab_size` is the shared vocabulary when the mode needs one and both tokenizers are known already, else `None`
     (computed once `SFTTrainer` has loaded the student's tokenizer).
     """
-    if args.teacher_cache is None:
+    field = "teacher_model" if teacher_model is not None else "teacher_model_name_or_path"  # named in errors
+    if args.teacher_cache is None and args.teacher_url is None:  # a store or a server replaces a loaded teacher
         teacher_model = teacher_model if teacher_model is not None else args.teacher_model_name_or_path
     if teacher_model is None and mode_cls.requires_teacher:
         raise ValueError(
@@ -348,6 +397,7 @@ def _load_teacher_side(mode_cls, args, teacher_model, teacher_processing_class, 
     distributed = args.distributed_state.distributed_type in ("MULTI_GPU", "DEEPSPEED")
     teacher, teacher_source = None, None
     if teacher_model is not None:
+        check_model_path(teacher_model, field)
         teacher, teacher_source = load_teacher(
             teacher_model,
             args.teacher_model_init_kwargs,
@@ -356,7 +406,9 @@ def _load_teacher_side(mode_cls, args, teacher_model, teacher_processing_class, 
         )
     teacher_tokenizer = teacher_processing_class
     if teacher_tokenizer is None and teacher is not None:
-        teacher_tokenizer = _load_teacher_tokenizer(teacher_source, args, from_string=isinstance(teacher_model, str))
+        teacher_tokenizer = _load_teacher_tokenizer(
+            teacher_source, args, from_string=isinstance(teacher_model, str), required=mode_cls.requires_shared_vocab
+        )
     vocab_size = None
     if mode_cls.requires_shared_vocab and processing_class is not None and teacher_tokenizer is not None:
         vocab_size = shared_vocab_size(_text_tokenizer(processing_class), _text_tokenizer(teacher_tokenizer))
@@ -368,28 +420,50 @@ def _text_tokenizer(processing_class):
     return getattr(processing_class, "tokenizer", processing_class)
 
 
-def _load_teacher_tokenizer(source: str | None, args: DistillConfig, *, from_string: bool):
+def _logged_train_tokens(checkpoint: str) -> int:
+    """The last training `num_tokens` logged in `checkpoint`'s `trainer_state.json` (0 when there is none)."""
+    path = os.path.join(checkpoint, "trainer_state.json")
+    if not os.path.isfile(path):
+        return 0
+    with open(path) as f:
+        history = json.load(f).get("log_history", [])
+    counts = [entry["num_tokens"] for entry in history if "num_tokens" in entry and "loss" in entry]
+    return int(counts[-1]) if counts else 0
+
+
+def _row_counts(dataset):
+    """Rows before `SFTTrainer` tokenizes (per name for a dict of eval sets); `None` without a length."""
+    if isinstance(dataset, dict):
+        return {f"eval_dataset[{key!r}]": row_count(value) for key, value in dataset.items()}
+    return None if dataset is None else row_count(dataset)
+
+
+def _load_teacher_tokenizer(source: str | None, args: DistillConfig, *, from_string: bool, required: bool):
+    """The teacher's tokenizer from its id/path. `required` (a mode comparing ids, e.g. token-level KD): a teacher
+    whose tokenizer cannot be loaded is refused, since training on another vocabulary's ids gives wrong targets
+    silently; otherwise `None` is returned (the mode then uses the student's tokenizer or refuses itself)."""
+    fix = (
+        "Pass `teacher_processing_class=<the teacher's tokenizer>` (if the teacher uses the student's tokenizer, pass "
+        "that one: it is then checked against the student's), or save the tokenizer beside the teacher "
+        "(`tokenizer.save_pretrained(<teacher directory>)`)."
+    )
     path = teacher_tokenizer_source(source)
     if path is None:
-        logger.warning(
-            "The teacher has no path to load its tokenizer from; assuming it shares the student's vocabulary. Pass "
-            "`teacher_processing_class` to have the vocabularies checked."
-        )
+        where = f"its directory {source!r} has no tokenizer files" if source else "it has no path to load one from"
+        if required:
+            raise ValueError(
+                f"`distill_mode={args.distill_mode!r}` compares the teacher's and the student's token ids, so the "
+                f"teacher's tokenizer must be checked against the student's, but {where}. {fix}"
+            )
+        logger.warning("The teacher's tokenizer cannot be loaded (%s); the mode uses the student's.", where)
         return None
     revision = (args.teacher_model_init_kwargs or {}).get("revision")
     try:
         return AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=args.trust_remote_code)
     except (OSError, ValueError) as error:
-        if from_string:
-            raise ValueError(
-                f"Could not load the teacher's tokenizer from {path!r} ({error}). Pass `teacher_processing_class`."
-            ) from error
-        logger.warning(
-            "Could not load the teacher's tokenizer from %r (%s); assuming it shares the student's vocabulary. Pass "
-            "`teacher_processing_class` to have the vocabularies checked.",
-            path,
-            error,
-        )
+        if from_string or required:
+            raise ValueError(f"Could not load the teacher's tokenizer from {path!r} ({error}). {fix}") from error
+        logger.warning("Could not load the teacher's tokenizer from %r (%s); the mode uses the student's.", path, error)
         return None
 
 

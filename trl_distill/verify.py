@@ -7,8 +7,13 @@ Every check says what it compared; a failure names what differs (a file, a recei
 3. the model card is exactly the card the receipt gives (`model_card.card_text`, regenerated): any other line (an
    edited `model-index` figure, teacher name, held-out table, an added `base_model`...) fails, naming the line;
 4. with a public key, `distill_receipt.sig` is a valid Ed25519 signature of the receipt by that key;
-5. with `replay`, teacher and student are reloaded and the held-out figures recomputed on the recorded rows, and
-   must match the receipt within float noise (and the teacher's weights must hash as recorded).
+5. a release gate's recorded verdict follows from its recorded thresholds and figures (each check's value is the
+   recorded held-out figure, each pass/fail follows from value and threshold, the overall verdict from the checks, an
+   override has a reason); a failed gate is noted;
+6. with `replay`, teacher and student are reloaded and the held-out figures recomputed on the recorded rows, and
+   must match the receipt within float noise (and the teacher's weights must hash as recorded); the release gate is
+   judged again on the recomputed figures (and its check re-run on fresh greedy answers) and must give the recorded
+   verdict.
 """
 
 from __future__ import annotations
@@ -175,6 +180,28 @@ def _check_signature(path: Path, public_key, result: Verification) -> None:
         result.passed.append(f"{SIGNATURE_NAME}: valid signature by the given public key")
 
 
+def _check_release_gate(receipt: dict, result: Verification) -> None:
+    from .gate import gate_failures, record_problems
+
+    for index, stage in enumerate(receipt.get("stages") or []):
+        if "release_gate" not in stage:
+            continue
+        where = f"release gate (stage {index} {stage.get('name')!r})"
+        problems = record_problems(stage, where=where)
+        result.problems += problems
+        if problems:
+            continue
+        record = stage["release_gate"]
+        gate_result, override = record.get("result") or {}, record.get("override") or {}
+        count = len(gate_result.get("checks") or [])
+        if gate_result.get("passed"):
+            result.passed.append(f"{where}: passed; its {count} checks follow from the recorded figures, thresholds")
+            continue
+        result.passed.append(f"{where}: the recorded failure follows from the recorded figures and thresholds")
+        overridden = f"; published with an override: {override['reason']!r}" if override.get("reason") else ""
+        result.notes.append(f"{where}: FAILED ({'; '.join(gate_failures(record))}){overridden}")
+
+
 def verify_artifact(
     output_dir,
     *,
@@ -211,6 +238,7 @@ def verify_artifact(
     _check_files(path, receipt, result, strict)
     _check_card(path, receipt, result)
     _check_signature(path, public_key, result)
+    _check_release_gate(receipt, result)
     if replay:
         from .replay import replay_problems
 

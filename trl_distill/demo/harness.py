@@ -11,7 +11,7 @@ with demo_session():  # one torch thread, quiet `datasets` bars
     setup = prepare_demo("runs/bench", seed=0)
     trainer = DistillTrainer(model=new_student(setup), teacher_model=setup.teacher,
                              args=DistillConfig(**student_args(setup, "kd")), train_dataset=setup.train_dataset,
-                             processing_class=setup.tokenizer)
+                             processing_class=setup.tokenizer, teacher_processing_class=setup.tokenizer)
     seconds = train(trainer)
     print(measure(setup, {"kd": trainer.model}))
 ```

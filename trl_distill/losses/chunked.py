@@ -125,7 +125,7 @@ class _LogitsKD(torch.autograd.Function):
 class _LinearKD(torch.autograd.Function):
     """Sum of the per-token loss of `h_s @ W_s^T (+ b_s)` against the teacher's side of the given rows.
 
-    `teacher_fn(rows)` gives the teacher's float32 logits (projected by [`_projected_teacher`]) or its stored
+    `teacher_fn(rows)` gives the teacher's float32 logits (projected by [`projected_teacher`]) or its stored
     [`TopKTargets`]; it is called with autocast disabled.
     """
 
@@ -158,6 +158,10 @@ class _LinearKD(torch.autograd.Function):
                     h = h_s[rows].to(compute_dtype)
                     if compute_dtype == torch.float32:
                         grad_w.addmm_(dz_c.T, h)
+                    elif compute_dtype == torch.float16:
+                        # A chunk's sum over rows can pass float16's 65504 although the reduced gradient (scaled by
+                        # 1 / N in backward) fits: accumulate this GEMM in float32.
+                        grad_w.addmm_(dz.T, h.float())
                     else:
                         grad_w.add_((dz_c.T @ h).float())
                 if need_b:
@@ -186,7 +190,7 @@ class _LinearKD(torch.autograd.Function):
         return grad_h, grad_w, grad_b, None, None, None, None, None
 
 
-def _projected_teacher(h_t: torch.Tensor, w_t: torch.Tensor, b_t: torch.Tensor | None):
+def projected_teacher(h_t: torch.Tensor, w_t: torch.Tensor, b_t: torch.Tensor | None):
     """`rows -> float32 h_t[rows] @ w_t^T (+ b_t)`, in the teacher's own precision (no gradient)."""
     teacher_dtype = torch.promote_types(h_t.dtype, w_t.dtype)
     w_t_c = w_t.to(teacher_dtype)
@@ -199,14 +203,16 @@ def _projected_teacher(h_t: torch.Tensor, w_t: torch.Tensor, b_t: torch.Tensor |
     return teacher_logits
 
 
-def _row_selection(
+def row_selection(
     leading_shape: torch.Size,
     labels: torch.Tensor | None,
     mask: torch.Tensor | None,
     spec: KDSpec,
     device: torch.device,
+    num_classes: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Flat indices of the positions in the loss, and their labels."""
+    """Flat indices of the positions in the loss, and their labels (checked to lie in `[0, num_classes)` when the
+    cross-entropy reads them)."""
     if mask is not None and tuple(mask.shape) != tuple(leading_shape):
         raise ValueError(f"`mask` must have shape {tuple(leading_shape)} (the inputs without the last dim), got {tuple(mask.shape)}.")
     if labels is not None and tuple(labels.shape) != tuple(leading_shape):
@@ -221,6 +227,13 @@ def _row_selection(
         keep = keep & (labels.to(device) != -100)
     index = keep.reshape(-1).nonzero().squeeze(-1)
     flat_labels = None if labels is None else labels.to(device).reshape(-1).index_select(0, index).long()
+    if spec.needs_ce and num_classes is not None and flat_labels.numel():
+        low, high = int(flat_labels.min()), int(flat_labels.max())
+        if low < 0 or high >= num_classes:
+            raise ValueError(
+                f"`labels` must be token ids in [0, {num_classes}) (the vocabulary in the loss) or -100 (ignored), got "
+                f"{low if low < 0 else high} at a position in the loss; check the tokenizer/`vocab_size` pairing."
+            )
     return index, flat_labels
 
 
@@ -242,7 +255,7 @@ def _vocab_width(student_width: int, teacher_width: int, vocab_size: int | None)
     return vocab_size
 
 
-def _chunk_rows(chunk_size: int | None, width: int) -> int:
+def chunk_rows(chunk_size: int | None, width: int) -> int:
     if chunk_size is None:
         return default_chunk_size(width)
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
@@ -314,7 +327,9 @@ def distillation_loss(
     check_reduction(reduction)
     check_logits_shapes(student_logits, teacher_logits)
     width = _vocab_width(student_logits.shape[-1], teacher_logits.shape[-1], vocab_size)
-    index, flat_labels = _row_selection(student_logits.shape[:-1], labels, mask, spec, student_logits.device)
+    index, flat_labels = row_selection(
+        student_logits.shape[:-1], labels, mask, spec, student_logits.device, num_classes=width
+    )
     total, kd_sum, ce_sum = logits_loss_sums(
         student_logits, teacher_logits, index, (width, width), flat_labels, spec, chunk_size
     )
@@ -366,8 +381,12 @@ def linear_distillation_loss(
     spec = KDSpec(objective=objective, beta=beta, temperature=temperature, top_k=top_k, alpha=alpha)
     check_reduction(reduction)
     check_linear_shapes(student_hidden, student_weight, teacher_hidden, teacher_weight)
+    check_bias("student", student_bias, student_weight)
+    check_bias("teacher", teacher_bias, teacher_weight)
     width = _vocab_width(student_weight.shape[0], teacher_weight.shape[0], vocab_size)
-    index, flat_labels = _row_selection(student_hidden.shape[:-1], labels, mask, spec, student_hidden.device)
+    index, flat_labels = row_selection(
+        student_hidden.shape[:-1], labels, mask, spec, student_hidden.device, num_classes=width
+    )
     total, kd_sum, ce_sum = linear_loss_sums(
         (student_hidden, student_weight, student_bias),
         (teacher_hidden, teacher_weight, teacher_bias),
@@ -393,6 +412,15 @@ def check_logits_shapes(student_logits: torch.Tensor, teacher_logits: torch.Tens
         )
 
 
+def check_bias(name: str, bias: torch.Tensor | None, weight: torch.Tensor) -> None:
+    """A `lm_head` bias must hold one entry per row of its weight."""
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(
+            f"`{name}_bias` must have shape ({weight.shape[0]},) (one entry per row of `{name}_weight`), got "
+            f"{tuple(bias.shape)}."
+        )
+
+
 def check_linear_shapes(student_hidden, student_weight, teacher_hidden, teacher_weight) -> None:
     if student_hidden.shape[:-1] != teacher_hidden.shape[:-1]:
         raise ValueError(
@@ -413,7 +441,7 @@ def logits_loss_sums(student_logits, teacher_logits, index, widths, row_data, sp
     s = student_logits.reshape(-1, student_logits.shape[-1])[:, :width_s].index_select(0, index)
     t = teacher_logits.detach().reshape(-1, teacher_logits.shape[-1])[:, :width_t].index_select(0, index)
     need_grad = torch.is_grad_enabled() and student_logits.requires_grad
-    return _LogitsKD.apply(s, t, row_data, spec, _chunk_rows(chunk_size, max(widths)), need_grad)
+    return _LogitsKD.apply(s, t, row_data, spec, chunk_rows(chunk_size, max(widths)), need_grad)
 
 
 def linear_loss_sums(student, teacher, index, widths, row_data, spec, chunk_size):
@@ -424,7 +452,7 @@ def linear_loss_sums(student, teacher, index, widths, row_data, spec, chunk_size
     h_t = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1]).index_select(0, index)
     w_t = teacher_weight.detach()[:width_t]
     b_t = None if teacher_bias is None else teacher_bias.detach()[:width_t]
-    teacher_fn = _projected_teacher(h_t, w_t, b_t)
+    teacher_fn = projected_teacher(h_t, w_t, b_t)
     return _student_side_sums(h_s, student_weight, student_bias, width_s, teacher_fn, row_data, spec, chunk_size)
 
 
@@ -438,10 +466,10 @@ def _student_side_sums(h_s, student_weight, student_bias, width, teacher_fn, row
         grad_on and w_s.requires_grad,
         grad_on and b_s is not None and b_s.requires_grad,
     )
-    return _LinearKD.apply(h_s, w_s, b_s, teacher_fn, row_data, spec, _chunk_rows(chunk_size, width), needs)
+    return _LinearKD.apply(h_s, w_s, b_s, teacher_fn, row_data, spec, chunk_rows(chunk_size, width), needs)
 
 
-def _apply_linear(
+def apply_linear(
     h_s, student_weight, student_bias, width, teacher_fn, flat_labels, spec, chunk_size,
     reduction, num_items_in_batch, return_components,
 ):  # fmt: skip

@@ -8,7 +8,13 @@ reduces it through [`~trl_distill.losses.reduce_loss`] like the logit loss, so t
 Per position and layer pair, with `s` the projected student feature and `t` the teacher feature (both of width `D`):
 
 - `"mse"`:    `||s - t||^2 / D` (the mean over dimensions: the value does not grow with the hidden size);
-- `"cosine"`: `1 - <s, t> / (||s|| ||t||)` (in [0, 2], independent of both width and scale).
+- `"cosine"`: `1 - <s, t> / (||s|| ||t||)` (in [0, 2], independent of both width and scale);
+- `"relative_mse"`: `||s - t||^2 / ||t||^2` (1 at `s = 0`, independent of width and of the teacher's scale at that
+  position, yet still asks the student to match the magnitude, which cosine ignores).
+
+Real LMs carry massive activations (SmolLM2-135M: |h| ~ 25,000 in one dimension at the first position, hidden
+values ~1-10 elsewhere): with `"mse"` those positions and layers dominate the term (thousands of nats-equivalents
+beside a KD term of ~10), so `"relative_mse"` normalizes each position by the teacher's own energy there.
 
 The loss is the average over layer pairs of the reduced per-position values, so adding pairs does not change its scale.
 """
@@ -23,9 +29,10 @@ import torch
 from .reduction import check_reduction, reduce_loss
 
 
-FEATURE_LOSSES = ("mse", "cosine")
+FEATURE_LOSSES = ("mse", "cosine", "relative_mse")
 
-# Norms below this count as zero in the cosine loss (its value is then 1 and its gradient finite).
+# Norms below this count as zero in the cosine loss (its value is then 1 and its gradient finite), and squared teacher
+# norms below its square as that floor in `relative_mse` (a zero teacher feature gives a finite value and gradient).
 _COSINE_EPS = 1e-8
 
 
@@ -50,7 +57,8 @@ def feature_terms(student: torch.Tensor, teacher: torch.Tensor, *, loss: str = "
     Args:
         student (`torch.Tensor` of shape `(N, D)`): projected student features; gradients flow to them.
         teacher (`torch.Tensor` of shape `(N, D)`): teacher features, treated as constants.
-        loss (`str`): `"mse"` (`||s - t||^2 / D`) or `"cosine"` (`1 - cos(s, t)`).
+        loss (`str`): `"mse"` (`||s - t||^2 / D`), `"cosine"` (`1 - cos(s, t)`) or `"relative_mse"`
+            (`||s - t||^2 / ||t||^2`).
 
     Returns:
         `torch.Tensor` of shape `(N,)`, float32.
@@ -61,6 +69,8 @@ def feature_terms(student: torch.Tensor, teacher: torch.Tensor, *, loss: str = "
     t = teacher.detach().float()
     if loss == "mse":
         return (s - t).pow(2).mean(-1)
+    if loss == "relative_mse":
+        return (s - t).pow(2).sum(-1) / t.pow(2).sum(-1).clamp_min(_COSINE_EPS**2)
     # Normalize each side separately, clamping the norm, so a zero feature gives a finite gradient (never NaN).
     s_unit = s / s.norm(dim=-1, keepdim=True).clamp_min(_COSINE_EPS)
     t_unit = t / t.norm(dim=-1, keepdim=True).clamp_min(_COSINE_EPS)
@@ -90,7 +100,7 @@ def feature_distillation_loss(
             states of the same pairs; treated as constants (detached).
         mask (`torch.Tensor` of shape `(...)`, *optional*): boolean, `True` where the position is in the loss (use the
             logit loss's mask: response tokens, no prompt or padding). `None` selects every position.
-        loss (`str`): `"mse"` or `"cosine"`, see [`feature_terms`].
+        loss (`str`): `"mse"`, `"cosine"` or `"relative_mse"`, see [`feature_terms`].
         reduction (`str`): `"mean"` over the selected positions, or `"sum"`.
         num_items_in_batch (`torch.Tensor` or `int`, *optional*): with `"mean"`, the number of positions of the whole
             accumulated batch, used as denominator so gradient accumulation gives the gradient of one big batch.

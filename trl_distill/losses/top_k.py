@@ -14,7 +14,14 @@ from __future__ import annotations
 
 import torch
 
-from .chunked import DistillationLossOutput, _apply_linear, _chunk_rows, _projected_teacher, _row_selection
+from .chunked import (
+    DistillationLossOutput,
+    apply_linear,
+    chunk_rows,
+    projected_teacher,
+    row_selection,
+    check_bias,
+)
 from .divergences import KDSpec, TopKTargets, teacher_top_k
 from .reduction import check_reduction
 
@@ -82,7 +89,8 @@ def linear_top_k_distillation_loss(
     if isinstance(width, bool) or not isinstance(width, int) or not 1 <= width <= student_weight.shape[0]:
         raise ValueError(f"`vocab_size` must be an integer in [1, {student_weight.shape[0]}], got {vocab_size!r}.")
     device = student_hidden.device
-    index, flat_labels = _row_selection(leading, labels, mask, spec, device)
+    check_bias("student", student_bias, student_weight)
+    index, flat_labels = row_selection(leading, labels, mask, spec, device, num_classes=width)
     h_s = student_hidden.reshape(-1, student_hidden.shape[-1]).index_select(0, index)
     ids = teacher_ids.reshape(-1, k).to(device).index_select(0, index).long()
     log_probs = teacher_log_probs.detach().reshape(-1, k + 1).to(device).index_select(0, index)
@@ -96,7 +104,7 @@ def linear_top_k_distillation_loss(
         # A copy: the kernel consumes its buffers.
         return TopKTargets(ids[rows], log_probs[rows].to(torch.float32, copy=True))
 
-    return _apply_linear(
+    return apply_linear(
         h_s, student_weight, student_bias, width, teacher_fn, flat_labels, spec, chunk_size,
         reduction, num_items_in_batch, return_components,
     )  # fmt: skip
@@ -138,17 +146,15 @@ def teacher_top_k_targets(
             f"`top_k={top_k}` must be below the vocabulary size ({width}) and `vocab_size` at most the "
             f"{teacher_weight.shape[0]} rows of the `lm_head`."
         )
-    project = _projected_teacher(
+    project = projected_teacher(
         teacher_hidden, teacher_weight[:width], None if teacher_bias is None else teacher_bias[:width]
     )
-    rows = _chunk_rows(chunk_size, width)
+    rows = chunk_rows(chunk_size, width)
     ids, log_probs = [], []
     with torch.autocast(teacher_hidden.device.type, enabled=False):
         for start in range(0, teacher_hidden.shape[0], rows):
-            logits = project(slice(start, start + rows))
-            if temperature != 1.0:
-                logits.mul_(1.0 / temperature)  # as the online kernel scales them (a reciprocal, then a product)
-            chunk = teacher_top_k(logits, top_k, sorted=sorted)
+            # Divided by the temperature inside, exactly as the online kernel does it.
+            chunk = teacher_top_k(project(slice(start, start + rows)), top_k, sorted=sorted, temperature=temperature)
             ids.append(chunk.ids)
             log_probs.append(chunk.log_probs)
     if not ids:

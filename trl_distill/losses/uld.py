@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from .chunked import DistillationLossOutput, check_linear_shapes, check_logits_shapes, linear_loss_sums, logits_loss_sums
-from .divergences import KDSpec, _softmax_, divergence_terms, kd_chunk
+from .divergences import KDSpec, divergence_terms, softmax_inplace, kd_chunk
 from .reduction import check_reduction, reduce_loss
 
 
@@ -158,8 +158,8 @@ def uld_chunk(
 
     T = float(spec.temperature)
     q, p = student_logits.mul_(1.0 / T), teacher_logits.mul_(1.0 / T)
-    _softmax_(q)
-    _softmax_(p)
+    softmax_inplace(q)
+    softmax_inplace(p)
     value = q.new_zeros(q.shape[0])
     qg = q.new_zeros(q.shape) if need_grad else None
     q_rest, p_rest = q, p

@@ -105,6 +105,12 @@ class DistillMode(ABC):
         return None
 
     @classmethod
+    def for_served_teacher(cls) -> type[DistillMode] | None:
+        """The mode that trains this objective with the teacher's top-k scored live by a server (`teacher_url`,
+        issue 16), or `None` when the mode needs a loaded teacher."""
+        return None
+
+    @classmethod
     def prepare_train_dataset(cls, dataset, *, teacher, teacher_tokenizer, teacher_source, args):
         """Turn the raw training dataset into the one this mode trains on, before `SFTTrainer` tokenizes it.
 
@@ -173,8 +179,14 @@ def available_modes() -> tuple[str, ...]:
 
 
 def resolve_mode(args: Any) -> type[DistillMode]:
-    """The mode class the trainer builds: `distill_mode`'s, or its offline variant when `teacher_cache` is set."""
+    """The mode class the trainer builds: `distill_mode`'s, its offline variant when `teacher_cache` is set, or its
+    served variant when only `teacher_url` is (live scoring through a vLLM server)."""
     mode_cls = get_mode(args.distill_mode)
+    if args.teacher_cache is None and getattr(args, "teacher_url", None) is not None:
+        served = mode_cls.for_served_teacher()
+        if served is None:  # the config refuses this already
+            raise ValueError(f"`distill_mode={mode_cls.name!r}` cannot score through `teacher_url`; unset it.")
+        return served
     if args.teacher_cache is None:
         return mode_cls
     offline = mode_cls.for_teacher_cache()

@@ -9,6 +9,7 @@ from ..losses import linear_distillation_loss
 from ..teachers.live import call_with_lm_heads, check_plain_lm_head, lm_head_and_backbone
 from .base import DistillMode, register_mode
 from .token_offline import OfflineTokenMode
+from .token_served import ServedTokenMode
 
 
 @register_mode("token")
@@ -40,6 +41,10 @@ class TokenMode(DistillMode):
     @classmethod
     def for_teacher_cache(cls):
         return OfflineTokenMode
+
+    @classmethod
+    def for_served_teacher(cls):
+        return ServedTokenMode
 
     def compute_loss(self, model, inputs, num_items_in_batch):
         context, args = self.context, self.args

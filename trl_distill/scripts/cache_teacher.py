@@ -31,12 +31,16 @@ trl-distill train --config distill.yaml --model_name_or_path Qwen/Qwen2.5-0.5B-I
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from . import stage
 from .data import load_splits
+
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -61,21 +65,8 @@ class CacheTeacherArguments:
     rows_per_shard: int = field(
         default=1024, metadata={"help": "Rows per shard file (the unit of resumption and of work per process)."}
     )
-    # A served teacher (trl_distill/teachers/served.py): scored by a vLLM server instead of loaded here.
-    teacher_url: str | None = field(
-        default=None,
-        metadata={"help": "A vLLM (OpenAI-compatible) server serving the teacher, e.g. http://host:8000; "
-                          "replaces `teacher_model_name_or_path`. Needs `kd_temperature: 1.0`."},
-    )  # fmt: skip
-    teacher_served_model: str | None = field(
-        default=None, metadata={"help": "The served model name; default the first one the server reports."}
-    )
-    teacher_prompts_per_request: int = field(default=8, metadata={"help": "Rows per request to the teacher server."})
-    teacher_max_concurrency: int = field(default=4, metadata={"help": "Requests to the teacher server in flight."})
-    teacher_request_timeout: float = field(default=120.0, metadata={"help": "Seconds per request before a retry."})
-    teacher_max_retries: int = field(
-        default=5, metadata={"help": "Retries (exponential backoff) after timeouts, resets and HTTP 5xx/429."}
-    )
+    # The served teacher's settings (`teacher_url`, `teacher_served_model`, `teacher_prompts_per_request`, ...) are
+    # `DistillConfig` fields: the same flags fill a store here and score batches live in training.
 
 
 def make_parser(prog: str | None = None):
@@ -112,9 +103,7 @@ def _cache(script_args, cache_args, args) -> int:
 
     from trl_distill.teachers.cache import cache_teacher
 
-    if cache_args.teacher_url is not None:  # a served teacher: trl_distill/teachers/served.py
-        from trl_distill.teachers.served import run_cache_teacher_served
-
+    if args.teacher_url is not None:  # a served teacher: trl_distill/teachers/served.py
         return run_cache_teacher_served(script_args, cache_args, args)
     if args.teacher_model_name_or_path is None:
         raise ValueError("`teacher_model_name_or_path` is required: the teacher whose top-k are stored.")
@@ -142,5 +131,50 @@ def _cache(script_args, cache_args, args) -> int:
     return 0
 
 
+def run_cache_teacher_served(script_args, cache_args, args) -> int:
+    """`trl-distill cache-teacher --teacher_url URL ...`: the parsed arguments of `cache_teacher_parser` -> a store."""
+    from accelerate import PartialState
+    from transformers import AutoTokenizer
+
+    from ..teachers.served import cache_teacher_served
+
+    if PartialState().num_processes > 1:
+        raise ValueError(
+            f"`teacher_url` with {PartialState().num_processes} processes: a served teacher is scored from one "
+            "process (`teacher_max_concurrency` requests in flight). Run `trl-distill cache-teacher` without "
+            "`--num_processes`."
+        )
+    if cache_args.tokenizer_name_or_path is None:
+        raise ValueError("`tokenizer_name_or_path` (the student's tokenizer) is required with `teacher_url`.")
+    if args.teacher_model_name_or_path is not None:
+        logger.warning("`teacher_model_name_or_path` is ignored: the teacher is scored by `teacher_url`.")
+    tokenizer = AutoTokenizer.from_pretrained(
+        cache_args.tokenizer_name_or_path, trust_remote_code=args.trust_remote_code
+    )
+    train_dataset, eval_dataset = load_splits(script_args)
+    manifest = cache_teacher_served(
+        args.teacher_url,
+        train_dataset,
+        eval_dataset=eval_dataset,
+        args=args,
+        processing_class=tokenizer,
+        teacher_model=args.teacher_served_model,
+        rows_per_shard=cache_args.rows_per_shard,
+        progress=not args.disable_tqdm,
+        prompts_per_request=args.teacher_prompts_per_request,
+        max_concurrency=args.teacher_max_concurrency,
+        timeout=args.teacher_request_timeout,
+        max_retries=args.teacher_max_retries,
+    )
+    positions = sum(info["positions"] for info in manifest["splits"].values())
+    print(
+        f"Teacher store {args.teacher_cache} from {manifest['teacher']['served']['url']} "
+        f"({manifest['teacher']['name_or_path']}): {len(manifest['shards'])} shards, {positions} positions "
+        f"(k={manifest['top_k']}, T={manifest['temperature']})."
+    )
+    return 0
+
+
 if __name__ == "__main__":
     sys.exit(main())
+

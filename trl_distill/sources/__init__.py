@@ -5,7 +5,21 @@
 [`trl_distill.modes`] for how sources, modes and terms fit together.
 """
 
-from .completions import CompletionSource, check_prompt_column, completion_batch, completion_starts, on_policy_coin
+from .completions import (
+    CompletionSource,
+    check_prompt_column,
+    completion_batch,
+    completion_starts,
+    on_policy_coin,
+    sampling_seed,
+)
 
 
-__all__ = ["CompletionSource", "check_prompt_column", "completion_batch", "completion_starts", "on_policy_coin"]
+__all__ = [
+    "CompletionSource",
+    "check_prompt_column",
+    "completion_batch",
+    "completion_starts",
+    "on_policy_coin",
+    "sampling_seed",
+]

@@ -11,13 +11,18 @@ This is a completion *source* (where the samples come from), not a mode: any mod
 `seq_kd=True` and calls [`CompletionSource.resample`] from `get_batch_samples`, before the accumulation window's token
 count (`num_items_in_batch`) is taken, so that count covers the generated tokens. The coin ([`on_policy_coin`]) is a
 function of `(seed, global_step)` only: every rank draws the same side without communicating, and a resumed run
-draws the same sides again.
+draws the same sides again. The samples themselves come from the RNG seeded with [`sampling_seed`] `(seed,
+global_step, rank, micro-batch)` inside a fork of the global RNG state (neither read nor advanced): HF `Trainer`
+restores a checkpoint's RNG state only *after* `get_batch_samples` of the first resumed step, so sampling from the
+global RNG made a resumed run draw that step's samples from the wrong state and then run one generation behind.
 """
 
 from __future__ import annotations
 
 import random
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -37,6 +42,40 @@ def on_policy_coin(seed: int, step: int, lmbda: float) -> bool:
     `lmbda=1` always is.
     """
     return random.Random(f"{seed}:{step}").random() < lmbda
+
+
+def sampling_seed(seed: int, step: int, rank: int, micro_batch: int) -> int:
+    """The seed of the samples generated for micro-batch `micro_batch` of optimizer step `step` on process `rank`.
+
+    A fixed function of its arguments (a `random.Random` seeded with a string, as [`on_policy_coin`]), so a resumed
+    run samples exactly what the uninterrupted run sampled, and ranks / micro-batches draw different samples.
+    """
+    return random.Random(f"sample:{seed}:{step}:{rank}:{micro_batch}").getrandbits(63)
+
+
+@contextmanager
+def seeded_rng(seed: int, device: torch.device | str) -> Iterator[None]:
+    """Run the block with the CPU RNG and `device`'s RNG seeded with `seed`; restore both global states on exit.
+
+    `generate` samples from the global RNG (it takes no generator): the fork keeps the training stream (dropout, data
+    order) as it was, whatever the generation draws.
+    """
+    device = torch.device(device)
+    if device.type == "cpu":
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(seed)
+            yield
+        return
+    module = torch.get_device_module(device.type)
+    index = device.index if device.index is not None else getattr(module, "current_device", lambda: 0)()
+    with torch.random.fork_rng(devices=[index], device_type=device.type):
+        torch.default_generator.manual_seed(seed)
+        if hasattr(module, "device"):  # seed the device the samples are drawn on, whichever is current
+            with module.device(index):
+                module.manual_seed(seed)
+        else:
+            module.manual_seed(seed)
+        yield
 
 
 def completion_starts(labels: torch.Tensor, attention_mask: torch.Tensor) -> list[int]:
@@ -118,20 +157,23 @@ class CompletionSource:
         """The window's micro-batches, with completions from the source the coin of optimizer step `step` picks.
 
         `student` is the model the trainer steps (possibly wrapped by DDP / DeepSpeed); it samples on-policy steps.
+        Micro-batch `i` is sampled with [`sampling_seed`]`(seed, step, rank, i)`.
         """
         args = self.args
         if not batches:  # the data ran out (every rank alike: the dataloader is sharded evenly)
             return batches
         on_policy = on_policy_coin(args.seed, step, args.lmbda)
         teacher = args.seq_kd and not on_policy
-        if on_policy:
-            batches = [self._generate(batch, student) for batch in batches]
-        elif teacher:
-            batches = [self._generate(batch, None) for batch in batches]
+        if on_policy or teacher:
+            rank = self.accelerator.process_index
+            batches = [
+                self._generate(batch, student if on_policy else None, seed=sampling_seed(args.seed, step, rank, i))
+                for i, batch in enumerate(batches)
+            ]
         self._log(batches, on_policy=on_policy, teacher=teacher)
         return batches
 
-    def _generate(self, batch: dict, student: nn.Module | None) -> dict:
+    def _generate(self, batch: dict, student: nn.Module | None, *, seed: int) -> dict:
         from trl.models import unwrap_model_for_generation
 
         if "attention_mask" not in batch:  # padding-free batches: one flattened row, no prompt boundaries to find
@@ -152,7 +194,8 @@ class CompletionSource:
         with warnings.catch_warnings():
             # TRL 1.16's unwrap helper calls transformers' deprecated `is_gradient_checkpointing` alias at every step.
             warnings.filterwarnings("ignore", ".*gradient_checkpointing.* is deprecated", FutureWarning)
-            return self._generate_in(context, prompts, kwargs, batch["input_ids"].device)
+            with seeded_rng(seed, self.accelerator.device):
+                return self._generate_in(context, prompts, kwargs, batch["input_ids"].device)
 
     def _generate_in(self, context, prompts: list[list[int]], kwargs: dict[str, Any], device) -> dict:
         with context as model, eval_mode(model):

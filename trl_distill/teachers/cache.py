@@ -155,10 +155,10 @@ def cache_teacher(
         "shards": shards,
     }
     os.makedirs(store_dir, exist_ok=True)
-    _check_or_write_plan(store_dir, plan)
+    check_or_write_plan(store_dir, plan)
 
     mine = [index for index in range(len(shards)) if index % world == rank]
-    todo = [index for index in mine if _record(store_dir, shards[index]) is None]
+    todo = [index for index in mine if shard_record(store_dir, shards[index]) is None]
     head, backbone = lm_head_and_backbone(teacher)
     batch_size = batch_size or args.per_device_eval_batch_size
     bar = tqdm(
@@ -183,12 +183,12 @@ def cache_teacher(
     bar.close()
 
     if not distributed:
-        return _finish(store_dir, plan)
+        return finish_store(store_dir, plan)
     # Every process waits for the others' last shard, the main process writes the manifest, and every process
     # returns only once it exists: a script may open the store (e.g. build its `DistillTrainer`) right after.
     state.wait_for_everyone()
-    if state.is_main_process and _finish(store_dir, plan) is None:
-        missing = [shard["file"] for shard in shards if _record(store_dir, shard) is None]
+    if state.is_main_process and finish_store(store_dir, plan) is None:
+        missing = [shard["file"] for shard in shards if shard_record(store_dir, shard) is None]
         raise RuntimeError(
             f"Teacher store {store_dir!r}: every process finished, but the main process does not see "
             f"{len(missing)} of the {len(shards)} shards ({', '.join(missing[:3])}...). With several machines, "
@@ -218,7 +218,7 @@ def _batch_entries(batch: dict, backbone, head, top_k: int, args, vocab_size: in
     return codec.encode(targets, vocab_size).cpu()
 
 
-def _check_or_write_plan(store_dir: str, plan: dict) -> None:
+def check_or_write_plan(store_dir: str, plan: dict) -> None:
     path = os.path.join(store_dir, PLAN)
     if not os.path.isfile(path):
         write_json(path, plan)
@@ -239,7 +239,7 @@ def _short(value: Any) -> str:
     return text if len(text) <= 120 else text[:117] + "..."
 
 
-def _record(store_dir: str, shard: dict) -> dict | None:
+def shard_record(store_dir: str, shard: dict) -> dict | None:
     """The record of a finished shard whose file still matches it, else None (the shard is (re)written)."""
     record_path = os.path.join(store_dir, shard["file"].replace(".safetensors", ".json"))
     shard_path = os.path.join(store_dir, shard["file"])
@@ -253,11 +253,11 @@ def _record(store_dir: str, shard: dict) -> dict | None:
     return record
 
 
-def _finish(store_dir: str, plan: dict) -> dict | None:
+def finish_store(store_dir: str, plan: dict) -> dict | None:
     """Write the manifest once every shard is recorded (another process may still be writing some)."""
     from safetensors import safe_open
 
-    records = [_record(store_dir, shard) for shard in plan["shards"]]
+    records = [shard_record(store_dir, shard) for shard in plan["shards"]]
     missing = [shard["file"] for shard, record in zip(plan["shards"], records) if record is None]
     if missing:
         logger.info("Teacher store %s: %d shards still to write (%s...).", store_dir, len(missing), missing[0])

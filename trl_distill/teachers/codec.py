@@ -8,8 +8,15 @@ bytes (k = 64: 260 bytes per position):
   Qwen's V = 151936) and, in the remaining `32 - id_bits` bits (22, resp. 14), the code
   `round(M * sqrt(-log p / scale))` with `M = 2**(32 - id_bits) - 1`;
 - the last word is the row header: the row's `scale` in its top 8 bits (`scale = 2**((c - 128) / 16)`, the smallest
-  such value at least the largest `-log p` of the row's k entries), and `-log p_other` in the low 24 bits, in fixed
-  point over `[0, 88]` (step 5.2e-6; float32's smallest normal is `exp(-87.3)`).
+  such value at least the largest `-log p` of the row's k entries, at most 245: entries below `exp(-245)` are stored
+  as `exp(-245)`, which changes no loss), and `x = -log p_other` in the low 24 bits as code `c`:
+  - `c < 3 * 2**22`: fixed point, `x = c * 88 / (2**24 - 1)` (step 5.2e-6, `x < 66`);
+  - `3 * 2**22 <= c < 2**24 - 1`: logarithmic, `x = 66 * 2**((c - 3 * 2**22) / 2**16)` (relative step 1.1e-5, up to
+    `x ~ 1.2e21`), so a bucket far below float32's smallest probability keeps its log-mass (the losses work in log
+    space; nothing is clamped at `exp(-88)`);
+  - `c = 2**24 - 1`: `x = inf`, an empty bucket (`p_other = 0`, e.g. a masked vocabulary).
+  Stores written before the logarithmic range existed used the fixed point up to `x = 88`: they decode identically
+  below `x = 66` (`p_other > 2e-29`), and above it to a smaller `p_other`, which changes no loss.
 
 Why a square root of the log-probability: the loss needs every probability with a small *relative* error (reverse KL
 and the JSD divide by the teacher's probabilities), so the log-probability is quantized rather than the probability.
@@ -28,7 +35,11 @@ from ..losses import TopKTargets
 ENTRY_BITS = 32
 MIN_LOG_PROB_BITS = 12
 _OTHER_BITS = 24
-_OTHER_RANGE = 88.0  # -log p_other in [0, 88]: float32 probabilities below exp(-87.3) are clamped upstream
+_OTHER_STEP = 88.0 / ((1 << _OTHER_BITS) - 1)  # fixed-point step of -log p_other (the original format's)
+_OTHER_LOG_START = 3 << 22  # first logarithmic code; below it, fixed point (x < 66)
+_OTHER_LOG_BASE = _OTHER_LOG_START * _OTHER_STEP  # x at the first logarithmic code (66.000004): continuous
+_OTHER_LOG_STEPS = 1 << 16  # logarithmic codes per doubling of x
+_OTHER_INF = (1 << _OTHER_BITS) - 1  # p_other = 0
 _SCALE_OFFSET, _SCALE_STEPS = 128, 16  # scale = 2 ** ((c - 128) / 16), c in [0, 255]: 2**-8 .. 2**7.94
 
 
@@ -75,7 +86,8 @@ def encode(targets: TopKTargets, vocab_size: int) -> torch.Tensor:
     """
     ids, log_probs = targets
     ibits, vbits = id_bits(vocab_size), log_prob_bits(vocab_size)
-    top = (-log_probs[:, :-1].float()).clamp_min(0.0)
+    # Entries below exp(-245) (the largest scale; -inf for a masked token) are stored at the largest scale.
+    top = (-log_probs[:, :-1].float()).clamp(0.0, float(_scale(torch.tensor(255))))
     largest = top.amax(-1)
     scale_code = torch.ceil(torch.log2(largest.clamp_min(2.0**-8)) * _SCALE_STEPS).long() + _SCALE_OFFSET
     scale_code += (_scale(scale_code) < largest).long()  # float rounding: every entry must fit under the scale
@@ -83,9 +95,7 @@ def encode(targets: TopKTargets, vocab_size: int) -> torch.Tensor:
     levels = (1 << vbits) - 1
     codes = torch.round(torch.sqrt(top / _scale(scale_code)[:, None]).clamp_(max=1.0) * levels).long()
     words = (codes << ibits) | ids.long()
-    other_levels = (1 << _OTHER_BITS) - 1
-    other = (-log_probs[:, -1].float()).clamp(0.0, _OTHER_RANGE)
-    header = (scale_code << _OTHER_BITS) | torch.round(other * (other_levels / _OTHER_RANGE)).long()
+    header = (scale_code << _OTHER_BITS) | _encode_other(-log_probs[:, -1].float())
     return _as_int32(torch.cat([words, header[:, None]], dim=-1))
 
 
@@ -96,9 +106,27 @@ def decode(entries: torch.Tensor, vocab_size: int) -> TopKTargets:
     top, header = words[:, :-1], words[:, -1:]
     ids = top & ((1 << ibits) - 1)
     fraction = (top >> ibits).float() / float((1 << vbits) - 1)
-    other = (header & ((1 << _OTHER_BITS) - 1)).float() * (_OTHER_RANGE / ((1 << _OTHER_BITS) - 1))
+    other = _decode_other(header & ((1 << _OTHER_BITS) - 1))
     log_probs = torch.cat([-_scale(header >> _OTHER_BITS) * fraction.square(), -other], dim=-1)
     return TopKTargets(ids, log_probs)
+
+
+def _encode_other(x: torch.Tensor) -> torch.Tensor:
+    """24-bit code of `x = -log p_other` (see the module docstring): fixed point, then logarithmic, then infinity."""
+    x = x.clamp_min(0.0)
+    fixed = torch.round(x.clamp(max=_OTHER_LOG_BASE) / _OTHER_STEP).long()
+    log_steps = torch.log2(x.clamp_min(_OTHER_LOG_BASE) / _OTHER_LOG_BASE) * _OTHER_LOG_STEPS
+    logarithmic = torch.round(log_steps.clamp(max=_OTHER_INF - 1 - _OTHER_LOG_START)).long() + _OTHER_LOG_START
+    code = torch.where(x < _OTHER_LOG_BASE, fixed, logarithmic)
+    return code.masked_fill(torch.isposinf(x), _OTHER_INF)
+
+
+def _decode_other(code: torch.Tensor) -> torch.Tensor:
+    """`x = -log p_other` from its 24-bit code (float32)."""
+    fixed = code.float() * _OTHER_STEP
+    logarithmic = _OTHER_LOG_BASE * torch.exp2((code - _OTHER_LOG_START).clamp_min(0).float() / _OTHER_LOG_STEPS)
+    x = torch.where(code < _OTHER_LOG_START, fixed, logarithmic)
+    return x.masked_fill(code == _OTHER_INF, float("inf"))
 
 
 def fold(targets: TopKTargets, top_k: int) -> TopKTargets:

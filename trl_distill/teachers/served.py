@@ -48,7 +48,8 @@ import torch
 
 from ..losses import TopKTargets
 from . import codec
-from .store import batch_row_keys, tokenization_settings, tokenizer_fingerprint, write_json, write_shard
+from ..digests import tokenizer_sha256
+from .store import batch_row_keys, tokenization_settings, write_json, write_shard
 
 logger = logging.getLogger(__name__)
 
@@ -377,7 +378,7 @@ def cache_teacher_served(
     from tqdm.auto import tqdm
     from trl import SFTTrainer
 
-    from .cache import _check_or_write_plan, _finish, _record
+    from .cache import check_or_write_plan, finish_store, shard_record
     from .store import MANIFEST, PLAN, STORE_FORMAT, STORE_VERSION, shard_name
 
     store_dir, top_k = args.teacher_cache, args.kd_top_k
@@ -426,7 +427,7 @@ def cache_teacher_served(
             "weights_sha256": None,
             "served": {**settings, "transport": transport},
         },
-        "tokenizer_sha256": tokenizer_fingerprint(tokenizer),
+        "tokenizer_sha256": tokenizer_sha256(tokenizer),
         "vocab_size": vocab_size,
         "top_k": top_k,
         "temperature": float(args.kd_temperature),
@@ -443,9 +444,9 @@ def cache_teacher_served(
     }
     os.makedirs(store_dir, exist_ok=True)
     _keep_first_transport(store_dir, plan, PLAN)
-    _check_or_write_plan(store_dir, plan)
+    check_or_write_plan(store_dir, plan)
 
-    todo = [index for index in range(len(shards)) if _record(store_dir, shards[index]) is None]
+    todo = [index for index in range(len(shards)) if shard_record(store_dir, shards[index]) is None]
     bar = tqdm(
         total=sum(shards[i]["end"] - shards[i]["start"] for i in todo),
         desc=f"Scoring with served teacher top-{top_k}",
@@ -473,7 +474,7 @@ def cache_teacher_served(
         record = write_shard(store_dir, index, batch_row_keys(batch), counts, torch.cat(entries))
         write_json(os.path.join(store_dir, record["file"].replace(".safetensors", ".json")), record)
     bar.close()
-    manifest = _finish(store_dir, plan)
+    manifest = finish_store(store_dir, plan)
     if manifest is None:  # only with another writer on the same directory
         raise ServedTeacherError(f"Teacher store {store_dir!r}: shards are missing after writing; see {MANIFEST}.")
     return manifest
@@ -491,47 +492,3 @@ def _keep_first_transport(store_dir: str, plan: dict, plan_name: str) -> None:
     if recorded is not None and recorded != plan["teacher"]["served"]["transport"]:
         logger.info("Teacher store %s: resuming with other transport settings (recorded: %s).", store_dir, recorded)
         plan["teacher"]["served"]["transport"] = recorded
-
-
-def run_cache_teacher_served(script_args, cache_args, args) -> int:
-    """`trl-distill cache-teacher --teacher_url URL ...`: the parsed arguments of `cache_teacher_parser` -> a store."""
-    from accelerate import PartialState
-    from transformers import AutoTokenizer
-
-    from ..scripts.data import load_splits
-
-    if PartialState().num_processes > 1:
-        raise ValueError(
-            f"`teacher_url` with {PartialState().num_processes} processes: a served teacher is scored from one "
-            "process (`teacher_max_concurrency` requests in flight). Run `trl-distill cache-teacher` without "
-            "`--num_processes`."
-        )
-    if cache_args.tokenizer_name_or_path is None:
-        raise ValueError("`tokenizer_name_or_path` (the student's tokenizer) is required with `teacher_url`.")
-    if args.teacher_model_name_or_path is not None:
-        logger.warning("`teacher_model_name_or_path` is ignored: the teacher is scored by `teacher_url`.")
-    tokenizer = AutoTokenizer.from_pretrained(
-        cache_args.tokenizer_name_or_path, trust_remote_code=args.trust_remote_code
-    )
-    train_dataset, eval_dataset = load_splits(script_args)
-    manifest = cache_teacher_served(
-        cache_args.teacher_url,
-        train_dataset,
-        eval_dataset=eval_dataset,
-        args=args,
-        processing_class=tokenizer,
-        teacher_model=cache_args.teacher_served_model,
-        rows_per_shard=cache_args.rows_per_shard,
-        progress=not args.disable_tqdm,
-        prompts_per_request=cache_args.teacher_prompts_per_request,
-        max_concurrency=cache_args.teacher_max_concurrency,
-        timeout=cache_args.teacher_request_timeout,
-        max_retries=cache_args.teacher_max_retries,
-    )
-    positions = sum(info["positions"] for info in manifest["splits"].values())
-    print(
-        f"Teacher store {args.teacher_cache} from {manifest['teacher']['served']['url']} "
-        f"({manifest['teacher']['name_or_path']}): {len(manifest['shards'])} shards, {positions} positions "
-        f"(k={manifest['top_k']}, T={manifest['temperature']})."
-    )
-    return 0

@@ -206,16 +206,22 @@ class FeatureTerm:
         save_feature_projections(self.projector, output_dir)
 
     def resume(self, checkpoint: str) -> None:
-        """Restore the projections saved in `checkpoint` (bit for bit); warn if it has none."""
+        """Restore the projections saved in `checkpoint` (bit for bit).
+
+        Raises:
+            ValueError: the checkpoint has no `feature_projections.safetensors` (saved without feature KD, or the file
+                was removed). Resuming would pair freshly initialized projections with the optimizer state (moments,
+                step count) of the trained ones, so it is refused.
+        """
         path = os.path.join(checkpoint, FEATURE_PROJECTIONS_NAME)
         if not os.path.isfile(path):
-            logger.warning(
-                "Checkpoint %s has no %s (saved without feature KD?): the feature projections start from their "
-                "initialization.",
-                checkpoint,
-                FEATURE_PROJECTIONS_NAME,
+            raise ValueError(
+                f"`resume_from_checkpoint={os.fspath(checkpoint)!r}` has no {FEATURE_PROJECTIONS_NAME}, but "
+                f"`feature_weight={self.weight}` trains feature projections: resuming would restart them from their "
+                "initialization while reusing the optimizer state of the trained ones. Restore the file from the run "
+                "that wrote the checkpoint, or start a new run from its weights (`model=<checkpoint>` without "
+                "`resume_from_checkpoint`), which starts new projections and a new optimizer."
             )
-            return
         load_feature_projections(self.projector, path)
 
 
