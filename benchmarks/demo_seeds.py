@@ -35,7 +35,9 @@ def main(argv=None) -> int:
         rows.append((seed, results))
         print(f"seed {seed} done", flush=True)
 
-    print("\n| seed | teacher acc | SFT KL(t‖s) | KD KL(t‖s) | SFT ppl | KD ppl | SFT acc | KD acc | KD beats SFT on KL |")
+    print(
+        "\n| seed | teacher acc | SFT KL(t‖s) | KD KL(t‖s) | SFT ppl | KD ppl | SFT acc | KD acc | KD beats SFT on KL |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for seed, r in rows:
         t, sft, kd = r["teacher"], r["sft"], r["kd"]
@@ -44,8 +46,10 @@ def main(argv=None) -> int:
             f"| {sft['perplexity']:.3f} | {kd['perplexity']:.3f} | {sft['accuracy']:.1%} | {kd['accuracy']:.1%} "
             f"| {'yes' if r['kd_beats_sft_on_kl'] else 'no'} |"
         )
-    harness.write_json(args.out, {"args": vars(args), "environment": harness.environment(),
-                                  "results": {str(seed): r for seed, r in rows}})  # fmt: skip
+    harness.write_json(
+        args.out,
+        {"args": vars(args), "environment": harness.environment(), "results": {str(seed): r for seed, r in rows}},
+    )
     return 0 if all(r["kd_beats_sft_on_kl"] for _, r in rows) else 1
 
 

@@ -44,7 +44,9 @@ COLUMNS = [
 def parse_variant(text: str) -> tuple[str, float]:
     loss, _, weight = text.partition(":")
     if loss not in ("mse", "cosine") or not weight:
-        raise argparse.ArgumentTypeError(f"a variant is LOSS:WEIGHT with LOSS mse or cosine, e.g. mse:1.0; got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"a variant is LOSS:WEIGHT with LOSS mse or cosine, e.g. mse:1.0; got {text!r}"
+        )
     return loss, float(weight)
 
 
@@ -92,9 +94,12 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--output-dir", default="runs/feature_quality")
     parser.add_argument(
-        "--variants", type=parse_variant, nargs="+", default=[("mse", 0.1), ("mse", 1.0), ("cosine", 0.1)],
+        "--variants",
+        type=parse_variant,
+        nargs="+",
+        default=[("mse", 0.1), ("mse", 1.0), ("cosine", 0.1)],
         help="Feature-KD students as LOSS:WEIGHT (default: mse:0.1 mse:1.0 cosine:0.1); logit KD alone always runs.",
-    )  # fmt: skip
+    )
     harness.add_common_args(parser, seed=None)  # --quick: the test-sized budget; --seed N: only that seed; --out
     args = parser.parse_args(argv)
     if args.seed is not None:

@@ -33,6 +33,7 @@ import subprocess
 import sys
 from collections.abc import Iterable, Sequence
 
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULT_MARKER = "@@BENCH_RESULT "
 TIME_NOISE = 0.30  # time ratios within +-30% are noise on a shared machine
@@ -67,9 +68,15 @@ def run_child(
     cmd = [sys.executable, os.path.abspath(script), "--case", json.dumps(payload)]
     try:
         proc = subprocess.run(
-            cmd, stdout=subprocess.PIPE, stderr=None if echo_stderr else subprocess.PIPE, text=True,
-            timeout=timeout, cwd=REPO_ROOT, env=child_env, check=False,
-        )  # fmt: skip
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=None if echo_stderr else subprocess.PIPE,
+            text=True,
+            timeout=timeout,
+            cwd=REPO_ROOT,
+            env=child_env,
+            check=False,
+        )
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout:.0f} s"}
     for line in proc.stdout.splitlines():

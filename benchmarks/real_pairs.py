@@ -45,6 +45,7 @@ import random
 import sys
 import time
 
+
 try:
     from . import harness
 except ImportError:
@@ -125,12 +126,14 @@ def chat_rows(seed: int, n_train: int, n_eval: int, max_chars: int = 200) -> tup
     random.Random(seed).shuffle(docs)
     kind = {True: "module", False: "function or class"}
     rows = [
-        {"messages": [
-            {"role": "user", "content": f"What does the Python {kind['.' not in name]} `{name}` do?"},
-            {"role": "assistant", "content": text},
-        ]}
+        {
+            "messages": [
+                {"role": "user", "content": f"What does the Python {kind['.' not in name]} `{name}` do?"},
+                {"role": "assistant", "content": text},
+            ]
+        }
         for name, text in docs
-    ]  # fmt: skip
+    ]
     if len(rows) < n_train + n_eval:
         raise SystemExit(f"only {len(rows)} docstring rows, need {n_train + n_eval}")
     return rows[n_eval : n_eval + n_train], rows[:n_eval]
@@ -223,11 +226,24 @@ class _StepTimer:
 
 def _common_args(case: dict, output_dir: str) -> dict:
     return dict(
-        output_dir=output_dir, max_steps=case["steps"], per_device_train_batch_size=case["batch"],
-        learning_rate=case["lr"], lr_scheduler_type="constant", warmup_steps=0, logging_steps=1, save_strategy="no",
-        report_to="none", use_cpu=True, bf16=False, seed=case["seed"], data_seed=case["seed"],
-        gradient_checkpointing=False, dataloader_num_workers=0, disable_tqdm=True, max_length=512,
-    )  # fmt: skip
+        output_dir=output_dir,
+        max_steps=case["steps"],
+        per_device_train_batch_size=case["batch"],
+        learning_rate=case["lr"],
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        bf16=False,
+        seed=case["seed"],
+        data_seed=case["seed"],
+        gradient_checkpointing=False,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        max_length=512,
+    )
 
 
 def build_trainer(case: dict, teacher, student, student_tok, teacher_tok, train_rows, output_dir: str):
@@ -245,28 +261,51 @@ def build_trainer(case: dict, teacher, student, student_tok, teacher_tok, train_
 
         # lmbda=0 (dataset completions only), beta=0 (forward KL, TRL's convention: gkd_trainer.py `beta == 0` ->
         # kl_div(student, teacher) = KL(teacher||student)), temperature=1 (its loss temperature)
-        args = GKDConfig(**common, lmbda=case["config"].get("lmbda", 0.0), beta=case["config"].get("beta", 0.0),
-                         temperature=1.0, seq_kd=False, max_new_tokens=64)  # fmt: skip
+        args = GKDConfig(
+            **common,
+            lmbda=case["config"].get("lmbda", 0.0),
+            beta=case["config"].get("beta", 0.0),
+            temperature=1.0,
+            seq_kd=False,
+            max_new_tokens=64,
+        )
         return GKDTrainer(
-            model=student, teacher_model=teacher, args=args, train_dataset=Dataset.from_list(train_rows),
+            model=student,
+            teacher_model=teacher,
+            args=args,
+            train_dataset=Dataset.from_list(train_rows),
             processing_class=student_tok,
-        )  # fmt: skip
+        )
     if kind == "gold":
         from trl.experimental.gold import GOLDConfig, GOLDTrainer
 
-        args = GOLDConfig(**common, lmbda=0.0, beta=0.0, temperature=1.0, use_uld_loss=True,
-                          teacher_tokenizer_name_or_path=case["teacher_dir"], max_completion_length=64)  # fmt: skip
+        args = GOLDConfig(
+            **common,
+            lmbda=0.0,
+            beta=0.0,
+            temperature=1.0,
+            use_uld_loss=True,
+            teacher_tokenizer_name_or_path=case["teacher_dir"],
+            max_completion_length=64,
+        )
         return GOLDTrainer(
-            model=student, teacher_model=teacher, args=args, train_dataset=Dataset.from_list(train_rows),
+            model=student,
+            teacher_model=teacher,
+            args=args,
+            train_dataset=Dataset.from_list(train_rows),
             processing_class=student_tok,
-        )  # fmt: skip
+        )
     from trl_distill import DistillConfig, DistillTrainer
 
     args = DistillConfig(**common, heldout_eval=False, **case["config"])
     return DistillTrainer(
-        model=student, teacher_model=teacher, args=args, train_dataset=pc_rows, processing_class=student_tok,
+        model=student,
+        teacher_model=teacher,
+        args=args,
+        train_dataset=pc_rows,
+        processing_class=student_tok,
         teacher_processing_class=teacher_tok if teacher_tok is not student_tok else None,
-    )  # fmt: skip
+    )
 
 
 def run_case(case: dict) -> dict:
@@ -323,11 +362,18 @@ def run_case(case: dict) -> dict:
     student.eval()
     step = harness.median(timer.times[1:] or timer.times)
     result.update(
-        after=measure(), train_seconds=train_seconds, step_seconds=step, step_times=timer.times,
-        tokens_per_step=train_tokens / case["steps"], tokens_per_second=train_tokens / case["steps"] / step,
-        peak_growth_bytes=peak_growth, peak_rss_bytes=peak_rss, first_log=logs[0] if logs else None,
-        last_log=logs[-1] if logs else None, torch_threads=torch.get_num_threads(),
-    )  # fmt: skip
+        after=measure(),
+        train_seconds=train_seconds,
+        step_seconds=step,
+        step_times=timer.times,
+        tokens_per_step=train_tokens / case["steps"],
+        tokens_per_second=train_tokens / case["steps"] / step,
+        peak_growth_bytes=peak_growth,
+        peak_rss_bytes=peak_rss,
+        first_log=logs[0] if logs else None,
+        last_log=logs[-1] if logs else None,
+        torch_threads=torch.get_num_threads(),
+    )
     return result
 
 
@@ -344,8 +390,10 @@ def feature_probe(case, teacher, student, tokenizer, rows, keep_idx) -> dict:
     from trl_distill.evaluation import tokenize_prompt_completion
     from trl_distill.losses import FEATURE_LOSSES, distillation_loss, feature_distillation_loss
 
-    batch = [tokenize_prompt_completion(tokenizer, r["prompt"], r["completion"])
-             for r in prompt_completion(tokenizer, rows[: case["batch"]])]  # fmt: skip
+    batch = [
+        tokenize_prompt_completion(tokenizer, r["prompt"], r["completion"])
+        for r in prompt_completion(tokenizer, rows[: case["batch"]])
+    ]
     width = max(len(ids) for ids, _ in batch)
     ids = torch.full((len(batch), width), tokenizer.pad_token_id)
     attn = torch.zeros_like(ids)
@@ -398,8 +446,10 @@ def profile_step(case, teacher, student, tokenizer, rows) -> dict:
     torch.set_grad_enabled(True)
     from trl.experimental.gkd import GKDTrainer
 
-    batch = [tokenize_prompt_completion(tokenizer, r["prompt"], r["completion"])
-             for r in prompt_completion(tokenizer, rows[: case["batch"]])]  # fmt: skip
+    batch = [
+        tokenize_prompt_completion(tokenizer, r["prompt"], r["completion"])
+        for r in prompt_completion(tokenizer, rows[: case["batch"]])
+    ]
     width = max(len(ids) for ids, _ in batch)
     ids = torch.full((len(batch), width), tokenizer.pad_token_id)
     attn = torch.zeros_like(ids)
@@ -425,11 +475,14 @@ def profile_step(case, teacher, student, tokenizer, rows) -> dict:
     def one_step():
         student.zero_grad(set_to_none=True)
         with torch.no_grad():
-            t_h = timed("teacher body forward (no grad)", lambda: teacher.model(input_ids=ids, attention_mask=attn)
-                        .last_hidden_state[:, :-1])  # fmt: skip
+            t_h = timed(
+                "teacher body forward (no grad)",
+                lambda: teacher.model(input_ids=ids, attention_mask=attn).last_hidden_state[:, :-1],
+            )
             timed("teacher full logits (GKD only)", lambda: teacher.lm_head(t_h))
-        s_h = timed("student body forward", lambda: student.model(input_ids=ids, attention_mask=attn)
-                    .last_hidden_state[:, :-1])  # fmt: skip
+        s_h = timed(
+            "student body forward", lambda: student.model(input_ids=ids, attention_mask=attn).last_hidden_state[:, :-1]
+        )
         h = s_h.detach().requires_grad_(True)
 
         def ours():
@@ -441,8 +494,9 @@ def profile_step(case, teacher, student, tokenizer, rows) -> dict:
             student_logits = student.lm_head(h)
             with torch.no_grad():
                 teacher_logits = teacher.lm_head(t_h)
-            loss = GKDTrainer.generalized_jsd_loss(student_logits, teacher_logits, labels=shift, beta=0.0,
-                                                   temperature=1.0)  # fmt: skip
+            loss = GKDTrainer.generalized_jsd_loss(
+                student_logits, teacher_logits, labels=shift, beta=0.0, temperature=1.0
+            )
             loss.backward()
             return loss
 
@@ -455,16 +509,33 @@ def profile_step(case, teacher, student, tokenizer, rows) -> dict:
 
     for _ in range(case.get("repeats", 3)):
         loss_ours, loss_gkd, grad_diff = one_step()
-    table = {name: {"seconds": harness.median(v), "peak_growth_bytes": harness.median(peaks[name])}
-             for name, v in timings.items()}  # fmt: skip
-    return {"profile": table, "positions": int(ids.numel()), "loss_positions": int(mask.sum()),
-            "loss_ours": float(loss_ours), "loss_gkd": float(loss_gkd), "max_abs_grad_diff": grad_diff}  # fmt: skip
+    table = {
+        name: {"seconds": harness.median(v), "peak_growth_bytes": harness.median(peaks[name])}
+        for name, v in timings.items()
+    }
+    return {
+        "profile": table,
+        "positions": int(ids.numel()),
+        "loss_positions": int(mask.sum()),
+        "loss_ours": float(loss_ours),
+        "loss_gkd": float(loss_gkd),
+        "max_abs_grad_diff": grad_diff,
+    }
 
 
 # ------------------------------------------------------------------------------------------------------------ tables
 def cases_for(args) -> list[dict]:
-    base = dict(pair=args.pair, steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed, data_seed=args.seed,
-                n_eval=args.n_eval, models_dir=args.models_dir, config={})  # fmt: skip
+    base = dict(
+        pair=args.pair,
+        steps=args.steps,
+        batch=args.batch,
+        lr=args.lr,
+        seed=args.seed,
+        data_seed=args.seed,
+        n_eval=args.n_eval,
+        models_dir=args.models_dir,
+        config={},
+    )
 
     def case(name, trainer, **kw):
         return {**copy.deepcopy(base), "name": name, "trainer": trainer, **kw}
@@ -477,29 +548,42 @@ def cases_for(args) -> list[dict]:
             case("ours, default recipe (forward KL, T=2, alpha=0.9)", "ours", config=dict(DEFAULT_RECIPE)),
         ]
     if args.table == "lr":
-        return [case(f"{name}, lr={lr:g}", trainer, lr=lr, config=dict(cfg))
-                for lr in args.lrs for name, trainer, cfg in (
-                    ("SFT", "sft", {}), ("ours, T=1 alpha=1", "ours", MATCHED_GKD),
-                    ("ours, default recipe", "ours", DEFAULT_RECIPE))]  # fmt: skip
+        return [
+            case(f"{name}, lr={lr:g}", trainer, lr=lr, config=dict(cfg))
+            for lr in args.lrs
+            for name, trainer, cfg in (
+                ("SFT", "sft", {}),
+                ("ours, T=1 alpha=1", "ours", MATCHED_GKD),
+                ("ours, default recipe", "ours", DEFAULT_RECIPE),
+            )
+        ]
     if args.table == "recipe_knobs":
-        return [case(f"ours, forward KL, T={t:g}, alpha={a:g}", "ours",
-                     config={"objective": "forward_kl", "kd_temperature": t, "alpha": a})
-                for t, a in ((1.0, 0.9), (2.0, 1.0), (1.0, 0.5))]  # fmt: skip
+        return [
+            case(
+                f"ours, forward KL, T={t:g}, alpha={a:g}",
+                "ours",
+                config={"objective": "forward_kl", "kd_temperature": t, "alpha": a},
+            )
+            for t, a in ((1.0, 0.9), (2.0, 1.0), (1.0, 0.5))
+        ]
     if args.table == "profile":
         return [case("profile", "profile", repeats=3)]
     if args.table == "topk":
-        return [case(f"ours, kd_top_k={k}", "ours", config={**DEFAULT_RECIPE, "kd_top_k": k}) for k in (8, 64, 256)] + [
-            case("ours, full vocabulary", "ours", config=dict(DEFAULT_RECIPE))
-        ]
+        return [
+            case(f"ours, kd_top_k={k}", "ours", config={**DEFAULT_RECIPE, "kd_top_k": k}) for k in (8, 64, 256)
+        ] + [case("ours, full vocabulary", "ours", config=dict(DEFAULT_RECIPE))]
     if args.table == "feature":
         feat = {**DEFAULT_RECIPE, "feature_layer_map": "pruned"}
         return [
             case("feature probe (one batch, before training)", "feature_probe"),
             case("logit KD only (default recipe)", "ours", config=dict(DEFAULT_RECIPE)),
             case("+ feature KD, mse, weight 1", "ours", config={**feat, "feature_loss": "mse", "feature_weight": 1.0}),
-            case("+ feature KD, relative_mse, weight 1", "ours",
-                 config={**feat, "feature_loss": "relative_mse", "feature_weight": 1.0}),
-        ]  # fmt: skip
+            case(
+                "+ feature KD, relative_mse, weight 1",
+                "ours",
+                config={**feat, "feature_loss": "relative_mse", "feature_weight": 1.0},
+            ),
+        ]
     if args.table == "onpolicy":
         gen = {"max_completion_length": 64, "temperature": 1.0}
         rows = []
@@ -512,12 +596,20 @@ def cases_for(args) -> list[dict]:
         common = dict(pair="gemma_to_smollm2")
         return [
             case("SFT on the gold text", "sft", measure_before=True, **common),
-            case("sequence-level KD (teacher's greedy completions)", "ours",
-                 config={"distill_mode": "sequence", "max_completion_length": 64}, **common),
-            case("ULD (wasserstein, alpha=0.5, T=1)", "ours",
-                 config={"distill_mode": "uld", "alpha": 0.5, "kd_temperature": 1.0}, **common),
+            case(
+                "sequence-level KD (teacher's greedy completions)",
+                "ours",
+                config={"distill_mode": "sequence", "max_completion_length": 64},
+                **common,
+            ),
+            case(
+                "ULD (wasserstein, alpha=0.5, T=1)",
+                "ours",
+                config={"distill_mode": "uld", "alpha": 0.5, "kd_temperature": 1.0},
+                **common,
+            ),
             case("TRL GOLDTrainer (ULD loss, lmbda=0)", "gold", **common),
-        ]  # fmt: skip
+        ]
     raise ValueError(f"`--table` {args.table!r}")
 
 
@@ -526,15 +618,19 @@ def _f(x, digits=3):
 
 
 def print_table(args, results: list[dict]) -> None:
-    print(f"\n## {args.table}: pair {args.pair}, {args.steps} steps x {args.batch} rows, lr {args.lr:g} (constant), "
-          f"seed {args.seed}, {args.n_eval} held-out rows, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}\n")  # fmt: skip
+    print(
+        f"\n## {args.table}: pair {args.pair}, {args.steps} steps x {args.batch} rows, lr {args.lr:g} (constant), "
+        f"seed {args.seed}, {args.n_eval} held-out rows, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}\n"
+    )
     if args.table == "profile":
         for r in results:
             if "error" in r:
                 print(f"error: {r['error']}")
                 continue
-            print(f"{r['positions']} positions, {r['loss_positions']} in the loss; loss ours {r['loss_ours']:.5f} vs "
-                  f"GKD {r['loss_gkd']:.5f}\n")  # fmt: skip
+            print(
+                f"{r['positions']} positions, {r['loss_positions']} in the loss; loss ours {r['loss_ours']:.5f} vs "
+                f"GKD {r['loss_gkd']:.5f}\n"
+            )
             rows = [(k, _f(v["seconds"]), f"{v['peak_growth_bytes'] / 2**20:,.0f}") for k, v in r["profile"].items()]
             print(harness.markdown_table(["part of one step", "seconds (median of 3)", "peak growth (MiB)"], rows))
         return
@@ -548,8 +644,10 @@ def print_table(args, results: list[dict]) -> None:
     first = next((r for r in results if "before" in r), None)
     if first:
         b = first["before"]
-        print(f"Pruned student before training: KL(t||s) {_f(b.get('kl_teacher_student'))}, perplexity "
-              f"{_f(b.get('student_perplexity'))}; teacher perplexity {_f(b.get('teacher_perplexity'))}\n")  # fmt: skip
+        print(
+            f"Pruned student before training: KL(t||s) {_f(b.get('kl_teacher_student'))}, perplexity "
+            f"{_f(b.get('student_perplexity'))}; teacher perplexity {_f(b.get('teacher_perplexity'))}\n"
+        )
     ref = next((r for r in results if "after" in r), None)
     rows = []
     for r in results:
@@ -558,23 +656,43 @@ def print_table(args, results: list[dict]) -> None:
             continue
         a = r["after"]
         kl = a.get("kl_teacher_student")
-        rows.append((
-            r["case"], _f(kl, 4), _f(a.get("kl_student_teacher"), 4), _f(a.get("student_perplexity"), 3),
-            f"{kl / ref['after']['kl_teacher_student']:.3f}x" if kl is not None and ref["after"].get(
-                "kl_teacher_student") else "n/a",
-            f"{r['tokens_per_second']:.0f}", f"{r['step_seconds']:.2f}", f"{r['peak_growth_bytes'] / 2**20:,.0f}",
-            f"{r['peak_rss_bytes'] / 2**20:,.0f}",
-        ))  # fmt: skip
-    headers = ["case", "held-out KL(t‖s)", "KL(s‖t)", "perplexity", "KL / first row",
-               "train tok/s", "step s (median)", "train peak growth MiB", "peak RSS MiB"]  # fmt: skip
+        rows.append(
+            (
+                r["case"],
+                _f(kl, 4),
+                _f(a.get("kl_student_teacher"), 4),
+                _f(a.get("student_perplexity"), 3),
+                f"{kl / ref['after']['kl_teacher_student']:.3f}x"
+                if kl is not None and ref["after"].get("kl_teacher_student")
+                else "n/a",
+                f"{r['tokens_per_second']:.0f}",
+                f"{r['step_seconds']:.2f}",
+                f"{r['peak_growth_bytes'] / 2**20:,.0f}",
+                f"{r['peak_rss_bytes'] / 2**20:,.0f}",
+            )
+        )
+    headers = [
+        "case",
+        "held-out KL(t‖s)",
+        "KL(s‖t)",
+        "perplexity",
+        "KL / first row",
+        "train tok/s",
+        "step s (median)",
+        "train peak growth MiB",
+        "peak RSS MiB",
+    ]
     print(harness.markdown_table(headers, rows))
     print("\nTime ratios within ±30% are noise on this shared 2-core machine.")
 
 
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--table", default="recipe",
-                   choices=["recipe", "lr", "recipe_knobs", "profile", "topk", "feature", "onpolicy", "uld"])  # fmt: skip
+    p.add_argument(
+        "--table",
+        default="recipe",
+        choices=["recipe", "lr", "recipe_knobs", "profile", "topk", "feature", "onpolicy", "uld"],
+    )
     p.add_argument("--pair", default="smollm2", choices=list(PAIRS), help="teacher/student pair (default smollm2)")
     p.add_argument("--steps", type=int, default=20, help="optimizer steps per case (default 20; quick 2)")
     p.add_argument("--batch", type=int, default=4, help="rows per step (default 4)")
@@ -584,8 +702,13 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", nargs="+", default=None, help="run only the cases whose name starts with one of these")
     p.add_argument("--models-dir", default=MODELS_DIR)
     p.add_argument("--case-timeout", type=float, default=3600.0)
-    p.add_argument("--from-json", nargs="+", default=None, metavar="FILE",
-                   help="print one table from the results of earlier runs' --out files (in this order), run nothing")
+    p.add_argument(
+        "--from-json",
+        nargs="+",
+        default=None,
+        metavar="FILE",
+        help="print one table from the results of earlier runs' --out files (in this order), run nothing",
+    )
     harness.add_common_args(p, seed=0)
     return p
 

@@ -46,8 +46,8 @@ def main(argv=None) -> int:
 
     from trl_distill.demo.task import make_task_dataset, task_corpus
     from trl_distill.demo.tiny import build_tiny_model, build_tokenizer, save_pretrained_pair
-    from trl_distill.evaluation import heldout_metrics
     from trl_distill.digests import weights_sha256
+    from trl_distill.evaluation import heldout_metrics
     from trl_distill.receipt import hash_artifacts, new_receipt, write_receipt
     from trl_distill.verify import verify_artifact
 
@@ -55,8 +55,10 @@ def main(argv=None) -> int:
     tokenizer = build_tokenizer(task_corpus(seed=0, n=1500), vocab_size=1000)
     rows = make_task_dataset(args.rows, seed=args.seed, split="test")
     student = build_tiny_model(tokenizer, hidden_size=64, num_layers=2, num_heads=4, seed=1)
-    header = ("| teacher (hidden x layers) | weights MiB | teacher sha256 s | artifact sha256 s | verify s "
-              f"| held-out measurement s ({args.rows} rows) |")  # fmt: skip
+    header = (
+        "| teacher (hidden x layers) | weights MiB | teacher sha256 s | artifact sha256 s | verify s "
+        f"| held-out measurement s ({args.rows} rows) |"
+    )
     print(header + "\n" + "|---" * 6 + "|")
     results = {}
     for size in args.sizes:
@@ -67,14 +69,18 @@ def main(argv=None) -> int:
             save_pretrained_pair(teacher, tokenizer, out)  # the artifact: the teacher-sized model's files
             write_receipt(out, new_receipt(out, [{"name": "bench", "method": "none"}]))
             cells = [
-                _median_seconds(lambda: weights_sha256(teacher), args.repeats),
+                _median_seconds(lambda teacher=teacher: weights_sha256(teacher), args.repeats),
                 _median_seconds(lambda: hash_artifacts(out), args.repeats),
                 _median_seconds(lambda: verify_artifact(out), args.repeats),
-                _median_seconds(lambda: heldout_metrics(student, teacher, tokenizer, rows), args.repeats),
+                _median_seconds(
+                    lambda teacher=teacher: heldout_metrics(student, teacher, tokenizer, rows), args.repeats
+                ),
             ]
         print(f"| {hidden} x {layers} | {mib:,.1f} | " + " | ".join(f"{c:.3f}" for c in cells) + " |")
-        results[size] = {"weights_mib": mib, "seconds": dict(zip(("teacher_sha256", "artifact_sha256", "verify",
-                                                                  "heldout"), cells))}  # fmt: skip
+        results[size] = {
+            "weights_mib": mib,
+            "seconds": dict(zip(("teacher_sha256", "artifact_sha256", "verify", "heldout"), cells)),
+        }
     print(f"\nCPU threads: {args.threads}; {os.cpu_count()} cores on this machine; medians of {args.repeats} runs.")
     harness.write_json(args.out, {"args": vars(args), "environment": harness.environment(), "results": results})
     return 0

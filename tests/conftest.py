@@ -2,6 +2,7 @@
 
 import os
 
+
 # No Hub here or in CI: fail fast instead of retrying downloads, and send no telemetry.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
@@ -69,3 +70,12 @@ def prompt_completion_dataset():
 @pytest.fixture(scope="session")
 def eval_dataset():
     return make_task_dataset(8, seed=0, split="test")
+
+
+@pytest.fixture
+def one_thread():
+    """Generation runs many tiny matmuls: a second OpenMP thread on a shared 2-core machine made them ~15x slower."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -133,7 +133,15 @@ INTERNAL = {
     "terms.layer_map": set(),
     "gate": set(),  # the release gate's pure logic (issue 16), read by config, callbacks, artifact and verify
     "terms": {"losses", "inference"},
-    "teachers": {"losses", "alignment", "batch", "conversation", "digests", "inference", "config"},  # config: the CLI parser
+    "teachers": {
+        "losses",
+        "alignment",
+        "batch",
+        "conversation",
+        "digests",
+        "inference",
+        "config",
+    },  # config: the CLI parser
     "sources": {"teachers", "inference", "batch", "conversation", "losses"},
     "modes": {"losses", "alignment", "teachers", "batch", "conversation", "inference", "terms"},
     # terms.layer_map and gate: stdlib-only leaves (the terms package's init comes along)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from tests import gate_checks
-from tests.distill_artifacts import saved_teacher, tiny_args
+from tests.helpers import saved_teacher, tiny_args
 from tests.hub_server import LocalHub
 from trl_distill import DistillConfig, DistillTrainer
 from trl_distill.gate import (
@@ -75,12 +75,14 @@ def test_verdicts_follow_the_operators():
     assert compare(0.5, "<=", 0.5) and not compare(0.5, "<", 0.5) and compare(0.6, ">", 0.5)
     assert not compare(float("nan"), "<=", 1.0) and not compare(float("nan"), ">=", 0.0)
     settings = gate_settings([f"{KL}<=0.5", "heldout_top1_agreement>=0.6"], "m:f", 0.75)
-    result = evaluate_gate(settings, {"kl_teacher_student": 0.4, "top1_agreement": 0.5},
-                           {"pass_fraction": 0.8, "num_answers": 5})  # fmt: skip
+    result = evaluate_gate(
+        settings, {"kl_teacher_student": 0.4, "top1_agreement": 0.5}, {"pass_fraction": 0.8, "num_answers": 5}
+    )
     assert [c["passed"] for c in result["checks"]] == [True, False, True] and not result["passed"]
     assert gate_failures({"result": result}) == ["heldout_top1_agreement = 0.5 (must be >= 0.6)"]
-    assert evaluate_gate(settings, {"kl_teacher_student": 0.4, "top1_agreement": 0.7},
-                         {"pass_fraction": 0.8, "num_answers": 5})["passed"]  # fmt: skip
+    assert evaluate_gate(
+        settings, {"kl_teacher_student": 0.4, "top1_agreement": 0.7}, {"pass_fraction": 0.8, "num_answers": 5}
+    )["passed"]
     missing = evaluate_gate(settings, None, None)  # nothing measured: nothing passes
     assert not missing["passed"] and all(c["value"] is None for c in missing["checks"])
 
@@ -122,15 +124,23 @@ def test_config_checks_and_parses_from_the_command_line_and_yaml(tmp_path):
 
     base = ["--output_dir", str(tmp_path), "--use_cpu", "true", "--report_to", "none"]
     (cli,) = TrlParser((DistillConfig,)).parse_args_and_config(
-        [*base, "--release_gate", f"{KL}<=0.5,heldout_top1_agreement>=0.6", "--release_gate_check",
-         "tests.gate_checks:always_passes", "--release_gate_min_pass", "0.8"]
-    )  # fmt: skip
+        [
+            *base,
+            "--release_gate",
+            f"{KL}<=0.5,heldout_top1_agreement>=0.6",
+            "--release_gate_check",
+            "tests.gate_checks:always_passes",
+            "--release_gate_min_pass",
+            "0.8",
+        ]
+    )
     assert cli.release_gate == [f"{KL}<=0.5", "heldout_top1_agreement>=0.6"]
     assert (cli.release_gate_check, cli.release_gate_min_pass) == ("tests.gate_checks:always_passes", 0.8)
     for value in ([f"{KL}<=0.5"], {KL: "<=0.5"}):
         path = tmp_path / "gate.yaml"
-        path.write_text(json.dumps({"output_dir": str(tmp_path), "use_cpu": True, "report_to": "none",
-                                    "release_gate": value}))  # fmt: skip
+        path.write_text(
+            json.dumps({"output_dir": str(tmp_path), "use_cpu": True, "report_to": "none", "release_gate": value})
+        )
         (from_yaml,) = TrlParser((DistillConfig,)).parse_args_and_config(["--config", str(path)])
         assert from_yaml.release_gate == [f"{KL}<=0.5"], value
 
@@ -138,23 +148,37 @@ def test_config_checks_and_parses_from_the_command_line_and_yaml(tmp_path):
 # ---------------------------------------------------------------------------------------------------- the trainer
 def make_trainer(output_dir, tokenizer, make_student, make_teacher, train, eval_rows, teacher=None, **kwargs):
     return DistillTrainer(
-        model=make_student(), teacher_model=teacher if teacher is not None else make_teacher(),
-        args=tiny_args(output_dir, **kwargs), train_dataset=train, eval_dataset=eval_rows, processing_class=tokenizer,
-    )  # fmt: skip
+        model=make_student(),
+        teacher_model=teacher if teacher is not None else make_teacher(),
+        args=tiny_args(output_dir, **kwargs),
+        train_dataset=train,
+        eval_dataset=eval_rows,
+        processing_class=tokenizer,
+    )
 
 
-def test_thresholds_without_held_out_figures_fail_at_init(tmp_path, tokenizer, make_student, make_teacher,
-                                                          prompt_completion_dataset):  # fmt: skip
+def test_thresholds_without_held_out_figures_fail_at_init(
+    tmp_path, tokenizer, make_student, make_teacher, prompt_completion_dataset
+):
     with pytest.raises(ValueError, match=r"`release_gate=\[.*\]` is judged on held-out figures, but none will be"):
-        make_trainer(tmp_path, tokenizer, make_student, make_teacher, prompt_completion_dataset, None,
-                     release_gate=PASSING)  # fmt: skip
+        make_trainer(
+            tmp_path, tokenizer, make_student, make_teacher, prompt_completion_dataset, None, release_gate=PASSING
+        )
 
 
-def test_a_check_without_held_out_prompts_fails_at_init(tmp_path, tokenizer, make_student, make_teacher,
-                                                       prompt_completion_dataset):  # fmt: skip
+def test_a_check_without_held_out_prompts_fails_at_init(
+    tmp_path, tokenizer, make_student, make_teacher, prompt_completion_dataset
+):
     with pytest.raises(ValueError, match="`release_gate_check='tests.gate_checks:always_passes'` scores greedy"):
-        make_trainer(tmp_path, tokenizer, make_student, make_teacher, prompt_completion_dataset, None,
-                     release_gate_check="tests.gate_checks:always_passes")  # fmt: skip
+        make_trainer(
+            tmp_path,
+            tokenizer,
+            make_student,
+            make_teacher,
+            prompt_completion_dataset,
+            None,
+            release_gate_check="tests.gate_checks:always_passes",
+        )
 
 
 @pytest.fixture(scope="module")
@@ -166,11 +190,18 @@ def failed(tmp_path_factory, tokenizer, prompt_completion_dataset, eval_dataset)
     trainer = DistillTrainer(
         model=build_tiny_model(tokenizer, hidden_size=32, num_layers=2, num_heads=2, seed=1),
         teacher_model=build_tiny_model(tokenizer, hidden_size=64, num_layers=2, num_heads=4, seed=2),
-        args=tiny_args(out, release_gate=FAILING, release_gate_check="tests.gate_checks:every_other",
-                       release_gate_min_pass=0.5, max_completion_length=6),
-        train_dataset=prompt_completion_dataset, eval_dataset=eval_dataset, processing_class=tokenizer,
+        args=tiny_args(
+            out,
+            release_gate=FAILING,
+            release_gate_check="tests.gate_checks:every_other",
+            release_gate_min_pass=0.5,
+            max_completion_length=6,
+        ),
+        train_dataset=prompt_completion_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
         teacher_processing_class=tokenizer,  # an in-memory teacher of the same tokenizer
-    )  # fmt: skip
+    )
     trainer.train()
     with pytest.raises(ReleaseGateError) as refused:  # HF_HUB_OFFLINE=1: the gate refuses before the network is asked
         trainer.push_to_hub()
@@ -192,8 +223,12 @@ def test_the_receipt_and_card_record_the_gate(failed):
     _, out, _ = failed
     stage = load_receipt(out)["stages"][0]
     gate = stage["release_gate"]
-    assert gate["settings"] == {"thresholds": ["heldout_kl_teacher_student<=0.0", "heldout_top1_agreement>=0.0"],
-                                "check": "tests.gate_checks:every_other", "min_pass": 0.5, "max_new_tokens": 6}
+    assert gate["settings"] == {
+        "thresholds": ["heldout_kl_teacher_student<=0.0", "heldout_top1_agreement>=0.0"],
+        "check": "tests.gate_checks:every_other",
+        "min_pass": 0.5,
+        "max_new_tokens": 6,
+    }
     result = gate["result"]
     assert (result["evaluated"], result["passed"], result["step"], gate["override"]) == (True, False, 2, None)
     kl, top1, check = result["checks"]
@@ -227,12 +262,21 @@ def test_an_override_is_recorded_in_the_receipt_and_the_card(failed):
         trainer.push_to_hub(override_release_gate="")
 
 
-def test_the_check_scores_the_students_greedy_answers_to_the_held_out_prompts(tmp_path, tokenizer, make_student,
-                                                                               make_teacher, prompt_completion_dataset,
-                                                                               eval_dataset):  # fmt: skip
-    trainer = make_trainer(tmp_path, tokenizer, make_student, make_teacher, prompt_completion_dataset, eval_dataset,
-                           release_gate=PASSING, release_gate_check="tests.gate_checks:recorded",
-                           max_completion_length=5, per_device_eval_batch_size=3)  # fmt: skip
+def test_the_check_scores_the_students_greedy_answers_to_the_held_out_prompts(
+    tmp_path, tokenizer, make_student, make_teacher, prompt_completion_dataset, eval_dataset
+):
+    trainer = make_trainer(
+        tmp_path,
+        tokenizer,
+        make_student,
+        make_teacher,
+        prompt_completion_dataset,
+        eval_dataset,
+        release_gate=PASSING,
+        release_gate_check="tests.gate_checks:recorded",
+        max_completion_length=5,
+        per_device_eval_batch_size=3,
+    )
     gate_checks.CALLS.clear()
     trainer.train()
     (call,) = gate_checks.CALLS  # once, at the end of training
@@ -242,8 +286,14 @@ def test_the_check_scores_the_students_greedy_answers_to_the_held_out_prompts(tm
     for prompt, answer in zip(call["prompts"], call["completions"]):  # one by one, unpadded: the same greedy text
         ids = torch.tensor([tokenizer(text=prompt)["input_ids"]])
         with torch.no_grad():
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=5,
-                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)  # fmt: skip
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=False,
+                max_new_tokens=5,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
         assert answer == tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
     from huggingface_hub.errors import OfflineModeIsEnabled
 
@@ -253,21 +303,36 @@ def test_the_check_scores_the_students_greedy_answers_to_the_held_out_prompts(tm
     assert gate["result"]["passed"] and gate["override"] is None
 
 
-def test_min_pass_decides_the_check(tmp_path, tokenizer, make_student, make_teacher, prompt_completion_dataset,
-                                    eval_dataset):  # fmt: skip
-    trainer = make_trainer(tmp_path, tokenizer, make_student, make_teacher, prompt_completion_dataset, eval_dataset,
-                           max_steps=1, release_gate_check="tests.gate_checks:every_other", release_gate_min_pass=0.6,
-                           max_completion_length=2)  # fmt: skip
+def test_min_pass_decides_the_check(
+    tmp_path, tokenizer, make_student, make_teacher, prompt_completion_dataset, eval_dataset
+):
+    trainer = make_trainer(
+        tmp_path,
+        tokenizer,
+        make_student,
+        make_teacher,
+        prompt_completion_dataset,
+        eval_dataset,
+        max_steps=1,
+        release_gate_check="tests.gate_checks:every_other",
+        release_gate_min_pass=0.6,
+        max_completion_length=2,
+    )
     trainer.train()
-    with pytest.raises(ReleaseGateError, match=r"tests.gate_checks:every_other = 0.5 of 8 greedy answers \(must be "
-                                               r">= 0.6\)"):  # fmt: skip
+    with pytest.raises(
+        ReleaseGateError,
+        match=r"tests.gate_checks:every_other = 0.5 of 8 greedy answers \(must be "
+        r">= 0.6\)",
+    ):
         trainer.push_to_hub()
 
 
-def test_a_student_saved_at_another_step_is_not_evaluated(tmp_path, tokenizer, make_student, make_teacher,
-                                                          prompt_completion_dataset, eval_dataset):  # fmt: skip
-    trainer = make_trainer(tmp_path, tokenizer, make_student, make_teacher, prompt_completion_dataset, eval_dataset,
-                           release_gate=PASSING)  # fmt: skip
+def test_a_student_saved_at_another_step_is_not_evaluated(
+    tmp_path, tokenizer, make_student, make_teacher, prompt_completion_dataset, eval_dataset
+):
+    trainer = make_trainer(
+        tmp_path, tokenizer, make_student, make_teacher, prompt_completion_dataset, eval_dataset, release_gate=PASSING
+    )
     trainer.save_model()  # before training: the gate is judged at the end of training
     gate = load_receipt(tmp_path)["stages"][0]["release_gate"]
     assert gate["result"] == {"evaluated": False, "passed": False, "step": 0, "checks": []}
@@ -312,8 +377,9 @@ def test_verify_detects_an_edited_gate_result(failed, tmp_path):
     shutil.copytree(out, copy)
     rewrite(copy, forge_value)
     report = verify_artifact(copy)
-    assert any("heldout_kl_teacher_student is recorded as 0.0, the recorded held-out figure is" in p
-               for p in report.problems), report.report()  # fmt: skip
+    assert any(
+        "heldout_kl_teacher_student is recorded as 0.0, the recorded held-out figure is" in p for p in report.problems
+    ), report.report()
 
     def loosen_threshold(stage):  # the threshold moved, the settings not
         stage["release_gate"]["result"]["checks"][0].update(threshold=1.0, passed=True)
@@ -326,28 +392,44 @@ def test_verify_detects_an_edited_gate_result(failed, tmp_path):
 
 
 def test_record_problems_can_pass_and_fail():
-    stage = {"results": {"heldout": {"kl_teacher_student": 0.3}},
-             "release_gate": {"settings": gate_settings([f"{KL}<=0.5"], None, 1.0),
-                              "result": evaluate_gate(gate_settings([f"{KL}<=0.5"], None, 1.0),
-                                                      {"kl_teacher_student": 0.3})}}  # fmt: skip
+    stage = {
+        "results": {"heldout": {"kl_teacher_student": 0.3}},
+        "release_gate": {
+            "settings": gate_settings([f"{KL}<=0.5"], None, 1.0),
+            "result": evaluate_gate(gate_settings([f"{KL}<=0.5"], None, 1.0), {"kl_teacher_student": 0.3}),
+        },
+    }
     assert record_problems(stage) == []
     assert record_problems(stage, heldout={"kl_teacher_student": 0.7}) == [
-        ("release gate: heldout_kl_teacher_student is recorded as passed, but 0.7 <= 0.5 on the recomputed figures "
-         "is False"),
+        (
+            "release gate: heldout_kl_teacher_student is recorded as passed, but 0.7 <= 0.5 on the recomputed figures "
+            "is False"
+        ),
         "release gate: recorded as passed, but its checks do not all pass",
     ]
     stage["release_gate"]["override"] = {"reason": ""}
     assert record_problems(stage) == ["release gate: the override has no reason ({'reason': ''})"]
 
 
-def test_replay_judges_the_gate_again_on_recomputed_figures(tmp_path, tokenizer, make_student,
-                                                            prompt_completion_dataset, eval_dataset):  # fmt: skip
+def test_replay_judges_the_gate_again_on_recomputed_figures(
+    tmp_path, tokenizer, make_student, prompt_completion_dataset, eval_dataset
+):
     teacher = saved_teacher(tokenizer, tmp_path / "teacher")
     out = tmp_path / "out"
-    trainer = make_trainer(out, tokenizer, make_student, None, prompt_completion_dataset, eval_dataset,
-                           teacher=teacher, teacher_model_init_kwargs={"dtype": "float32"},
-                           release_gate=[f"{KL}<=1e9"], release_gate_check="tests.gate_checks:every_other",
-                           release_gate_min_pass=0.5, max_completion_length=3)  # fmt: skip
+    trainer = make_trainer(
+        out,
+        tokenizer,
+        make_student,
+        None,
+        prompt_completion_dataset,
+        eval_dataset,
+        teacher=teacher,
+        teacher_model_init_kwargs={"dtype": "float32"},
+        release_gate=[f"{KL}<=1e9"],
+        release_gate_check="tests.gate_checks:every_other",
+        release_gate_min_pass=0.5,
+        max_completion_length=3,
+    )
     trainer.train()
     trainer.save_model()
     report = verify_artifact(out, replay=True)
@@ -406,10 +488,17 @@ def test_the_hub_gets_nothing_until_an_override(tmp_path):
     out = tmp_path / "out"
     repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     with LocalHub() as hub:
-        env = {**os.environ, "HF_ENDPOINT": hub.endpoint, "HF_HUB_OFFLINE": "0", "HF_TOKEN": "hf_local_test",
-               "HF_HOME": str(tmp_path / "hf_home"), "PYTHONPATH": repo_root}  # fmt: skip
-        process = subprocess.run([sys.executable, str(script), str(out)], env=env, capture_output=True, text=True,
-                                 timeout=300, check=False)  # fmt: skip
+        env = {
+            **os.environ,
+            "HF_ENDPOINT": hub.endpoint,
+            "HF_HUB_OFFLINE": "0",
+            "HF_TOKEN": "hf_local_test",
+            "HF_HOME": str(tmp_path / "hf_home"),
+            "PYTHONPATH": repo_root,
+        }
+        process = subprocess.run(
+            [sys.executable, str(script), str(out)], env=env, capture_output=True, text=True, timeout=300, check=False
+        )
         commits = [path for method, path in hub.requests if method == "POST" and "/commit/" in path]
         files = hub.repos.get("user/gated", {})
     assert process.returncode == 0, process.stdout[-2000:] + process.stderr[-4000:]

@@ -9,16 +9,20 @@ import warnings
 import pytest
 from datasets import Dataset
 
-from tests.test_trainer import config
+from tests.helpers import config
 from trl_distill import DistillConfig, DistillTrainer
 from trl_distill.demo.tiny import build_tiny_model
 
 
 def _trainer(tmp_path, tokenizer, student, teacher, train_dataset, eval_dataset=None, **kwargs):
     return DistillTrainer(
-        model=student, teacher_model=teacher, args=config(tmp_path, **kwargs), train_dataset=train_dataset,
-        eval_dataset=eval_dataset, processing_class=tokenizer,
-    )  # fmt: skip
+        model=student,
+        teacher_model=teacher,
+        args=config(tmp_path, **kwargs),
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+    )
 
 
 # ---------------------------------------------------------------- datasets
@@ -94,16 +98,23 @@ def test_missing_teacher_path_is_named(tmp_path, tokenizer, make_student, prompt
     field = "teacher_model" if where == "argument" else "teacher_model_name_or_path"
     with pytest.raises(ValueError, match=rf"`{field}='{missing}'` does not exist"):
         DistillTrainer(
-            model=make_student(), teacher_model=missing if where == "argument" else None,
+            model=make_student(),
+            teacher_model=missing if where == "argument" else None,
             args=config(tmp_path, **({"teacher_model_name_or_path": missing} if where == "config" else {})),
-            train_dataset=prompt_completion_dataset, processing_class=tokenizer,
-        )  # fmt: skip
+            train_dataset=prompt_completion_dataset,
+            processing_class=tokenizer,
+        )
 
 
 def test_missing_student_path_is_named(tmp_path, tokenizer, make_teacher, prompt_completion_dataset):
     with pytest.raises(ValueError, match=r"`model='\./nowhere/student'` does not exist"):
-        DistillTrainer(model="./nowhere/student", teacher_model=make_teacher(), args=config(tmp_path),
-                       train_dataset=prompt_completion_dataset, processing_class=tokenizer)  # fmt: skip
+        DistillTrainer(
+            model="./nowhere/student",
+            teacher_model=make_teacher(),
+            args=config(tmp_path),
+            train_dataset=prompt_completion_dataset,
+            processing_class=tokenizer,
+        )
 
 
 def test_teacher_without_a_tokenizer_is_refused_in_token_mode(
@@ -121,9 +132,13 @@ def test_teacher_without_a_tokenizer_is_refused_in_token_mode(
         _trainer(tmp_path, tokenizer, make_student(), str(bare), prompt_completion_dataset)
     # Saying which tokenizer the teacher uses is enough (and it is checked against the student's).
     trainer = DistillTrainer(
-        model=make_student(), teacher_model=in_memory(), args=config(tmp_path),
-        train_dataset=prompt_completion_dataset, processing_class=tokenizer, teacher_processing_class=tokenizer,
-    )  # fmt: skip
+        model=make_student(),
+        teacher_model=in_memory(),
+        args=config(tmp_path),
+        train_dataset=prompt_completion_dataset,
+        processing_class=tokenizer,
+        teacher_processing_class=tokenizer,
+    )
     assert trainer.vocab_size == len(tokenizer)
 
 
@@ -132,10 +147,21 @@ def test_teacher_without_a_tokenizer_is_refused_in_token_mode(
 
 @pytest.mark.parametrize(
     "field,value",
-    [("kd_temperature", "2"), ("alpha", "0.5"), ("beta", "0.3"), ("lmbda", "1"), ("feature_weight", "1"),
-     ("temperature", "0.7"), ("top_p", "0.9"), ("kd_top_k", "8"), ("max_completion_length", "64"),
-     ("alpha", None), ("seq_kd", "yes"), ("heldout_eval", 1)],
-)  # fmt: skip
+    [
+        ("kd_temperature", "2"),
+        ("alpha", "0.5"),
+        ("beta", "0.3"),
+        ("lmbda", "1"),
+        ("feature_weight", "1"),
+        ("temperature", "0.7"),
+        ("top_p", "0.9"),
+        ("kd_top_k", "8"),
+        ("max_completion_length", "64"),
+        ("alpha", None),
+        ("seq_kd", "yes"),
+        ("heldout_eval", 1),
+    ],
+)
 def test_config_values_of_the_wrong_type_name_the_field(tmp_path, field, value):
     # was: TypeError: '<=' not supported between instances of 'float' and 'str' (no field named); `seq_kd="yes"`
     # counted as True

@@ -71,4 +71,3 @@ def test_readme_python_examples_run(tmp_path, monkeypatch, tokenizer, make_stude
             del base._MODES[name]
     assert (tmp_path / "runs" / "teacher-top64").is_dir() and (tmp_path / "out").is_dir()
     assert namespace["trainer"].state.global_step > 0
-

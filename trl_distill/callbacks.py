@@ -54,8 +54,9 @@ PREFIX = "heldout_"
 _ROW_COLUMNS = ("input_ids", "labels", "completion_mask", "assistant_masks", "prompt", "completion", "messages")
 
 
-def is_plateau(kl_history: Sequence[float], loss_history: Sequence[float | None], patience: int,
-               min_delta: float = 1e-3) -> bool:  # fmt: skip
+def is_plateau(
+    kl_history: Sequence[float], loss_history: Sequence[float | None], patience: int, min_delta: float = 1e-3
+) -> bool:
     """
     Whether held-out KL stopped improving while the training loss still falls.
 
@@ -188,8 +189,11 @@ class HeldOutKLCallback(TrainerCallback):
             bar = getattr(callback, "training_bar", None) if isinstance(callback, ProgressCallback) else None
             if bar is not None:
                 metrics = self.last_metrics
-                bar.set_postfix(heldout_kl=f"{metrics['kl_teacher_student']:.4g}",
-                                heldout_ppl=f"{metrics['student_perplexity']:.4g}", refresh=False)  # fmt: skip
+                bar.set_postfix(
+                    heldout_kl=f"{metrics['kl_teacher_student']:.4g}",
+                    heldout_ppl=f"{metrics['student_perplexity']:.4g}",
+                    refresh=False,
+                )
 
     def _check_plateau(self, state) -> None:
         losses = [log["loss"] for log in state.log_history if "loss" in log]
@@ -311,8 +315,9 @@ class ReleaseGateCallback(TrainerCallback):
     def __init__(self, trainer, heldout: HeldOutKLCallback | None = None, rows: list[dict] | None = None):
         args = trainer.args
         self.trainer, self.heldout, self._rows = trainer, heldout, rows
-        self.settings = gate.gate_settings(args.release_gate, args.release_gate_check, args.release_gate_min_pass,
-                                           args.max_completion_length)  # fmt: skip
+        self.settings = gate.gate_settings(
+            args.release_gate, args.release_gate_check, args.release_gate_min_pass, args.max_completion_length
+        )
         self.check = gate.load_release_check(args.release_gate_check) if args.release_gate_check else None
         self.result: dict | None = None
         self.override: dict | None = None
@@ -333,30 +338,43 @@ class ReleaseGateCallback(TrainerCallback):
             args = self.trainer.args
             tokenizer = getattr(self.trainer.processing_class, "tokenizer", self.trainer.processing_class)
             prompts, answers, references = greedy_answers(
-                model, tokenizer, self.rows, max_new_tokens=args.max_completion_length,
+                model,
+                tokenizer,
+                self.rows,
+                max_new_tokens=args.max_completion_length,
                 batch_size=args.per_device_eval_batch_size,
-            )  # fmt: skip
+            )
             check = gate.score_answers(self.check, self.settings["check"], prompts, answers, references)
             if check["failed"]:
                 shown = "; ".join(f"{prompts[i]!r} -> {answers[i]!r}" for i in check["failed"][:3])
-                logger.info("Release-gate check %s: %d of %d answers fail, e.g. %s", self.settings["check"],
-                            len(check["failed"]), check["num_answers"], shown)  # fmt: skip
+                logger.info(
+                    "Release-gate check %s: %d of %d answers fail, e.g. %s",
+                    self.settings["check"],
+                    len(check["failed"]),
+                    check["num_answers"],
+                    shown,
+                )
         self.result, self.override = gate.evaluate_gate(self.settings, figures, check, step=step), None
         logs = {"release_gate_passed": float(self.result["passed"])}
         if check is not None:
             logs["release_gate_check_pass_fraction"] = check["pass_fraction"]
         self.trainer.log(logs)
         if not self.result["passed"]:
-            logger.warning("The student fails its release gate: %s. `push_to_hub` will refuse it.",
-                           "; ".join(gate.gate_failures({"result": self.result})))  # fmt: skip
+            logger.warning(
+                "The student fails its release gate: %s. `push_to_hub` will refuse it.",
+                "; ".join(gate.gate_failures({"result": self.result})),
+            )
         return self.result
 
     def record(self, step: int) -> dict:
         """The gate record the receipt holds for weights at `step` (not evaluated when judged at another step)."""
         result = self.result if self.result is not None and self.result.get("step") == step else None
         override = self.override if result is not None else None
-        return {"settings": dict(self.settings), "result": dict(result) if result else gate.not_evaluated(step),
-                "override": dict(override) if override else None}  # fmt: skip
+        return {
+            "settings": dict(self.settings),
+            "result": dict(result) if result else gate.not_evaluated(step),
+            "override": dict(override) if override else None,
+        }
 
     def allow(self, reason: str, source: str) -> None:
         """Record an override of the failed gate of the current weights: `reason`, and where it came from."""
@@ -376,14 +394,17 @@ class ReleaseGateCallback(TrainerCallback):
         reason = override if override is not None else self.trainer.args.release_gate_override
         if reason is not None:
             self.allow(reason, "push_to_hub" if override is not None else "release_gate_override")
-            logger.warning("Pushing a student that fails its release gate (%s), overridden: %s", "; ".join(failures),
-                           self.override["reason"])  # fmt: skip
+            logger.warning(
+                "Pushing a student that fails its release gate (%s), overridden: %s",
+                "; ".join(failures),
+                self.override["reason"],
+            )
             return None
         message = (
             f"`push_to_hub` refused: the student fails its release gate: {'; '.join(failures)}. It is saved, not "
             f"uploaded, in {str(output_dir)!r} (its README.md and distill_receipt.json record the gate's result). "
             "Train further or relax `release_gate`; or push anyway with `trainer.push_to_hub(override_release_gate="
-            "\"<reason>\")` (or `release_gate_override` in the config): the reason is recorded in the receipt and "
+            '"<reason>")` (or `release_gate_override` in the config): the reason is recorded in the receipt and '
             "the card."
         )
         return gate.ReleaseGateError(message, str(output_dir), [c for c in result["checks"] if not c["passed"]])

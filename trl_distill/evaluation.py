@@ -265,9 +265,14 @@ def generate_completions(
     with eval_mode(model):
         for start in range(0, len(prompts), batch_size):
             completions.extend(
-                generate_text(model, tokenizer, prompts[start : start + batch_size], max_new_tokens=max_new_tokens,
-                              do_sample=False)
-            )  # fmt: skip
+                generate_text(
+                    model,
+                    tokenizer,
+                    prompts[start : start + batch_size],
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                )
+            )
     return completions
 
 
@@ -353,8 +358,12 @@ def greedy_answers(
         for start in range(0, len(encoded), batch_size):
             input_ids, attention_mask = left_pad(encoded[start : start + batch_size], pad_id)
             output = model.generate(
-                input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), do_sample=False,
-                max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id,
-            )  # fmt: skip
+                input_ids=input_ids.to(device),
+                attention_mask=attention_mask.to(device),
+                do_sample=False,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=pad_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
             answers += tokenizer.batch_decode(output[:, input_ids.shape[1] :], skip_special_tokens=True)
     return prompts, answers, references

@@ -181,11 +181,16 @@ def wrong_direction(thresholds: Sequence[str]) -> list[str]:
     return odd
 
 
-def gate_settings(thresholds: Sequence[str], check: str | None, min_pass: float,
-                  max_new_tokens: int | None = None) -> dict[str, Any]:  # fmt: skip
+def gate_settings(
+    thresholds: Sequence[str], check: str | None, min_pass: float, max_new_tokens: int | None = None
+) -> dict[str, Any]:
     """The `settings` part of a gate record (`max_new_tokens`: the check's answer budget, for `verify --replay`)."""
-    return {"thresholds": list(thresholds), "check": check, "min_pass": float(min_pass) if check else None,
-            "max_new_tokens": max_new_tokens if check else None}  # fmt: skip
+    return {
+        "thresholds": list(thresholds),
+        "check": check,
+        "min_pass": float(min_pass) if check else None,
+        "max_new_tokens": max_new_tokens if check else None,
+    }
 
 
 # ---- the check function ---------------------------------------------------------------------------------------------
@@ -266,8 +271,11 @@ def score_answers(check: Callable, path: str, prompts: list, completions: list[s
     if not completions:
         raise ValueError(f"The release-gate check {path!r} has no answers to score (no held-out prompts).")
     scores = check(prompts, completions, references)
-    return {"pass_fraction": sum(scores) / len(scores), "num_answers": len(scores),
-            "failed": [i for i, s in enumerate(scores) if s < 1.0]}  # fmt: skip
+    return {
+        "pass_fraction": sum(scores) / len(scores),
+        "num_answers": len(scores),
+        "failed": [i for i, s in enumerate(scores) if s < 1.0],
+    }
 
 
 # ---- deciding -------------------------------------------------------------------------------------------------------
@@ -280,8 +288,9 @@ def compare(value: float, op: str, threshold: float) -> bool:
     return {"<=": value <= threshold, ">=": value >= threshold, "<": value < threshold, ">": value > threshold}[op]
 
 
-def evaluate_gate(settings: Mapping, heldout: Mapping[str, float] | None, check: Mapping | None = None,
-                  step: int | None = None) -> dict[str, Any]:  # fmt: skip
+def evaluate_gate(
+    settings: Mapping, heldout: Mapping[str, float] | None, check: Mapping | None = None, step: int | None = None
+) -> dict[str, Any]:
     """
     The `result` part of a gate record: each threshold against the held-out figures, then the check's pass fraction.
 
@@ -296,15 +305,27 @@ def evaluate_gate(settings: Mapping, heldout: Mapping[str, float] | None, check:
     checks = []
     for item in settings.get("thresholds") or []:
         name, op, threshold = split_threshold(item)
-        value = (heldout or {}).get(name[len(PREFIX):])
+        value = (heldout or {}).get(name[len(PREFIX) :])
         value = float(value) if isinstance(value, (int, float)) else None
-        checks.append({"name": name, "op": op, "threshold": threshold, "value": value,
-                       "passed": value is not None and compare(value, op, threshold)})  # fmt: skip
+        checks.append(
+            {
+                "name": name,
+                "op": op,
+                "threshold": threshold,
+                "value": value,
+                "passed": value is not None and compare(value, op, threshold),
+            }
+        )
     if settings.get("check"):
         fraction = (check or {}).get("pass_fraction")
-        entry = {"name": settings["check"], "op": ">=", "threshold": float(settings["min_pass"]), "value": fraction,
-                 "passed": fraction is not None and compare(fraction, ">=", float(settings["min_pass"])),
-                 "num_answers": (check or {}).get("num_answers")}  # fmt: skip
+        entry = {
+            "name": settings["check"],
+            "op": ">=",
+            "threshold": float(settings["min_pass"]),
+            "value": fraction,
+            "passed": fraction is not None and compare(fraction, ">=", float(settings["min_pass"])),
+            "num_answers": (check or {}).get("num_answers"),
+        }
         checks.append(entry)
     return {"evaluated": True, "passed": all(c["passed"] for c in checks), "step": step, "checks": checks}
 
@@ -350,8 +371,9 @@ def _same(a, b) -> bool:
     return isinstance(a, (int, float)) and isinstance(b, (int, float)) and abs(a - b) <= _REL * max(abs(a), abs(b), 1)
 
 
-def record_problems(stage: Mapping, heldout: Mapping[str, float] | None = None,
-                    where: str = "release gate") -> list[str]:  # fmt: skip
+def record_problems(
+    stage: Mapping, heldout: Mapping[str, float] | None = None, where: str = "release gate"
+) -> list[str]:
     """
     What is inconsistent in the stage's gate record (empty when consistent): settings that do not parse, checks that
     do not match the settings, a value that is not the recorded held-out figure, a pass/fail that does not follow from
@@ -370,40 +392,53 @@ def record_problems(stage: Mapping, heldout: Mapping[str, float] | None = None,
         thresholds = parse_release_gate(settings.get("thresholds"), field="release_gate")
     except (TypeError, ValueError) as error:
         return [f"{where}: recorded thresholds do not parse ({error})"]
-    if settings.get("check") and not (isinstance(settings.get("min_pass"), (int, float)) and
-                                      0 <= settings["min_pass"] <= 1):  # fmt: skip
+    if settings.get("check") and not (
+        isinstance(settings.get("min_pass"), (int, float)) and 0 <= settings["min_pass"] <= 1
+    ):
         return [f"{where}: recorded `min_pass` {settings.get('min_pass')!r} is not a number in [0, 1]"]
     override = record.get("override")
-    if override and not (isinstance(override, Mapping) and isinstance(override.get("reason"), str)
-                         and override["reason"].strip()):  # fmt: skip
+    if override and not (
+        isinstance(override, Mapping) and isinstance(override.get("reason"), str) and override["reason"].strip()
+    ):
         return [f"{where}: the override has no reason ({override!r})"]
     if not result.get("evaluated"):
         return [f"{where}: recorded as passed but not evaluated"] if result.get("passed") else []
     figures = heldout if heldout is not None else ((stage.get("results") or {}).get("heldout") or {})
     check_entry = next((c for c in result.get("checks") or [] if c.get("name") == settings.get("check")), None)
-    expected = evaluate_gate(gate_settings(thresholds, settings.get("check"), settings.get("min_pass") or 0.0),
-                             figures, {"pass_fraction": (check_entry or {}).get("value"),
-                                       "num_answers": (check_entry or {}).get("num_answers")})  # fmt: skip
+    expected = evaluate_gate(
+        gate_settings(thresholds, settings.get("check"), settings.get("min_pass") or 0.0),
+        figures,
+        {"pass_fraction": (check_entry or {}).get("value"), "num_answers": (check_entry or {}).get("num_answers")},
+    )
     recorded = result.get("checks") or []
     problems = []
     if [c.get("name") for c in recorded] != [c["name"] for c in expected["checks"]]:
-        problems.append(f"{where}: recorded checks {[c.get('name') for c in recorded]} are not the configured ones "
-                        f"{[c['name'] for c in expected['checks']]}")  # fmt: skip
+        problems.append(
+            f"{where}: recorded checks {[c.get('name') for c in recorded]} are not the configured ones "
+            f"{[c['name'] for c in expected['checks']]}"
+        )
         return problems
     source = "the recomputed" if heldout is not None else "the recorded"
     for have, want in zip(recorded, expected["checks"]):
         name = have["name"]
         if have.get("op") != want["op"] or not _same(have.get("threshold"), want["threshold"]):
-            problems.append(f"{where}: {name} is recorded against {have.get('op')} {have.get('threshold')}, the "
-                            f"settings say {want['op']} {want['threshold']}")  # fmt: skip
+            problems.append(
+                f"{where}: {name} is recorded against {have.get('op')} {have.get('threshold')}, the "
+                f"settings say {want['op']} {want['threshold']}"
+            )
         if name.startswith(PREFIX) and heldout is None and not _same(have.get("value"), want["value"]):
-            problems.append(f"{where}: {name} is recorded as {have.get('value')}, {source} held-out figure is "
-                            f"{want['value']}")  # fmt: skip
+            problems.append(
+                f"{where}: {name} is recorded as {have.get('value')}, {source} held-out figure is {want['value']}"
+            )
         if bool(have.get("passed")) != want["passed"]:
             verdict = "passed" if have.get("passed") else "failed"
-            problems.append(f"{where}: {name} is recorded as {verdict}, but {want['value']} {want['op']} "
-                            f"{want['threshold']} on {source} figures is {want['passed']}")  # fmt: skip
+            problems.append(
+                f"{where}: {name} is recorded as {verdict}, but {want['value']} {want['op']} "
+                f"{want['threshold']} on {source} figures is {want['passed']}"
+            )
     if bool(result.get("passed")) != expected["passed"]:
-        problems.append(f"{where}: recorded as {'passed' if result.get('passed') else 'failed'}, but its checks "
-                        f"{'all pass' if expected['passed'] else 'do not all pass'}")  # fmt: skip
+        problems.append(
+            f"{where}: recorded as {'passed' if result.get('passed') else 'failed'}, but its checks "
+            f"{'all pass' if expected['passed'] else 'do not all pass'}"
+        )
     return problems

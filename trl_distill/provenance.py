@@ -43,10 +43,24 @@ _LIBRARIES = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", 
 # (`release_gate_override` is a decision to publish, recorded with the gate's result: `stage["release_gate"]`)
 _NOT_SETTINGS = {"receipt_signing_key", "release_gate_override"}
 _TRAINING_FIELDS = (
-    "seed", "data_seed", "learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay", "optim",
-    "num_train_epochs", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "max_length",
-    "packing", "completion_only_loss", "assistant_only_loss", "bf16", "fp16",
-)  # fmt: skip
+    "seed",
+    "data_seed",
+    "learning_rate",
+    "lr_scheduler_type",
+    "warmup_steps",
+    "weight_decay",
+    "optim",
+    "num_train_epochs",
+    "max_steps",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "max_length",
+    "packing",
+    "completion_only_loss",
+    "assistant_only_loss",
+    "bf16",
+    "fp16",
+)
 
 PAPERS = {
     "kd": ("1503.02531", "Distilling the Knowledge in a Neural Network"),
@@ -58,25 +72,40 @@ PAPERS = {
 }
 # Mode name -> (label, papers, settings that apply to it). Used when the mode class does not describe itself.
 MODE_DESCRIPTIONS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
-    "token": ("token-level knowledge distillation", ("kd",),
-              ("objective", "kd_temperature", "alpha", "loss_reduction", "kd_top_k", "teacher_cache", "teacher_url")),
-    "sequence": ("sequence-level knowledge distillation (cross-entropy on the teacher's completions)", ("seq_kd",),
-                 ("loss_reduction", "teacher_completion_column", "teacher_do_sample", "teacher_num_beams",
-                  "max_completion_length")),
-    "uld": ("universal logit distillation (cross-tokenizer)", ("kd", "uld"),
-            ("objective", "kd_temperature", "alpha", "loss_reduction", "uld_top_k", "uld_distance",
-             "uld_exact_match")),
-}  # fmt: skip
+    "token": (
+        "token-level knowledge distillation",
+        ("kd",),
+        ("objective", "kd_temperature", "alpha", "loss_reduction", "kd_top_k", "teacher_cache", "teacher_url"),
+    ),
+    "sequence": (
+        "sequence-level knowledge distillation (cross-entropy on the teacher's completions)",
+        ("seq_kd",),
+        (
+            "loss_reduction",
+            "teacher_completion_column",
+            "teacher_do_sample",
+            "teacher_num_beams",
+            "max_completion_length",
+        ),
+    ),
+    "uld": (
+        "universal logit distillation (cross-tokenizer)",
+        ("kd", "uld"),
+        ("objective", "kd_temperature", "alpha", "loss_reduction", "uld_top_k", "uld_distance", "uld_exact_match"),
+    ),
+}
 # What the label adds per mode: the divergence for token KD, the distance (and exact-match divergence) for ULD.
 _LABEL_DETAILS = {
     "token": lambda s: f" ({s.get('objective')})",
-    "uld": lambda s: f" ({s.get('uld_distance')} distance between sorted probabilities"
-    + (f"; {s.get('objective')} on exactly matching tokens)" if s.get("uld_exact_match") else ")"),
+    "uld": lambda s: (
+        f" ({s.get('uld_distance')} distance between sorted probabilities"
+        + (f"; {s.get('objective')} on exactly matching tokens)" if s.get("uld_exact_match") else ")")
+    ),
 }
 _ALWAYS = ("distill_mode", "teacher_model_name_or_path", "teacher_model_init_kwargs", "heldout_eval")
 _SAMPLING = ("max_completion_length", "temperature", "top_p", "top_k")
 _FEATURE = ("feature_weight", "feature_layer_map", "feature_loss", "feature_projection")
-_TEACHER_HASHES: "weakref.WeakKeyDictionary[Any, str | None]" = weakref.WeakKeyDictionary()
+_TEACHER_HASHES: weakref.WeakKeyDictionary[Any, str | None] = weakref.WeakKeyDictionary()
 
 
 def jsonable(value: Any) -> Any:
@@ -178,8 +207,10 @@ def describe_method(settings: Mapping[str, Any], args=None) -> tuple[str, list[d
         label += ", on teacher-generated completions (seq_kd)"
     if (settings.get("feature_weight") or 0) > 0:
         extra.append("feature")
-        label += (f" + feature (hidden-state) distillation ({settings.get('feature_loss')}, weight "
-                  f"{settings['feature_weight']})")
+        label += (
+            f" + feature (hidden-state) distillation ({settings.get('feature_loss')}, weight "
+            f"{settings['feature_weight']})"
+        )
     papers += [_paper(k) for k in extra]
     seen, unique = set(), []
     for paper in papers:
@@ -215,10 +246,18 @@ def applicable_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
         keys += list(_FEATURE)
     if settings.get("heldout_eval"):
         keys.append("heldout_max_rows")
-    unset_is_default = ("kd_top_k", "teacher_cache", "teacher_url", "teacher_model_init_kwargs",
-                        "teacher_model_name_or_path")  # fmt: skip
-    return {key: settings[key] for key in dict.fromkeys(keys)
-            if key in settings and not (key in unset_is_default and settings[key] is None)}  # fmt: skip
+    unset_is_default = (
+        "kd_top_k",
+        "teacher_cache",
+        "teacher_url",
+        "teacher_model_init_kwargs",
+        "teacher_model_name_or_path",
+    )
+    return {
+        key: settings[key]
+        for key in dict.fromkeys(keys)
+        if key in settings and not (key in unset_is_default and settings[key] is None)
+    }
 
 
 def _unwrap(model):
@@ -272,8 +311,13 @@ def teacher_record(trainer) -> dict[str, Any] | None:
         served = getattr(getattr(getattr(trainer, "distill_mode", None), "store", None), "teacher", None)
         if not store_path and hasattr(served, "settings"):  # scored live by a served teacher (`teacher_url`)
             settings = served.settings()
-            return {"name_or_path": settings.get("model_root") or settings.get("model"), "local": False,
-                    "revision": None, "weights_sha256": None, "served": jsonable(settings)}  # fmt: skip
+            return {
+                "name_or_path": settings.get("model_root") or settings.get("model"),
+                "local": False,
+                "revision": None,
+                "weights_sha256": None,
+                "served": jsonable(settings),
+            }
         if not store_path:
             return None
         from .teachers.store import TeacherStore

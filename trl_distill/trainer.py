@@ -6,7 +6,7 @@ import dataclasses
 import json
 import logging
 import os
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -82,8 +82,8 @@ class DistillTrainer(SFTTrainer):
 
     def __init__(
         self,
-        model: "str | nn.Module",
-        teacher_model: "str | nn.Module | None" = None,
+        model: str | nn.Module,
+        teacher_model: str | nn.Module | None = None,
         args: DistillConfig | SFTConfig | TrainingArguments | None = None,
         data_collator: Callable | None = None,
         train_dataset=None,
@@ -130,9 +130,12 @@ class DistillTrainer(SFTTrainer):
         if formatting_func is None:
             train_dataset, eval_dataset = as_prompt_completion(train_dataset), as_prompt_completion(eval_dataset)
         train_dataset = mode_cls.prepare_train_dataset(
-            train_dataset, teacher=teacher, teacher_source=teacher_source, args=args,
+            train_dataset,
+            teacher=teacher,
+            teacher_source=teacher_source,
+            args=args,
             teacher_tokenizer=teacher_tokenizer if teacher_tokenizer is not None else processing_class,
-        )  # fmt: skip
+        )
         check_prompt_column(train_dataset, args)
         # Named errors for inputs TRL / datasets would fail on with a bare KeyError, StopIteration or AttributeError.
         check_model_path(model, "model")
@@ -174,9 +177,12 @@ class DistillTrainer(SFTTrainer):
         # 6. Extra terms (feature KD, issue 5): need the placed student and teacher; trained beside the student, never
         # part of it (terms/feature.py). Before the mode, which receives them.
         self.feature_term = build_feature_term(
-            args, self.model, self.teacher_model, sharded=self.is_deepspeed_enabled or self.is_fsdp_enabled,
+            args,
+            self.model,
+            self.teacher_model,
+            sharded=self.is_deepspeed_enabled or self.is_fsdp_enabled,
             add_callback=self.add_callback,
-        )  # fmt: skip
+        )
 
         # 7. The mode, from what it may read (never the trainer itself).
         self.metrics_sink = MetricsSink(self._metrics)
@@ -198,8 +204,10 @@ class DistillTrainer(SFTTrainer):
             self.add_callback(callback)
         # Rows SFTTrainer dropped (truncated to `max_length` with no response token left): a warning; none left: an
         # error. After the mode, whose own refusals (e.g. a store of another tokenizer) name the deeper cause.
-        for name, dataset, rows in (("train_dataset", self.train_dataset, raw_rows[0]),
-                                    ("eval_dataset", self.eval_dataset, raw_rows[1])):  # fmt: skip
+        for name, dataset, rows in (
+            ("train_dataset", self.train_dataset, raw_rows[0]),
+            ("eval_dataset", self.eval_dataset, raw_rows[1]),
+        ):
             if dataset is not None:
                 check_rows_left(rows, dataset, name, max_length=args.max_length, packing=args.packing)
 
@@ -209,9 +217,12 @@ class DistillTrainer(SFTTrainer):
         self.completion_source = None
         if args.lmbda > 0 or args.seq_kd:  # where the samples come from (sources/): on-policy / fresh teacher text
             self.completion_source = CompletionSource(
-                args, tokenizer=student_tokenizer, teacher=self.teacher_model, accelerator=self.accelerator,
+                args,
+                tokenizer=student_tokenizer,
+                teacher=self.teacher_model,
+                accelerator=self.accelerator,
                 metrics=self.metrics_sink,
-            )  # fmt: skip
+            )
 
     @property
     def feature_projector(self):
@@ -292,7 +303,6 @@ class DistillTrainer(SFTTrainer):
             self._total_train_tokens += int(self.accelerator.gather_for_metrics(local.reshape(1)).sum().item())
         self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
 
-
     # Receipt, model card and Hub (issue 7): `artifact` holds the logic (it writes; `provenance`, `receipt` and
     # `model_card` describe, hash and render).
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
@@ -327,8 +337,13 @@ class DistillTrainer(SFTTrainer):
         if self.is_world_process_zero():
             write_trainer_model_card(self, self.args.output_dir, model_name=model_name, tags=tags)
 
-    def push_to_hub(self, commit_message: str | None = "End of training", blocking: bool = True,
-                    override_release_gate: str | None = None, **kwargs):  # fmt: skip
+    def push_to_hub(
+        self,
+        commit_message: str | None = "End of training",
+        blocking: bool = True,
+        override_release_gate: str | None = None,
+        **kwargs,
+    ):
         """Save the artifact (weights, card, `distill_receipt.json`), then upload it (as `Trainer.push_to_hub`).
 
         The save comes first, so an unreachable Hub loses nothing: offline mode raises `OfflineModeIsEnabled` and a
@@ -341,7 +356,9 @@ class DistillTrainer(SFTTrainer):
         # Release gate (issue 16): judged on these weights before the save, so the receipt records it (and overrides).
         gate_callback = find_release_gate_callback(self)
         refusal = gate_callback.refuse(self.state, override_release_gate, output_dir) if gate_callback else None
-        self.save_model(_internal_call=True)  # before anything touches the network (transformers creates the repo first)
+        self.save_model(
+            _internal_call=True
+        )  # before anything touches the network (transformers creates the repo first)
         if refusal is not None:
             raise refusal
         generations = os.path.join(output_dir, "teacher_generations")
@@ -363,7 +380,11 @@ class DistillTrainer(SFTTrainer):
 
 def _as_distill_config(args, model) -> DistillConfig:
     if args is None:
-        name = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", "") or "model"
+        name = (
+            model
+            if isinstance(model, str)
+            else getattr(getattr(model, "config", None), "_name_or_path", "") or "model"
+        )
         return DistillConfig(output_dir=f"{name.rstrip('/').split('/')[-1]}-Distill")
     if isinstance(args, DistillConfig):
         return args
@@ -463,7 +484,9 @@ def _load_teacher_tokenizer(source: str | None, args: DistillConfig, *, from_str
     except (OSError, ValueError) as error:
         if from_string or required:
             raise ValueError(f"Could not load the teacher's tokenizer from {path!r} ({error}). {fix}") from error
-        logger.warning("Could not load the teacher's tokenizer from %r (%s); the mode uses the student's.", path, error)
+        logger.warning(
+            "Could not load the teacher's tokenizer from %r (%s); the mode uses the student's.", path, error
+        )
         return None
 
 
@@ -475,4 +498,3 @@ def _check_lm_head_rows(model: nn.Module, role: str, vocab_size: int) -> None:
             f"The {role}'s lm_head has {rows} rows but the tokenizer has {vocab_size} tokens. Resize its embeddings "
             "(`model.resize_token_embeddings(len(tokenizer))`) or use the matching tokenizer."
         )
-

@@ -177,4 +177,3 @@ def run_cache_teacher_served(script_args, cache_args, args) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-

@@ -6,40 +6,20 @@ import pytest
 import torch
 from datasets import Dataset
 
-from tests.test_trainer import config, snapshot
+from tests.helpers import config, count_generate, snapshot
 from trl_distill import DistillTrainer, generate_teacher_completions
 from trl_distill.demo.tiny import build_tiny_model
 from trl_distill.evaluation import generate_completions
 from trl_distill.modes.sequence import use_teacher_completions
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Generation runs many tiny matmuls: a second OpenMP thread on a shared 2-core machine made them ~15x slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # generation: many tiny matmuls
 
 
 @pytest.fixture
 def other_teacher(other_tokenizer):
     """A teacher with a genuinely different vocabulary (400 tokens, other text) from the student's."""
     return build_tiny_model(other_tokenizer, hidden_size=32, num_layers=2, num_heads=2, seed=3)
-
-
-def count_generate(model, fail_after=None):
-    """Wrap `model.generate` to count calls (and raise on call number `fail_after + 1`, an interruption)."""
-    original, calls = model.generate, []
-
-    def generate(*args, **kwargs):
-        if fail_after is not None and len(calls) >= fail_after:
-            raise KeyboardInterrupt("interrupted")
-        calls.append(kwargs["input_ids"].shape[0])
-        return original(*args, **kwargs)
-
-    model.generate = generate
-    return calls
 
 
 def test_trains_across_two_tokenizers(
@@ -49,10 +29,13 @@ def test_trains_across_two_tokenizers(
     student = make_student()
     before = snapshot(student)
     trainer = DistillTrainer(
-        model=student, teacher_model=other_teacher,
+        model=student,
+        teacher_model=other_teacher,
         args=config(tmp_path, distill_mode="sequence", max_completion_length=6, teacher_generation_batch_size=5),
-        train_dataset=prompt_completion_dataset, processing_class=tokenizer, teacher_processing_class=other_tokenizer,
-    )  # fmt: skip
+        train_dataset=prompt_completion_dataset,
+        processing_class=tokenizer,
+        teacher_processing_class=other_tokenizer,
+    )
     # The completions are the teacher's greedy text, decoded with the teacher's tokenizer (checked with the
     # evaluation module's own generation path), then tokenized by the student's.
     prompts = prompt_completion_dataset["prompt"]
@@ -78,10 +61,12 @@ def test_black_box_column_needs_no_teacher(tmp_path, tokenizer, make_student, pr
     answers = [f" answer {i}" for i in range(8)]
     dataset = rows.add_column("from_api", answers)
     trainer = DistillTrainer(
-        model=make_student(), teacher_model=None,
+        model=make_student(),
+        teacher_model=None,
         args=config(tmp_path, distill_mode="sequence", teacher_completion_column="from_api", max_steps=1),
-        train_dataset=dataset, processing_class=tokenizer,
-    )  # fmt: skip
+        train_dataset=dataset,
+        processing_class=tokenizer,
+    )
     assert trainer.teacher_model is None
     completions = {r["prompt"]: r["completion"] for r in trainer.train_dataset}
     assert completions[rows[3]["prompt"]] == " answer 3" + tokenizer.eos_token  # the column, not the gold answer
@@ -91,16 +76,21 @@ def test_black_box_column_needs_no_teacher(tmp_path, tokenizer, make_student, pr
 def test_sequence_without_teacher_or_column_is_refused(tmp_path, tokenizer, make_student, prompt_completion_dataset):
     with pytest.raises(ValueError, match="teacher_completion.*teacher_model|teacher_model.*teacher_completion"):
         DistillTrainer(
-            model=make_student(), args=config(tmp_path, distill_mode="sequence"),
-            train_dataset=prompt_completion_dataset, processing_class=tokenizer,
-        )  # fmt: skip
+            model=make_student(),
+            args=config(tmp_path, distill_mode="sequence"),
+            train_dataset=prompt_completion_dataset,
+            processing_class=tokenizer,
+        )
 
 
 def test_conversational_prompts_get_message_completions():
     dataset = Dataset.from_dict(
-        {"prompt": [[{"role": "user", "content": "hi"}]], "completion": [[{"role": "assistant", "content": "gold"}]],
-         "teacher_completion": ["from the teacher"]}
-    )  # fmt: skip
+        {
+            "prompt": [[{"role": "user", "content": "hi"}]],
+            "completion": [[{"role": "assistant", "content": "gold"}]],
+            "teacher_completion": ["from the teacher"],
+        }
+    )
     converted = use_teacher_completions(dataset, "teacher_completion")
     assert converted[0]["completion"] == [{"role": "assistant", "content": "from the teacher"}]
     assert "teacher_completion" not in converted.column_names
@@ -126,8 +116,9 @@ def test_cache_is_reused_and_invalidated(tmp_path, tokenizer, make_teacher, prom
     _generate(teacher, tokenizer, prompt_completion_dataset, tmp_path, max_completion_length=3)
     assert sum(calls) == len(prompt_completion_dataset)
     calls.clear()
-    edited = prompt_completion_dataset.map(lambda r, i: {"prompt": r["prompt"] + (" " if i == 0 else "")},
-                                           with_indices=True)  # fmt: skip
+    edited = prompt_completion_dataset.map(
+        lambda r, i: {"prompt": r["prompt"] + (" " if i == 0 else "")}, with_indices=True
+    )
     _generate(teacher, tokenizer, edited, tmp_path)
     assert sum(calls) == len(prompt_completion_dataset)
     calls.clear()
@@ -178,7 +169,10 @@ def test_cross_entropy_matches_float64_reference(tmp_path, tokenizer, make_stude
     dataset = prompt_completion_dataset.add_column("teacher_completion", prompt_completion_dataset["completion"])
     student = make_student(extra_vocab_rows=7)
     trainer = DistillTrainer(
-        model=student, args=config(tmp_path, distill_mode="sequence"), train_dataset=dataset, processing_class=tokenizer
+        model=student,
+        args=config(tmp_path, distill_mode="sequence"),
+        train_dataset=dataset,
+        processing_class=tokenizer,
     )
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
     loss, metrics = trainer.distill_mode.compute_loss(student, batch, None)
@@ -201,7 +195,7 @@ def test_cross_entropy_matches_float64_reference(tmp_path, tokenizer, make_stude
             logits[..., : len(tokenizer)][keep].double(), batch["labels"][keep]
         )
         assert abs(unshifted.item() - loss.item()) > 1e-3
-        student.get_output_embeddings().weight[len(tokenizer):] = 5.0
+        student.get_output_embeddings().weight[len(tokenizer) :] = 5.0
         logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         kept = trainer.distill_mode.compute_loss(student, batch, None)[0]
         assert kept.item() == pytest.approx(reference_ce(logits, batch["labels"], len(tokenizer)).item(), rel=1e-5)

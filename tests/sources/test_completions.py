@@ -7,11 +7,13 @@ import pytest
 import torch
 from datasets import Dataset
 
-from tests.test_sequence import count_generate, one_thread  # noqa: F401  (one_thread: autouse fixture)
-from tests.test_trainer import config, snapshot
+from tests.helpers import config, count_generate, snapshot
 from trl_distill import DistillTrainer
 from trl_distill.sources import completion_batch, completion_starts, on_policy_coin
 from trl_distill.teachers.generation import generate_completion_ids
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # generation: many tiny matmuls
 
 
 # ---------------------------------------------------------------- the coin
@@ -114,9 +116,12 @@ def test_prompts_are_found_from_the_labels():
 def _trainer(tmp_path, tokenizer, student, teacher, dataset, **kwargs):
     kwargs = {"alpha": 1.0, "max_completion_length": 4, "objective": "reverse_kl", "max_steps": 2, **kwargs}
     return DistillTrainer(
-        model=student, teacher_model=teacher, args=config(tmp_path, **kwargs), train_dataset=dataset,
+        model=student,
+        teacher_model=teacher,
+        args=config(tmp_path, **kwargs),
+        train_dataset=dataset,
         processing_class=tokenizer,
-    )  # fmt: skip
+    )
 
 
 def _record_loss_inputs(trainer):
@@ -142,7 +147,9 @@ def _record_generations(model):
     return outputs
 
 
-def test_lmbda_one_trains_on_the_students_samples(tmp_path, tokenizer, make_student, make_teacher, prompt_completion_dataset):
+def test_lmbda_one_trains_on_the_students_samples(
+    tmp_path, tokenizer, make_student, make_teacher, prompt_completion_dataset
+):
     student, teacher = make_student(), make_teacher()
     trainer = _trainer(tmp_path, tokenizer, student, teacher, prompt_completion_dataset, lmbda=1.0)
     generations, seen = _record_generations(trainer.model), _record_loss_inputs(trainer)
@@ -177,7 +184,9 @@ def test_lmbda_zero_never_generates(tmp_path, tokenizer, make_student, make_teac
     trainer.train()
 
 
-def test_seq_kd_calls_the_teachers_generate(tmp_path, tokenizer, make_student, make_teacher, prompt_completion_dataset):
+def test_seq_kd_calls_the_teachers_generate(
+    tmp_path, tokenizer, make_student, make_teacher, prompt_completion_dataset
+):
     trainer = _trainer(tmp_path, tokenizer, make_student(), make_teacher(), prompt_completion_dataset, seq_kd=True)
     student_calls, teacher_generations = count_generate(trainer.model), _record_generations(trainer.teacher_model)
     seen = _record_loss_inputs(trainer)
@@ -189,26 +198,40 @@ def test_seq_kd_calls_the_teachers_generate(tmp_path, tokenizer, make_student, m
     assert [log["teacher_generated"] for log in trainer.state.log_history if "teacher_generated" in log] == [1.0, 1.0]
 
 
-def test_window_token_count_covers_generated_tokens(tmp_path, tokenizer, make_student, make_teacher, prompt_completion_dataset):
+def test_window_token_count_covers_generated_tokens(
+    tmp_path, tokenizer, make_student, make_teacher, prompt_completion_dataset
+):
     trainer = _trainer(
-        tmp_path, tokenizer, make_student(), make_teacher(), prompt_completion_dataset, lmbda=1.0,
-        per_device_train_batch_size=2, gradient_accumulation_steps=2,
-    )  # fmt: skip
+        tmp_path,
+        tokenizer,
+        make_student(),
+        make_teacher(),
+        prompt_completion_dataset,
+        lmbda=1.0,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+    )
     batches = [trainer.data_collator([trainer.train_dataset[i] for i in rows]) for rows in ([0, 1], [2, 3])]
     dataset_count = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
     new_batches, num_items = trainer.get_batch_samples(iter(batches), 2, torch.device("cpu"))
     assert int(num_items) == sum(int((b["labels"][:, 1:] != -100).sum()) for b in new_batches) != dataset_count
 
 
-def test_lora_student_with_activation_checkpointing(tmp_path, tokenizer, make_student, make_teacher, prompt_completion_dataset):
+def test_lora_student_with_activation_checkpointing(
+    tmp_path, tokenizer, make_student, make_teacher, prompt_completion_dataset
+):
     from peft import LoraConfig
 
     trainer = DistillTrainer(
-        model=make_student(), teacher_model=make_teacher(),
-        args=config(tmp_path, lmbda=1.0, alpha=1.0, max_completion_length=4, activation_checkpointing=True, max_steps=2),
-        train_dataset=prompt_completion_dataset, processing_class=tokenizer,
+        model=make_student(),
+        teacher_model=make_teacher(),
+        args=config(
+            tmp_path, lmbda=1.0, alpha=1.0, max_completion_length=4, activation_checkpointing=True, max_steps=2
+        ),
+        train_dataset=prompt_completion_dataset,
+        processing_class=tokenizer,
         peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0),
-    )  # fmt: skip
+    )
     before = snapshot(trainer.model)
     trainer.train()
     changed = [n for n, p in trainer.model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
@@ -223,8 +246,14 @@ def test_lmbda_outside_unit_interval_is_refused(tmp_path, lmbda):
 
 
 def test_on_policy_needs_a_prompt(tmp_path, tokenizer, make_student, make_teacher, prompt_completion_dataset):
-    text = Dataset.from_dict({"text": [p + c for p, c in zip(prompt_completion_dataset["prompt"][:4],
-                                                              prompt_completion_dataset["completion"][:4])]})  # fmt: skip
+    text = Dataset.from_dict(
+        {
+            "text": [
+                p + c
+                for p, c in zip(prompt_completion_dataset["prompt"][:4], prompt_completion_dataset["completion"][:4])
+            ]
+        }
+    )
     with pytest.raises(ValueError, match="no `prompt` column"):
         _trainer(tmp_path, tokenizer, make_student(), make_teacher(), text, lmbda=0.5)
 
@@ -261,14 +290,24 @@ def test_resumed_on_policy_run_is_identical_to_an_uninterrupted_one(
     # where the student samples: with the global RNG, the resumed run sampled that step from the wrong state and then
     # ran one generation behind. Samples now come from a generator of (seed, step, rank, micro-batch).
     settings = dict(
-        lmbda=1.0, max_steps=4, save_strategy="steps", save_steps=2, per_device_train_batch_size=2,
-        gradient_accumulation_steps=2, temperature=1.5, max_completion_length=6,
-    )  # fmt: skip
+        lmbda=1.0,
+        max_steps=4,
+        save_strategy="steps",
+        save_steps=2,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        temperature=1.5,
+        max_completion_length=6,
+    )
     full = _trainer(tmp_path / "a", tokenizer, make_student(), make_teacher(), prompt_completion_dataset, **settings)
     full.train()
     checkpoint = tmp_path / "a" / "out" / "checkpoint-2"
-    resumed = _trainer(tmp_path / "a", tokenizer, make_student(), make_teacher(), prompt_completion_dataset, **settings)
-    torch.rand(1000)  # where the global RNG stream stands before `train` must not matter (its seed, the data order, does)
+    resumed = _trainer(
+        tmp_path / "a", tokenizer, make_student(), make_teacher(), prompt_completion_dataset, **settings
+    )
+    torch.rand(
+        1000
+    )  # where the global RNG stream stands before `train` must not matter (its seed, the data order, does)
     resumed.train(resume_from_checkpoint=str(checkpoint))
 
     def logged(trainer, key):
@@ -286,8 +325,9 @@ def test_samples_depend_on_step_and_rank_not_on_the_global_rng():
     from trl_distill.sources.completions import sampling_seed
 
     assert sampling_seed(0, 3, 0, 0) == sampling_seed(0, 3, 0, 0)
-    distinct = {sampling_seed(s, step, rank, micro) for s in (0, 1) for step in (0, 1) for rank in (0, 1)
-                for micro in (0, 1)}  # fmt: skip
+    distinct = {
+        sampling_seed(s, step, rank, micro) for s in (0, 1) for step in (0, 1) for rank in (0, 1) for micro in (0, 1)
+    }
     assert len(distinct) == 16
 
 

@@ -4,7 +4,7 @@ import warnings
 
 import pytest
 
-from tests.test_trainer import config
+from tests.helpers import config
 
 
 @pytest.mark.parametrize(
