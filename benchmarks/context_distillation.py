@@ -148,8 +148,13 @@ def run(args) -> dict:
     before = heldout_kl(lambda: plain(base), lambda: plain(base), tokenizer, test_q, teacher_test)
     setup_s = time.time() - t0
     result = {
-        "model": "SmolLM2-135M-Instruct", "context": CONTEXT, "seed": args.seed, "train_questions": len(train_q),
-        "heldout_questions": len(test_q), "max_new_tokens": max_new, "setup_seconds": round(setup_s, 1),
+        "model": "SmolLM2-135M-Instruct",
+        "context": CONTEXT,
+        "seed": args.seed,
+        "train_questions": len(train_q),
+        "heldout_questions": len(test_q),
+        "max_new_tokens": max_new,
+        "setup_seconds": round(setup_s, 1),
         "teacher_french_rate": sum(map(is_french, teacher_test)) / len(test_q),
         "teacher_train_french_rate": sum(map(is_french, teacher_train)) / len(train_q),
         "before": {**before, "student_french_rate": sum(map(is_french, student_before)) / len(test_q)},
@@ -184,7 +189,7 @@ def run(args) -> dict:
             train_s = time.time() - start
         model = trainer.model.eval()
         after_answers = greedy(model, tokenizer, [chat(q) for q in test_q], max_new)
-        after = heldout_kl(lambda: plain(model), lambda: adapters_off(model), tokenizer, test_q, teacher_test)
+        after = heldout_kl(lambda m=model: plain(m), lambda m=model: adapters_off(m), tokenizer, test_q, teacher_test)
         losses = [log["kd_loss"] for log in trainer.state.log_history if "kd_loss" in log]
         result["runs"][name] = {
             **after, "student_french_rate": sum(map(is_french, after_answers)) / len(test_q),

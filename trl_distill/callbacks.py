@@ -234,7 +234,9 @@ def add_heldout_callback(trainer) -> HeldOutKLCallback | None:
     if getattr(args, "teacher_context", None) is not None:
         # Context distillation (issue 15): the callback feeds both models the same tokens, but the gap being closed is
         # the teacher *with* the context vs the student without; `eval_kd_loss` measures that one.
-        logger.warning("Held-out KL is not measured with `teacher_context` (distill_mode='context'): see eval_kd_loss.")
+        logger.warning(
+            "Held-out KL is not measured with `teacher_context` (distill_mode='context'): see eval_kd_loss."
+        )
         return None
     if not _tokenizers_share_vocabulary(trainer):
         # Teacher-forced KL compares the two next-token distributions id by id: meaningless across tokenizers.

@@ -454,18 +454,24 @@ class DistillConfig(SFTConfig):
     # Context distillation (distill_mode="context", issue 15): the teacher sees a context the student does not
     teacher_context: list[dict[str, str]] | str | None = field(
         default=None,
-        metadata={"help": "distill_mode='context': text, or a list of {'role', 'content'} messages, put in front of "
-                  "each prompt on the teacher's side only (system message / leading turns for conversational rows)."},
+        metadata={
+            "help": "distill_mode='context': text, or a list of {'role', 'content'} messages, put in front of "
+            "each prompt on the teacher's side only (system message / leading turns for conversational rows)."
+        },
     )
     self_distillation: bool = field(
         default=False,
-        metadata={"help": "distill_mode='context': the teacher is the student itself (a frozen copy; for a PEFT "
-                  "student, its base model with the adapters disabled); no teacher model is given."},
+        metadata={
+            "help": "distill_mode='context': the teacher is the student itself (a frozen copy; for a PEFT "
+            "student, its base model with the adapters disabled); no teacher model is given."
+        },
     )
     teacher_update_steps: int | None = field(
         default=None,
-        metadata={"help": "With self_distillation on a full-weight student: copy the student's weights into the "
-                  "teacher every N optimizer steps; None = the teacher stays the initial student."},
+        metadata={
+            "help": "With self_distillation on a full-weight student: copy the student's weights into the "
+            "teacher every N optimizer steps; None = the teacher stays the initial student."
+        },
     )
     # A served teacher (issue 16, trl_distill/teachers/served.py): a vLLM server scores the teacher's side
     teacher_url: str | None = field(

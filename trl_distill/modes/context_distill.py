@@ -25,6 +25,7 @@ from ..losses import linear_distillation_loss
 from ..teachers.live import call_with_lm_heads, check_plain_lm_head, lm_head_and_backbone
 from .base import DistillMode, register_mode
 
+
 __all__ = ["ContextDistillMode", "TeacherBatch"]
 
 logger = logging.getLogger(__name__)

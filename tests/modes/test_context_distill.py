@@ -4,13 +4,13 @@ import pytest
 import torch
 from datasets import Dataset
 
+from tests.helpers import config, count_generate, snapshot
 from tests.reference import per_token_loss
-from tests.test_sequence import count_generate, one_thread  # noqa: F401  (one_thread: autouse fixture)
-from tests.test_trainer import config, snapshot
 from trl_distill import DistillTrainer
 from trl_distill.conversation import with_teacher_context
 from trl_distill.modes import ContextDistillMode, ModeContext
 from trl_distill.sources import completion_batch
+
 
 CONTEXT = "Question: Zoe thinks of 7. Say it.\nAnswer: 7\n"
 
@@ -29,7 +29,9 @@ def messages_rows(dataset):
 def record_inputs(module):
     """The `input_ids` of every forward of `module` (a backbone), in call order."""
     seen = []
-    module.register_forward_pre_hook(lambda mod, args, kwargs: seen.append(kwargs["input_ids"].clone()), with_kwargs=True)
+    module.register_forward_pre_hook(
+        lambda mod, args, kwargs: seen.append(kwargs["input_ids"].clone()), with_kwargs=True
+    )
     return seen
 
 
@@ -54,7 +56,11 @@ def test_text_context_becomes_or_joins_the_system_message():
 
 
 def test_messages_context_keeps_one_system_message_first():
-    shots = [{"role": "system", "content": "S"}, {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]
+    shots = [
+        {"role": "system", "content": "S"},
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "4"},
+    ]
     prompt = [{"role": "system", "content": "P"}, {"role": "user", "content": "3+3?"}]
     assert [m["content"] for m in with_teacher_context(prompt, shots)] == ["S\n\nP", "2+2?", "4", "3+3?"]
     assert [m["content"] for m in with_teacher_context(prompt, shots[1:])] == ["P", "2+2?", "4", "3+3?"]
@@ -105,7 +111,9 @@ def _mode(args, student, teacher, tokenizer):
 
 def _text_batch(tokenizer, dataset, n=3):
     prompts = [tokenizer(text=row["prompt"])["input_ids"] for row in dataset.select(range(n))]
-    completions = [tokenizer(text=row["completion"])["input_ids"] + [tokenizer.eos_token_id] for row in dataset.select(range(n))]
+    completions = [
+        tokenizer(text=row["completion"])["input_ids"] + [tokenizer.eos_token_id] for row in dataset.select(range(n))
+    ]
     return prompts, completions, completion_batch(prompts, completions, pad_token_id=tokenizer.pad_token_id)
 
 
@@ -300,7 +308,9 @@ def test_resume_with_teacher_update_steps_gives_the_same_losses(tmp_path, tokeni
         return [log["loss"] for log in trainer.state.log_history if "loss" in log and log["step"] in (3, 4)]
 
     assert len(losses(resumed)) == 2 and losses(resumed) == pytest.approx(losses(full), rel=1e-5)
-    fresh = _train(tmp_path / "b", tokenizer, make_student(), prompt_completion_dataset, **{**settings, "max_steps": 2})
+    fresh = _train(
+        tmp_path / "b", tokenizer, make_student(), prompt_completion_dataset, **{**settings, "max_steps": 2}
+    )
     fresh.distill_mode.callbacks = lambda: []  # control: no refresh on resume -> the initial student teaches
     fresh.callback_handler.callbacks = [c for c in fresh.callback_handler.callbacks
                                         if type(c).__name__ != "TeacherRefresh"]  # fmt: skip
@@ -372,8 +382,9 @@ def test_other_tokenizers_are_refused(tmp_path, tokenizer, other_tokenizer, make
                        teacher_processing_class=other_tokenizer)  # fmt: skip
 
 
-def test_on_policy_reverse_kl_scores_student_samples_with_the_context(tmp_path, tokenizer, make_student,
-                                                                      prompt_completion_dataset):  # fmt: skip
+def test_on_policy_reverse_kl_scores_student_samples_with_the_context(
+    tmp_path, tokenizer, make_student, prompt_completion_dataset, one_thread
+):
     """The seed's loop: the student samples without the context, its frozen copy scores the samples with it."""
     student = make_student()
     trainer = _train(tmp_path, tokenizer, student, prompt_completion_dataset, self_distillation=True, lmbda=1.0,
