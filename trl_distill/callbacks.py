@@ -231,6 +231,13 @@ def add_heldout_callback(trainer) -> HeldOutKLCallback | None:
     args = trainer.args
     if not getattr(args, "heldout_eval", True) or trainer.teacher_model is None or trainer.eval_dataset is None:
         return None
+    if getattr(args, "teacher_context", None) is not None:
+        # Context distillation (issue 15): the callback feeds both models the same tokens, but the gap being closed is
+        # the teacher *with* the context vs the student without; `eval_kd_loss` measures that one.
+        logger.warning(
+            "Held-out KL is not measured with `teacher_context` (distill_mode='context'): see eval_kd_loss."
+        )
+        return None
     if not _tokenizers_share_vocabulary(trainer):
         # Teacher-forced KL compares the two next-token distributions id by id: meaningless across tokenizers.
         logger.warning(

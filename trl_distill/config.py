@@ -120,6 +120,8 @@ class DistillConfig(SFTConfig):
             its own tokenizer, tokens are paired by character offsets and compared by sorted top-k probabilities.
             `"sequence"`: sequence-level KD: plain cross-entropy on the teacher's generated completions (any two
             tokenizers).
+            `"context"`: context distillation: the teacher reads each prompt with `teacher_context` in front of it,
+            the student without it; token-level KD on the response tokens.
             Any name registered with [`~trl_distill.register_mode`] (before the config is created) is accepted; the
             mode's own `validate_config` then checks the settings it depends on.
 
@@ -227,6 +229,20 @@ class DistillConfig(SFTConfig):
             teacher, prompts and settings); defaults to `~/.cache/trl_distill/teacher_generations` (never inside `output_dir`).
         teacher_generation_batch_size (`int`, *optional*, defaults to `32`):
             Prompts per teacher `generate` call when building that cache.
+    Parameters of context distillation (`distill_mode="context"`, see [`~trl_distill.modes.ContextDistillMode`]):
+        teacher_context (`str` or `list[dict]`, *optional*):
+            What only the teacher sees: text put in front of each prompt (plain-text rows: `context + prompt`, token by
+            token; conversational rows: the system message, merged with the row's own), or a list of
+            `{"role", "content"}` messages (few-shot turns) put in front of conversational prompts. Required by that
+            mode.
+        self_distillation (`bool`, *optional*, defaults to `False`):
+            The teacher is the student itself, as it was when training started: for a PEFT (LoRA) student, its base
+            model with the adapters disabled (no second copy of the weights); otherwise a frozen copy. `teacher_model`
+            and `teacher_model_name_or_path` must then be unset.
+        teacher_update_steps (`int`, *optional*):
+            With `self_distillation=True` and a full-weight student: copy the student's weights into the teacher
+            every `teacher_update_steps` optimizer steps (the teacher becomes the improved student, still with the
+            context). Refused for a PEFT student (its teacher is the base model; see the mode's docstring).
     Parameters of a served teacher (issue 16, `trl_distill.teachers.served`):
         teacher_url (`str`, *optional*):
             A vLLM server (`vllm serve`, OpenAI-compatible completions with `prompt_logprobs`) serving the teacher.
@@ -462,6 +478,28 @@ class DistillConfig(SFTConfig):
     teacher_generation_batch_size: int = field(
         default=32, metadata={"help": "Prompts per teacher generate call when caching teacher completions."}
     )
+    # Context distillation (distill_mode="context", issue 15): the teacher sees a context the student does not
+    teacher_context: list[dict[str, str]] | str | None = field(
+        default=None,
+        metadata={
+            "help": "distill_mode='context': text, or a list of {'role', 'content'} messages, put in front of "
+            "each prompt on the teacher's side only (system message / leading turns for conversational rows)."
+        },
+    )
+    self_distillation: bool = field(
+        default=False,
+        metadata={
+            "help": "distill_mode='context': the teacher is the student itself (a frozen copy; for a PEFT "
+            "student, its base model with the adapters disabled); no teacher model is given."
+        },
+    )
+    teacher_update_steps: int | None = field(
+        default=None,
+        metadata={
+            "help": "With self_distillation on a full-weight student: copy the student's weights into the "
+            "teacher every N optimizer steps; None = the teacher stays the initial student."
+        },
+    )
     # A served teacher (issue 16, trl_distill/teachers/served.py): a vLLM server scores the teacher's side
     teacher_url: str | None = field(
         default=None,
@@ -625,6 +663,7 @@ class DistillConfig(SFTConfig):
 
         # Where the completions come from (issue 3).
         self._check_completion_sources()
+        self._check_context_distillation()
         self._check_served_teacher()  # issue 16: live scoring through a vLLM server
         self._check_release_gate()  # issue 16: a bad threshold or check path fails now, not after training
         # What the mode itself needs (feature term, generated completions, teacher store, its own fields): the mode
@@ -651,6 +690,18 @@ class DistillConfig(SFTConfig):
                 "full-vocabulary loss, it holds no top-k. Set `kd_top_k=None` (or use `teacher_cache_kind='topk'`)."
             )
         check_sampled_objective(self.objective, self.beta)
+
+    def _check_context_distillation(self) -> None:
+        """Context distillation's fields (issue 15) are read by `distill_mode='context'` only; that mode checks their
+        values and how they combine with the rest (`ContextDistillMode.validate_config`)."""
+        if self.distill_mode == "context":
+            return
+        for name, unset in (("teacher_context", None), ("self_distillation", False), ("teacher_update_steps", None)):
+            if getattr(self, name) != unset:
+                raise ValueError(
+                    f"`{name}={getattr(self, name)!r}` is read by context distillation only, got `distill_mode="
+                    f"{self.distill_mode!r}`. Set `distill_mode='context'` or unset `{name}`."
+                )
 
     def _warn_ignored_beta(self) -> None:
         default = next(f.default for f in dataclasses.fields(self) if f.name == "beta")

@@ -24,6 +24,10 @@ the student's rendering. Sequence-level KD and `seq_kd` render the prompt with t
 that says how to give it one. ULD's teacher reads the student's rendered text, re-tokenized by its own tokenizer:
 the character-offset alignment pairs tokens of the same text, so the teacher's own template (other scaffolding
 characters) cannot be used there; a base teacher therefore works in ULD as is.
+
+**Context distillation.** With `distill_mode="context"` the teacher's prompt is [`with_teacher_context`]`(prompt,
+teacher_context)`: the context as (or merged into) the system message, or prepended turns; the student's is the
+prompt alone, and both share the completion's tokens.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ __all__ = [
     "is_messages_row",
     "prompt_token_ids",
     "split_conversation",
+    "with_teacher_context",
 ]
 
 MESSAGES = "messages"
@@ -193,3 +198,69 @@ def prompt_token_ids(tokenizer, prompt: str | list[dict], *, role: str = "teache
         )
     encoded = tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=True, return_dict=True)
     return list(encoded["input_ids"])
+
+
+def check_teacher_context(context: Any, field: str = "teacher_context") -> None:
+    """Refuse a malformed context (`ValueError`/`TypeError` naming `field`): it is non-empty text, or a non-empty list
+    of `{"role": "system" | "user" | "assistant", "content": str}` messages."""
+    if isinstance(context, str):
+        if not context.strip():
+            raise ValueError(f"`{field}` is empty text: give the instruction or examples the teacher should see.")
+        return
+    if not isinstance(context, Sequence) or not context:
+        raise TypeError(
+            f"`{field}` must be text or a non-empty list of {{'role', 'content'}} messages, got {context!r}."
+        )
+    for message in context:
+        if not (isinstance(message, Mapping) and message.get("role") in _CONTEXT_ROLES
+                and isinstance(message.get("content"), str)):  # fmt: skip
+            raise ValueError(
+                f"`{field}`: every message needs a `role` in {_CONTEXT_ROLES} and a text `content`, got {message!r}."
+            )
+
+
+_CONTEXT_ROLES = ("system", "user", "assistant")
+
+
+def with_teacher_context(prompt: str | Sequence[Mapping], context: str | Sequence[Mapping]) -> str | list[dict]:
+    """
+    The teacher's prompt in context distillation: `prompt` with `context` (instructions, a persona, few-shot examples)
+    in front of it. The student is trained on `prompt` alone.
+
+    - A text prompt gets a text context prepended as is (`context + prompt`: end the context with the separator you
+      want, e.g. `"\n\n"`). A messages context cannot precede plain text (`ValueError`).
+    - A messages prompt gets a text context as its system message: when the prompt already has one, the context comes
+      first in it (`context + "\n\n" + system`); otherwise `{"role": "system", "content": context}` is inserted. A
+      messages context is prepended turn by turn, except that system messages stay first: a context's leading system
+      message is merged with the prompt's (context first), and the prompt's own system message goes before the
+      context's other turns (chat templates expect one system message, at the start).
+
+    Args:
+        prompt (`str` or `list[dict]`): The row's prompt, text or messages (the conversation before the completion).
+        context (`str` or `list[dict]`): `DistillConfig.teacher_context`.
+
+    Returns:
+        `str` or `list[dict]`: The teacher's prompt, of the same kind as `prompt` (new message dicts; the inputs are
+        not modified).
+    """
+    check_teacher_context(context)
+    if isinstance(prompt, str):
+        if not isinstance(context, str):
+            raise TypeError(
+                "`teacher_context` is a list of messages but the rows' prompts are plain text: a conversation cannot "
+                "be put in front of raw text. Give `teacher_context` as text, or use conversational (`messages` or "
+                "prompt/completion messages) rows."
+            )
+        return context + prompt
+    prompt = [dict(message) for message in prompt]
+    context = [{"role": "system", "content": context}] if isinstance(context, str) else [dict(m) for m in context]
+    system = []
+    if context[0]["role"] == "system":
+        system, context = [context[0]], context[1:]
+    if prompt and prompt[0].get("role") == "system":
+        if system:
+            system = [{**prompt[0], "content": system[0]["content"] + "\n\n" + prompt[0]["content"]}]
+        else:
+            system = [prompt[0]]
+        prompt = prompt[1:]
+    return system + context + prompt

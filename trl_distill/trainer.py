@@ -200,6 +200,8 @@ class DistillTrainer(SFTTrainer):
             feature_term=self.feature_term,
         )
         self.distill_mode = mode_cls(self.mode_context)
+        for callback in self.distill_mode.callbacks():  # e.g. context distillation's teacher refresh (issue 15)
+            self.add_callback(callback)
         # Rows SFTTrainer dropped (truncated to `max_length` with no response token left): a warning; none left: an
         # error. After the mode, whose own refusals (e.g. a store of another tokenizer) name the deeper cause.
         for name, dataset, rows in (

@@ -40,6 +40,7 @@ Extending it:
 
 from .base import DistillMode, available_modes, get_mode, register_mode, resolve_mode
 from .context import MetricsSink, ModeContext
+from .context_distill import ContextDistillMode
 from .minillm import MiniLLMMode
 from .sequence import SequenceMode
 from .token import TokenMode
@@ -49,6 +50,7 @@ from .uld import ULDMode
 
 
 __all__ = [
+    "ContextDistillMode",
     "DistillMode",
     "MetricsSink",
     "MiniLLMMode",

@@ -33,7 +33,8 @@ class DistillMode(ABC):
        from an offline store instead of a live teacher (`None`: the mode needs a live teacher).
     3. `prepare_train_dataset(...)` (classmethod), before `SFTTrainer` tokenizes the raw training rows.
     4. `__init__(context)`: once the student, teacher, tokenizers and datasets are ready (a [`ModeContext`]).
-    5. `compute_loss(model, inputs, num_items_in_batch)` at every training and evaluation batch.
+    5. `callbacks()`, once, right after: trainer callbacks the mode needs between steps (default: none).
+    6. `compute_loss(model, inputs, num_items_in_batch)` at every training and evaluation batch.
 
     Class attributes:
         name (`str`): Set by [`register_mode`].
@@ -126,6 +127,11 @@ class DistillMode(ABC):
         `None`), `teacher_source` the id/path it came from.
         """
         return dataset
+
+    def callbacks(self) -> list:
+        """`transformers.TrainerCallback`s the trainer adds for this mode, for work between optimizer steps (e.g. context
+        distillation's `teacher_update_steps` refresh); the default has none."""
+        return []
 
     @abstractmethod
     def compute_loss(
