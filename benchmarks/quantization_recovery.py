@@ -20,6 +20,10 @@ import sys
 
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
+if __package__:
+    from . import harness
+else:  # `python benchmarks/quantization_recovery.py`
+    import harness
 CONFIGS = ROOT / "recipes" / "configs"
 PATHS = {  # label -> (config, the package it needs)
     "QLoRA (bnb NF4 + LoRA r=16)": ("tiny_qlora.yaml", "bitsandbytes"),
@@ -46,19 +50,24 @@ def _stage(workspace: pathlib.Path, config: str) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workspace", default="runs/quantization_recovery", help="Where assets and outputs go.")
+    harness.add_common_args(parser)
     args = parser.parse_args(argv)
+    extra = ["--seed", str(args.seed)] + (["--max_steps", "2"] if args.quick else [])
     workspace = pathlib.Path(args.workspace).resolve()
     workspace.mkdir(parents=True, exist_ok=True)
 
     cli = [sys.executable, "-m", "trl_distill"]
-    _run([*cli, "recipe-assets", "--output-dir", "runs/recipes/tiny"], workspace)
-    _run([sys.executable, str(ROOT / "recipes/distill.py"), "--config", str(CONFIGS / "tiny.yaml")], workspace)
+    _run([*cli, "recipe-assets", "--output-dir", "runs/recipes/tiny", "--seed", str(args.seed)], workspace)
+    _run([sys.executable, str(ROOT / "recipes/distill.py"), "--config", str(CONFIGS / "tiny.yaml"), *extra], workspace)
     rows, notes = [], []
     for label, (config, package) in PATHS.items():
         if importlib.util.find_spec(package) is None:
             notes.append(f"{label}: skipped, `{package}` is not installed (pip install trl_distill[quant])")
             continue
-        _run([sys.executable, str(ROOT / "recipes/distill_qat.py"), "--config", str(CONFIGS / config)], workspace)
+        _run(
+            [sys.executable, str(ROOT / "recipes/distill_qat.py"), "--config", str(CONFIGS / config), *extra],
+            workspace,
+        )
         rows.append((label, _stage(workspace, config)["results"]))
 
     print(
@@ -74,6 +83,7 @@ def main(argv=None) -> int:
         )
     for note in notes:
         print(note)
+    harness.write_json(args.out, {"environment": harness.environment(), "rows": dict(rows), "notes": notes})
     return 0
 
 

@@ -23,6 +23,10 @@ import time
 
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
+if __package__:
+    from . import harness
+else:  # `python benchmarks/recipes_distributed.py`
+    import harness
 RECIPE = ROOT / "recipes" / "distill.py"
 CONFIG = ROOT / "recipes" / "configs" / "tiny.yaml"
 LAUNCHERS = {
@@ -33,11 +37,13 @@ LAUNCHERS = {
 }
 
 
-def _command(name: str, steps: int, output_dir: str, port: int) -> list[str]:
+def _command(name: str, steps: int, output_dir: str, port: int, seed: int = 0) -> list[str]:
     recipe = [
         str(RECIPE),
         "--config",
         str(CONFIG),
+        "--seed",
+        str(seed),
         "--max_steps",
         str(steps),
         "--output_dir",
@@ -75,8 +81,10 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--workspace", default="runs/recipes_distributed", help="Assets and outputs go here.")
     parser.add_argument("--launchers", nargs="+", default=list(LAUNCHERS), choices=list(LAUNCHERS))
-    parser.add_argument("--out", default=None, help="Also write the rows as JSON.")
+    harness.add_common_args(parser)
     args = parser.parse_args(argv)
+    if args.quick:
+        args.steps = 2
 
     from trl_distill.demo.assets import write_recipe_assets
 
@@ -88,7 +96,7 @@ def main(argv=None) -> int:
         output_dir = f"runs/bench-{index}"
         start = time.perf_counter()
         done = subprocess.run(
-            _command(name, args.steps, output_dir, 29600 + index),
+            _command(name, args.steps, output_dir, 29600 + index, args.seed),
             cwd=workspace,
             env=env,
             capture_output=True,
