@@ -231,17 +231,13 @@ def score_layers_by_kl(model, batches: Iterable[dict]):
                 attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)
                 mask = attention_mask.bool()
                 count += int(mask.sum())
-
-                def log_probs():
-                    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-                    return F.log_softmax(logits[mask].float(), dim=-1)  # (tokens, vocab)
-
                 skipped["index"] = None
-                full = log_probs()
+                full = _log_probs(model, input_ids, attention_mask)
                 for index in range(len(layers)):
                     skipped["index"] = index
                     # kl_div(input=log q, target=log p, log_target=True) = p (log p - log q), 0 where p underflows
-                    kl = F.kl_div(log_probs(), full, reduction="none", log_target=True).sum(-1)
+                    log_q = _log_probs(model, input_ids, attention_mask)
+                    kl = F.kl_div(log_q, full, reduction="none", log_target=True).sum(-1)
                     sums[index] += kl.double().sum()
     finally:
         for handle in handles:
@@ -250,6 +246,14 @@ def score_layers_by_kl(model, batches: Iterable[dict]):
     if count == 0:
         raise ValueError("`batches` held no (non-padding) tokens to score the layers on.")
     return sums / count
+
+
+def _log_probs(model, input_ids, attention_mask):
+    """Float32 next-token log-probabilities at the non-padding positions: `(tokens, vocab)`."""
+    import torch.nn.functional as F
+
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    return F.log_softmax(logits[attention_mask.bool()].float(), dim=-1)
 
 
 def select_layers(scores, num_keep: int, *, keep_first: int = 1, keep_last: int = 1) -> list[int]:

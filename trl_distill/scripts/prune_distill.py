@@ -38,7 +38,6 @@ from trl_distill import DistillConfig, DistillTrainer, heldout_metrics, save_art
 from . import stage
 from .data import load_splits
 
-
 PRUNE_SCORINGS = ("cosine", "kl")
 PRUNING_FILE = "pruning.json"
 _SCORING_METHODS = {
@@ -65,8 +64,8 @@ class PruneDistillScriptArguments(ScriptArguments):
     prune_scoring: str = field(
         default="cosine",
         metadata={"help": "'cosine' (ShortGPT block influence) or 'kl' (KL each single-layer removal causes).",
-                  "choices": PRUNE_SCORINGS},  # fmt: skip
-    )
+                  "choices": PRUNE_SCORINGS},
+    )  # fmt: skip
     prune_keep_first: int = field(default=1, metadata={"help": "First layers always kept (>= 0)."})
     prune_keep_last: int = field(default=1, metadata={"help": "Last layers always kept (>= 0)."})
     calibration_rows: int = field(default=32, metadata={"help": "Training rows the layers are scored on (>= 1)."})
@@ -221,8 +220,8 @@ def prune(script_args: PruneDistillScriptArguments, teacher, tokenizer, train_da
         "keep_first": script_args.prune_keep_first,
         "keep_last": script_args.prune_keep_last,
         "calibration": {"rows": len(texts), "tokens": sum(int(b["attention_mask"].sum()) for b in batches),
-                        "max_length": script_args.calibration_max_length},  # fmt: skip
-    }
+                        "max_length": script_args.calibration_max_length},
+    }  # fmt: skip
 
 
 def pruned_dir(script_args: PruneDistillScriptArguments, output_dir: str) -> str:
@@ -247,20 +246,21 @@ def save_pruned(student, tokenizer, pruning: dict, directory: str, source: str, 
         "method": f"depth pruning: {kept} of {total} decoder layers kept, scored by {pruning['method']}",
         "papers": [{"arxiv": "2407.14679", "title": "Compact Language Models via Pruning and Knowledge Distillation"},
                    {"arxiv": "2403.03853", "title": "ShortGPT: Layers in Large Language Models are More Redundant "
-                                                    "Than You Expect"}],  # fmt: skip
+                                                    "Than You Expect"}],
         "models": {"source": {"name_or_path": source}, "student": {"name_or_path": directory, "initial": source}},
         "settings": {key: pruning[key] for key in ("scoring", "keep_first", "keep_last", "calibration")},
         "results": {"num_layers": total, "kept_layers": pruning["kept_layers"],
                     "removed_layers": pruning["removed_layers"], "scores": pruning["scores"],
-                    "heldout": heldout},  # fmt: skip
-    }
+                    "heldout": heldout},
+    }  # fmt: skip
     append_stage(directory, prune_stage)
     return prune_stage
 
 
 def chain_receipt(output_dir: str, previous: str, signing_key: str | None = None) -> dict:
     """Rewrite `output_dir`'s receipt with the stages of `previous` first (prune, then distill), re-hashed."""
-    from trl_distill import model_card, receipt as receipts
+    from trl_distill import model_card
+    from trl_distill import receipt as receipts
 
     earlier = receipts.load_receipt(previous)["stages"]
     current = receipts.load_receipt(output_dir)
@@ -278,6 +278,8 @@ def chain_receipt(output_dir: str, previous: str, signing_key: str | None = None
 # -------------------------------------------------------------------------------------------------------- recipe
 def run(script_args: PruneDistillScriptArguments, model_args: ModelConfig, training_args: DistillConfig) -> dict:
     """Prune, save, distill from the original, measure; return the stage record (also `output_dir/stage.json`)."""
+    if model_args.model_name_or_path and model_args.model_name_or_path.startswith("~"):
+        model_args.model_name_or_path = os.path.expanduser(model_args.model_name_or_path)  # YAML paths under $HOME
     check_combination(script_args, model_args, training_args)
     source = model_args.model_name_or_path
     train_dataset, test_dataset = load_splits(script_args)
