@@ -35,12 +35,16 @@ CONFIG = ROOT / "recipes" / "configs" / "smollm2-prune-distill.yaml"
 TEACHER = "SmolLM2-135M-Instruct"
 
 
-def budget_for(quick: bool):
+def budget_for(quick: bool, **overrides):
+    """The real demo's budget (32 steps of 6 rows, 32 held-out rows), or a few steps with `quick`; `overrides` (the
+    command line's `--steps`, `--batch-size`, `--n-test`) replace fields that are not `None`."""
     from trl_distill.demo.real import RealDemoBudget
 
     if quick:
-        return RealDemoBudget(n_train=48, n_test=8, steps=4, batch_size=4, n_calibration=8)
-    return RealDemoBudget(n_train=192, n_test=32, steps=32, batch_size=6, n_calibration=32)
+        budget = RealDemoBudget(n_train=48, n_test=8, steps=4, batch_size=4, n_calibration=8)
+    else:
+        budget = RealDemoBudget(n_train=192, n_test=32, steps=32, batch_size=6, n_calibration=32)
+    return dataclasses.replace(budget, **{k: v for k, v in overrides.items() if v is not None})
 
 
 def write_data(directory: str, budget, seed: int) -> str:
@@ -168,6 +172,10 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="A few steps on a few rows, one prune ratio.")
     parser.add_argument("--keep", type=int, nargs="+", default=None, help="Layers kept (default 20 15; quick: 20).")
+    parser.add_argument("--steps", type=int, default=None, help="Training steps (default 32; quick: 4).")
+    parser.add_argument("--batch-size", type=int, default=None, help="Rows per step (default 6; quick: 4).")
+    parser.add_argument("--n-test", type=int, default=None, help="Held-out rows (default 32; quick: 8).")
+    parser.add_argument("--new-tokens-speed", type=int, default=None, help="Tokens generated per speed run (48).")
     parser.add_argument("--no-speed", action="store_true", help="Skip the generation-speed measurement.")
     parser.add_argument("--write-data", metavar="DIR", default=None, help="Only write the data the YAML reads.")
     parser.add_argument("--speed-worker", metavar="PATH", default=None, help=argparse.SUPPRESS)
@@ -181,7 +189,7 @@ def main(argv=None) -> int:
                                       json.loads(args.prompts))))  # fmt: skip
         return 0
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    budget = budget_for(args.quick)
+    budget = budget_for(args.quick, steps=args.steps, batch_size=args.batch_size, n_test=args.n_test)
     if args.write_data:
         write_data(args.write_data, budget_for(False), args.seed)
         print(f"wrote {args.write_data}/train.jsonl and test.jsonl")
@@ -227,7 +235,7 @@ def main(argv=None) -> int:
         paths = {"unpruned": teacher_path,
                  **{f"keep {k}": results["runs"][str(k)]["pruned_dir"] for k in keeps}}  # fmt: skip
         prompts = [row["prompt"] for row in test_rows[:8]]
-        results["speed"] = measure_speed(paths, prompts, new_tokens=16 if args.quick else 48,
+        results["speed"] = measure_speed(paths, prompts, new_tokens=args.new_tokens_speed or (16 if args.quick else 48),
                                          repeats=2 if args.quick else 3)  # fmt: skip
     results["table"] = format_tables(results)
     with open(os.path.join(out, "results.json"), "w", encoding="utf-8") as f:

@@ -10,6 +10,7 @@ the same way as its input changes little, so its *block influence* `1 - cos(h_in
 from trl_distill.pruning import calibration_batches, depth_prune, score_layers, select_layers
 
 scores = score_layers(model, calibration_batches(tokenizer, texts, max_length=128))  # (num_layers,)
+# or score_layers_by_kl(model, batches): the KL each single-layer removal causes (num_layers + 1 forwards per batch)
 keep = select_layers(scores, num_keep=20)  # first and last layers always kept
 student = depth_prune(copy.deepcopy(model), keep)  # student layer i is teacher layer keep[i]
 ```
