@@ -273,3 +273,17 @@ def test_the_tiny_config_runs_as_a_user_runs_it(workspace):
     stages = json.loads((output / "distill_receipt.json").read_text())["stages"]
     assert [s["name"] for s in stages] == ["prune", "distill"]
     assert (workspace / "runs/recipes/tiny/prune-distill-pruned/pruning.json").is_file()
+
+
+def test_console_help_is_short_and_names_only_real_flags(capsys):
+    from trl_distill.cli import main
+    from trl_distill.scripts import COMMANDS, prune_distill
+
+    assert main(["prune-distill", "--help"]) == 0
+    text = capsys.readouterr().out
+    assert len(text.splitlines()) <= 30, text
+    assert "trl-distill prune-distill --config" in text and "--prune_scoring" in text
+    options = prune_distill.make_parser()._option_string_actions
+    for flag, _ in COMMANDS["prune-distill"].flags:
+        for token in flag.replace("/", " ").split():
+            assert not token.startswith("--") or token in options, token
