@@ -218,7 +218,8 @@ def main(argv=None) -> int:
         pruned_dir = record["models"]["student"]["initial"]
         row = {
             "pruned": {k[len("pruned_"):]: v for k, v in r.items() if k.startswith("pruned_")},
-            "kd": {**{k[len("heldout_"):]: v for k, v in r.items() if k.startswith("heldout_")}, "recipe_s": seconds},
+            "kd": {**{k[len("heldout_"):]: v for k, v in r.items() if k.startswith("heldout_")}, "recipe_s": seconds,
+                   **({"train_s": r["train_runtime_s"]} if r.get("train_runtime_s") else {})},
             "kept_layers": r["kept_layers"], "removed_layers": r["removed_layers"], "pruned_dir": pruned_dir,
         }  # fmt: skip
         print(f"[keep {keep}] sft recovery", flush=True)
@@ -235,8 +236,8 @@ def main(argv=None) -> int:
         paths = {"unpruned": teacher_path,
                  **{f"keep {k}": results["runs"][str(k)]["pruned_dir"] for k in keeps}}  # fmt: skip
         prompts = [row["prompt"] for row in test_rows[:8]]
-        results["speed"] = measure_speed(paths, prompts, new_tokens=args.new_tokens_speed or (16 if args.quick else 48),
-                                         repeats=2 if args.quick else 3)  # fmt: skip
+        new_tokens = args.new_tokens_speed or (16 if args.quick else 48)
+        results["speed"] = measure_speed(paths, prompts, new_tokens=new_tokens, repeats=2 if args.quick else 3)
     results["table"] = format_tables(results)
     with open(os.path.join(out, "results.json"), "w", encoding="utf-8") as f:
         json.dump(results, f, indent=2)

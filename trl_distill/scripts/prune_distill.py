@@ -312,6 +312,8 @@ def run(script_args: PruneDistillScriptArguments, model_args: ModelConfig, train
         peft_config=get_peft_config(model_args),
     )  # fmt: skip
     results = stage.train_and_save(trainer, training_args.output_dir)
+    runtime = [log["train_runtime"] for log in trainer.state.log_history if "train_runtime" in log]
+    results["train_runtime_s"] = float(runtime[-1]) if runtime else None
     figures = None
     if rows and trainer.distill_mode.requires_shared_vocab:
         figures = heldout_metrics(trainer.model, teacher, tokenizer, rows, vocab_size=trainer.vocab_size)
