@@ -166,6 +166,27 @@ def format_tables(results: dict) -> str:
     return "\n".join(lines)
 
 
+def speed_only(out: str, merge, new_tokens: int) -> int:
+    """Speed for the runs of `<out>/results.json` plus those of each `merge` directory; rewrite the tables."""
+    from trl_distill.real_models import real_model_path
+
+    with open(os.path.join(out, "results.json"), encoding="utf-8") as f:
+        results = json.load(f)
+    for directory in merge:
+        with open(os.path.join(directory, "results.json"), encoding="utf-8") as f:
+            results["runs"].update(json.load(f)["runs"])
+    with open(os.path.join(out, "data", "test.jsonl"), encoding="utf-8") as f:
+        prompts = [json.loads(line)["prompt"] for line in f][:8]
+    paths = {"unpruned": str(real_model_path(TEACHER)),
+             **{f"keep {k}": run["pruned_dir"] for k, run in results["runs"].items()}}  # fmt: skip
+    results["speed"] = measure_speed(paths, prompts, new_tokens=new_tokens, repeats=3)
+    results["table"] = format_tables(results)
+    with open(os.path.join(out, "results.json"), "w", encoding="utf-8") as f:
+        json.dump(results, f, indent=2)
+    print(results["table"])
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/prune-distill", help="Where data, models and results.json go.")
@@ -176,6 +197,10 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=None, help="Rows per step (default 6; quick: 4).")
     parser.add_argument("--n-test", type=int, default=None, help="Held-out rows (default 32; quick: 8).")
     parser.add_argument("--new-tokens-speed", type=int, default=None, help="Tokens generated per speed run (48).")
+    parser.add_argument("--speed-only", action="store_true",
+                        help="Only measure speed, for the pruned models of `<out>/results.json` (and `--merge`).")
+    parser.add_argument("--merge", nargs="+", default=(), metavar="DIR",
+                        help="With --speed-only: add the runs of DIR/results.json (e.g. one --keep per process).")
     parser.add_argument("--no-speed", action="store_true", help="Skip the generation-speed measurement.")
     parser.add_argument("--write-data", metavar="DIR", default=None, help="Only write the data the YAML reads.")
     parser.add_argument("--speed-worker", metavar="PATH", default=None, help=argparse.SUPPRESS)
@@ -194,6 +219,8 @@ def main(argv=None) -> int:
         write_data(args.write_data, budget_for(False), args.seed)
         print(f"wrote {args.write_data}/train.jsonl and test.jsonl")
         return 0
+    if args.speed_only:
+        return speed_only(os.path.abspath(args.out), args.merge, args.new_tokens_speed or 48)
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
