@@ -143,7 +143,7 @@ def measure_speed(paths: dict[str, str], prompts: list[str], new_tokens: int, re
 
 # ---------------------------------------------------------------------------------------------------------- table
 def format_tables(results: dict) -> str:
-    teacher_ppl = results["teacher_perplexity"]
+    teacher_ppl = results.get("teacher_perplexity", float("nan"))
     lines = [
         f"| student (layers kept of 30) | stage | KL(teacher‖student) | perplexity (teacher {teacher_ppl:.2f}) | "
         + "top-1 agree | train s |",
@@ -151,6 +151,8 @@ def format_tables(results: dict) -> str:
     ]
     for keep, row in results["runs"].items():
         for stage, label in (("pruned", "after pruning"), ("sft", "SFT recovery"), ("kd", "KD recovery")):
+            if stage not in row:  # a partial run (e.g. `--speed-only` on a run that is still training)
+                continue
             m = row[stage]
             seconds = f"{m['train_s']:.0f}" if "train_s" in m else "-"
             lines.append(f"| {keep} | {label} | {m['kl_teacher_student']:.3f} | {m['student_perplexity']:.2f} "
@@ -201,6 +203,8 @@ def main(argv=None) -> int:
                         help="Only measure speed, for the pruned models of `<out>/results.json` (and `--merge`).")
     parser.add_argument("--merge", nargs="+", default=(), metavar="DIR",
                         help="With --speed-only: add the runs of DIR/results.json (e.g. one --keep per process).")
+    parser.add_argument("--sft-from", metavar="DIR", default=None,
+                        help="Only the SFT recovery, from this pruned directory (with one --keep, for the label).")
     parser.add_argument("--no-speed", action="store_true", help="Skip the generation-speed measurement.")
     parser.add_argument("--write-data", metavar="DIR", default=None, help="Only write the data the YAML reads.")
     parser.add_argument("--speed-worker", metavar="PATH", default=None, help=argparse.SUPPRESS)
@@ -239,6 +243,14 @@ def main(argv=None) -> int:
     teacher = AutoModelForCausalLM.from_pretrained(teacher_path, dtype=torch.float32).eval()
     results = {"budget": dataclasses.asdict(budget), "seed": args.seed, "teacher": teacher_path, "runs": {},
                "torch_threads": torch.get_num_threads()}  # fmt: skip
+    if args.sft_from:  # the SFT baseline alone, e.g. in parallel with the recipe's run of the same --keep
+        row = {"sft": sft_recovery(args.sft_from, os.path.join(out, f"keep{keeps[0]}-sft"), train, test_rows, teacher,
+                                   tokenizer, budget, args.seed), "pruned_dir": args.sft_from}  # fmt: skip
+        results["runs"][str(keeps[0])] = row
+        with open(os.path.join(out, "results.json"), "w", encoding="utf-8") as f:
+            json.dump(results, f, indent=2)
+        print(json.dumps(row))
+        return 0
     for keep in keeps:
         record, seconds = prune_and_distill(keep, data_dir, out, budget, args.seed)
         r = record["results"]
