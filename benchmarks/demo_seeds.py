@@ -27,7 +27,9 @@ def main(argv=None) -> int:
         rows.append((seed, results))
         print(f"seed {seed} done", flush=True)
 
-    print("\n| seed | teacher acc | SFT KL(t‖s) | KD KL(t‖s) | SFT ppl | KD ppl | SFT acc | KD acc | KD beats SFT on KL |")
+    print(
+        "\n| seed | teacher acc | SFT KL(t‖s) | KD KL(t‖s) | SFT ppl | KD ppl | SFT acc | KD acc | KD beats SFT on KL |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for seed, r in rows:
         t, sft, kd = r["teacher"], r["sft"], r["kd"]

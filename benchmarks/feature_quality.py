@@ -38,7 +38,9 @@ COLUMNS = [
 def parse_variant(text: str) -> tuple[str, float]:
     loss, _, weight = text.partition(":")
     if loss not in ("mse", "cosine") or not weight:
-        raise argparse.ArgumentTypeError(f"a variant is LOSS:WEIGHT with LOSS mse or cosine, e.g. mse:1.0; got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"a variant is LOSS:WEIGHT with LOSS mse or cosine, e.g. mse:1.0; got {text!r}"
+        )
     return loss, float(weight)
 
 
@@ -86,9 +88,12 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--output-dir", default="runs/feature_quality")
     parser.add_argument(
-        "--variants", type=parse_variant, nargs="+", default=[("mse", 0.1), ("mse", 1.0), ("cosine", 0.1)],
+        "--variants",
+        type=parse_variant,
+        nargs="+",
+        default=[("mse", 0.1), ("mse", 1.0), ("cosine", 0.1)],
         help="Feature-KD students as LOSS:WEIGHT (default: mse:0.1 mse:1.0 cosine:0.1); logit KD alone always runs.",
-    )  # fmt: skip
+    )
     parser.add_argument("--quick", action="store_true", help="The test-sized demo budget (seconds per seed).")
     args = parser.parse_args(argv)
 

@@ -30,10 +30,12 @@ import sys
 import tempfile
 import time
 
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # `tests.reference` and this checkout's `trl_distill`
 
 import torch
+
 
 DEFAULT_MODEL = pathlib.Path("~/.cache/trl_distill/models/SmolLM2-135M-Instruct").expanduser()
 OBJECTIVES = {"forward_kl": 0.0, "reverse_kl": 1.0, "jsd": 0.5}  # ours -> TRL's beta
@@ -80,8 +82,9 @@ def check_correctness(device, n, h, v, rows) -> bool:
     for dtype in (torch.float32, torch.bfloat16):
         for objective in OBJECTIVES:
             x = inputs(n, h, v, dtype, device, seed=1)
-            loss = linear_distillation_loss(x["student_hidden"], x["student_weight"], x["teacher_hidden"],
-                                            x["teacher_weight"], objective=objective)  # fmt: skip
+            loss = linear_distillation_loss(
+                x["student_hidden"], x["student_weight"], x["teacher_hidden"], x["teacher_weight"], objective=objective
+            )
             loss.backward()
             # The reference sees the same rounded inputs, in float64, with autograd through the projection.
             sh = x["student_hidden"].detach().double().requires_grad_(True)
@@ -99,9 +102,14 @@ def check_correctness(device, n, h, v, rows) -> bool:
             passed = all(error <= tolerance for error in errors.values())
             ok &= passed
             name = str(dtype).replace("torch.", "")
-            rows.append((f"{objective} {name} vs float64 (N={n}, H={h}, V={v})",
-                         ", ".join(f"{k} {e:.1e}" for k, e in errors.items()),
-                         f"<= {tolerance:.0e}", "PASS" if passed else "FAIL"))  # fmt: skip
+            rows.append(
+                (
+                    f"{objective} {name} vs float64 (N={n}, H={h}, V={v})",
+                    ", ".join(f"{k} {e:.1e}" for k, e in errors.items()),
+                    f"<= {tolerance:.0e}",
+                    "PASS" if passed else "FAIL",
+                )
+            )
             del x, sh, sw, logits_t, ref, loss
     return ok
 
@@ -150,6 +158,7 @@ def check_speed(device, n, h, v, repeats, rows) -> bool:
     rows.append((f"bare GEMMs x4 bf16 (N={n}, H={h}, V={v})", f"{floor * 1e3:.1f} ms", "floor", "-"))
     ok, values = True, {}
     for objective, beta in (("forward_kl", 0.0), ("jsd", 0.5)):
+
         def ours(objective=objective):
             sh.grad = sw.grad = None
             loss = linear_distillation_loss(sh, sw, th, tw, objective=objective)
@@ -158,8 +167,9 @@ def check_speed(device, n, h, v, repeats, rows) -> bool:
 
         def trl(beta=beta):
             sh.grad = sw.grad = None
-            loss, _, _ = _chunked_divergence_loss(sh[None], th[None], sw, tw, torch.ones(1, n, device=device),
-                                                  beta=beta)  # fmt: skip
+            loss, _, _ = _chunked_divergence_loss(
+                sh[None], th[None], sw, tw, torch.ones(1, n, device=device), beta=beta
+            )
             loss.backward()
             return loss.item()
 
@@ -173,8 +183,14 @@ def check_speed(device, n, h, v, repeats, rows) -> bool:
         gap = abs(mine - theirs) / abs(theirs)
         passed = gap <= 2e-2
         ok &= passed
-        rows.append((f"loss ours vs TRL {objective}", f"{mine:.6f} vs {theirs:.6f} (rel {gap:.1e})", "<= 2e-02",
-                     "PASS" if passed else "FAIL"))  # fmt: skip
+        rows.append(
+            (
+                f"loss ours vs TRL {objective}",
+                f"{mine:.6f} vs {theirs:.6f} (rel {gap:.1e})",
+                "<= 2e-02",
+                "PASS" if passed else "FAIL",
+            )
+        )
     return ok
 
 
@@ -191,8 +207,9 @@ def check_training_step(device, model_dir, smoke, rows) -> bool:
         label = "tiny demo models (CPU smoke)"
     else:
         if not (model_dir / "config.json").is_file():
-            rows.append(("real-model training step", f"skipped: no model directory at {model_dir}",
-                         "pass --model-dir", "SKIP"))  # fmt: skip
+            rows.append(
+                ("real-model training step", f"skipped: no model directory at {model_dir}", "pass --model-dir", "SKIP")
+            )
             return True
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -202,12 +219,27 @@ def check_training_step(device, model_dir, smoke, rows) -> bool:
         label = f"{model_dir.name} bf16"
     with tempfile.TemporaryDirectory() as out:
         args = DistillConfig(
-            output_dir=out, use_cpu=device.type == "cpu", bf16=device.type == "cuda", max_steps=2,
-            per_device_train_batch_size=4, max_length=256, learning_rate=1e-5, alpha=0.5, logging_steps=1,
-            save_strategy="no", report_to="none", disable_tqdm=True, activation_checkpointing=False,
-        )  # fmt: skip
-        trainer = DistillTrainer(model=student, teacher_model=teacher, args=args, processing_class=tokenizer,
-                                 train_dataset=make_task_dataset(16, seed=0, split="train"))  # fmt: skip
+            output_dir=out,
+            use_cpu=device.type == "cpu",
+            bf16=device.type == "cuda",
+            max_steps=2,
+            per_device_train_batch_size=4,
+            max_length=256,
+            learning_rate=1e-5,
+            alpha=0.5,
+            logging_steps=1,
+            save_strategy="no",
+            report_to="none",
+            disable_tqdm=True,
+            activation_checkpointing=False,
+        )
+        trainer = DistillTrainer(
+            model=student,
+            teacher_model=teacher,
+            args=args,
+            processing_class=tokenizer,
+            train_dataset=make_task_dataset(16, seed=0, split="train"),
+        )
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         start = time.perf_counter()
@@ -215,8 +247,14 @@ def check_training_step(device, model_dir, smoke, rows) -> bool:
         seconds = (time.perf_counter() - start) / args.max_steps
     peak = f", peak {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB" if device.type == "cuda" else ""
     passed = bool(torch.isfinite(torch.tensor(result.training_loss)))
-    rows.append((f"DistillTrainer 2 steps, {label}", f"loss {result.training_loss:.4f}, {seconds:.2f} s/step{peak}",
-                 "finite loss", "PASS" if passed else "FAIL"))  # fmt: skip
+    rows.append(
+        (
+            f"DistillTrainer 2 steps, {label}",
+            f"loss {result.training_loss:.4f}, {seconds:.2f} s/step{peak}",
+            "finite loss",
+            "PASS" if passed else "FAIL",
+        )
+    )
     return passed
 
 
@@ -226,8 +264,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-dir", type=pathlib.Path, default=DEFAULT_MODEL, help="local model for part 3")
     args = parser.parse_args(argv)
     if not args.cpu_smoke and not torch.cuda.is_available():
-        print("gpu_check: no CUDA device here; nothing to measure. Run it on a machine with a GPU, or pass "
-              "--cpu-smoke to run every part at tiny sizes on CPU.")  # fmt: skip
+        print(
+            "gpu_check: no CUDA device here; nothing to measure. Run it on a machine with a GPU, or pass "
+            "--cpu-smoke to run every part at tiny sizes on CPU."
+        )
         return 0
     device = torch.device("cpu" if args.cpu_smoke else "cuda")
     if device.type == "cuda":

@@ -167,9 +167,16 @@ def make_loss_fn(case: Case):
         def fn(x):
             s_h, s_w, t_h, t_w = x["student_hidden"], x["student_weight"], x["teacher_hidden"], x["teacher_weight"]
             return linear_distillation_loss(
-                s_h, s_w, t_h, t_w, mask=x["mask"], objective=case.objective, temperature=temperature,
-                reduction="mean", chunk_size=case.chunk_size,
-            )  # fmt: skip
+                s_h,
+                s_w,
+                t_h,
+                t_w,
+                mask=x["mask"],
+                objective=case.objective,
+                temperature=temperature,
+                reduction="mean",
+                chunk_size=case.chunk_size,
+            )
 
         return fn, impl
 
@@ -320,8 +327,9 @@ def check_agreement(args) -> bool:
     n, hidden = QUICK["n"], QUICK["hidden"]
     ok = True
     print(f"## Agreement check (N={n}, H={hidden}, {args.dtype}, T={args.temperature}), vs trl_materialized in fp32\n")
-    print("| objective | V | method | loss | loss abs diff | max abs diff grad hidden | max abs diff grad weight "
-          "| ok |")  # fmt: skip
+    print(
+        "| objective | V | method | loss | loss abs diff | max abs diff grad hidden | max abs diff grad weight | ok |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     tol = 1e-4 if args.dtype == "fp32" else 2e-2
     for vocab in QUICK["vocab"]:
@@ -336,8 +344,10 @@ def check_agreement(args) -> bool:
                 fn, _ = make_loss_fn(case)
                 x = build_inputs(n, vocab, hidden, args.device, args.dtype)
                 if dtype != args.dtype:
-                    x = {k: v.detach().float().requires_grad_(v.requires_grad) if v.is_floating_point() else v
-                         for k, v in x.items()}  # fmt: skip
+                    x = {
+                        k: v.detach().float().requires_grad_(v.requires_grad) if v.is_floating_point() else v
+                        for k, v in x.items()
+                    }
                 loss = fn(x)
                 loss.backward()
                 k = trl_scale(method, args.temperature)
@@ -584,8 +594,9 @@ def _chunk_size(text: str) -> int | None:
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--n", type=int, default=None, help=f"positions N (default {DEFAULTS['n']}, quick {QUICK['n']})")
-    p.add_argument("--vocab", type=int, nargs="+", default=None, help=f"vocabulary sizes (default {DEFAULTS['vocab']})"
-                   )  # fmt: skip
+    p.add_argument(
+        "--vocab", type=int, nargs="+", default=None, help=f"vocabulary sizes (default {DEFAULTS['vocab']})"
+    )
     p.add_argument("--hidden", type=int, default=None, help=f"hidden size H (default {DEFAULTS['hidden']})")
     p.add_argument("--repeats", type=int, default=None, help="fresh processes per case, medians reported (default 3)")
     p.add_argument("--objectives", nargs="+", default=list(BETA), choices=list(BETA))
@@ -638,8 +649,11 @@ def run_all(args, cases: list[Case]) -> list[dict]:
             status = r.get("skipped") or r.get("error")
             status = status or f"{r['seconds']:.3f} s, {r['peak_bytes'] / 2**20:,.0f} MiB, {r['impl']}"
             elapsed = time.time() - t_start
-            print(f"[{len(runs)}/{total}, {elapsed:.0f} s] {case.label} {case.objective} V={case.vocab}: {status}",
-                  file=sys.stderr, flush=True)  # fmt: skip
+            print(
+                f"[{len(runs)}/{total}, {elapsed:.0f} s] {case.label} {case.objective} V={case.vocab}: {status}",
+                file=sys.stderr,
+                flush=True,
+            )
     return runs
 
 

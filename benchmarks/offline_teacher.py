@@ -47,10 +47,23 @@ def _args(output_dir: str, steps: int, **kwargs):
     from trl_distill import DistillConfig
 
     return DistillConfig(
-        output_dir=output_dir, use_cpu=True, bf16=False, activation_checkpointing=False, max_steps=steps,
-        per_device_train_batch_size=32, learning_rate=2e-3, max_length=64, save_strategy="no", report_to="none",
-        disable_tqdm=True, logging_steps=max(steps, 1), kd_temperature=2.0, seed=0, dataloader_num_workers=0, **kwargs,
-    )  # fmt: skip
+        output_dir=output_dir,
+        use_cpu=True,
+        bf16=False,
+        activation_checkpointing=False,
+        max_steps=steps,
+        per_device_train_batch_size=32,
+        learning_rate=2e-3,
+        max_length=64,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        logging_steps=max(steps, 1),
+        kd_temperature=2.0,
+        seed=0,
+        dataloader_num_workers=0,
+        **kwargs,
+    )
 
 
 def write_store(directory: str, top_k: int, n_rows: int) -> dict:
@@ -59,9 +72,13 @@ def write_store(directory: str, top_k: int, n_rows: int) -> dict:
     tokenizer, dataset, teacher = _setup(n_rows)
     start = time.perf_counter()
     manifest = cache_teacher(
-        teacher, dataset, args=_args(directory, 1, teacher_cache=directory, kd_top_k=top_k),
-        processing_class=tokenizer, batch_size=64, progress=False,
-    )  # fmt: skip
+        teacher,
+        dataset,
+        args=_args(directory, 1, teacher_cache=directory, kd_top_k=top_k),
+        processing_class=tokenizer,
+        batch_size=64,
+        progress=False,
+    )
     seconds = time.perf_counter() - start
     positions = manifest["splits"]["train"]["positions"]
     return {"seconds": seconds, "positions": positions, "file_bytes": manifest["total_bytes"], "rows": n_rows}
@@ -83,8 +100,10 @@ def bytes_table(stores: dict[int, dict]) -> None:
         per_row = stores[k]["positions"] / stores[k]["rows"]
         label = f"ours, whole shard files (keys, offsets, headers; demo rows ~{per_row:.1f} positions)"
         print(f"| {label} | {k} | {measured:,.1f} | {measured / fp32:.5f}x |")
-    print("\nDistillKit's figure of ~300 bytes/position at k=128 is quoted from issue 6, not measured here; at k=128 ours "
-          f"is {4 * 129} bytes.")
+    print(
+        "\nDistillKit's figure of ~300 bytes/position at k=128 is quoted from issue 6, not measured here; at k=128 ours "
+        f"is {4 * 129} bytes."
+    )
 
 
 def error_table(n_positions: int) -> None:
@@ -121,8 +140,9 @@ def time_training(mode: str, store: str, steps: int, n_rows: int) -> float:
     with tempfile.TemporaryDirectory() as out:
         if mode == "online":
             args = _args(out, steps + 1, kd_top_k=64)
-            trainer = DistillTrainer(model=student, teacher_model=teacher, args=args, train_dataset=dataset,
-                                     processing_class=tokenizer)  # fmt: skip
+            trainer = DistillTrainer(
+                model=student, teacher_model=teacher, args=args, train_dataset=dataset, processing_class=tokenizer
+            )
         else:
             del teacher
             args = _args(out, steps + 1, kd_top_k=64, teacher_cache=store)
@@ -183,16 +203,22 @@ def main(argv=None) -> int:
             line = subprocess.run(command, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
             results[mode].append(json.loads(line)["steps_per_s"])
     online, offline = statistics.median(results["online"]), statistics.median(results["store"])
-    print(f"\n## Training speed, demo student ({STUDENT['hidden_size']}x{STUDENT['num_layers']}) with a teacher of "
-          f"{ratio:.1f}x its parameters ({TEACHER['hidden_size']}x{TEACHER['num_layers']}), k=64, batch 32, "
-          f"{steps} steps, {repeats} processes each, 1 thread\n")
+    print(
+        f"\n## Training speed, demo student ({STUDENT['hidden_size']}x{STUDENT['num_layers']}) with a teacher of "
+        f"{ratio:.1f}x its parameters ({TEACHER['hidden_size']}x{TEACHER['num_layers']}), k=64, batch 32, "
+        f"{steps} steps, {repeats} processes each, 1 thread\n"
+    )
     print("| teacher | steps/s (median) | runs | speed-up |")
     print("|---|---|---|---|")
     print(f"| online (live teacher) | {online:.2f} | {', '.join(f'{v:.2f}' for v in results['online'])} | 1.00x |")
-    print(f"| from the store | {offline:.2f} | {', '.join(f'{v:.2f}' for v in results['store'])} | {offline / online:.2f}x |")
+    print(
+        f"| from the store | {offline:.2f} | {', '.join(f'{v:.2f}' for v in results['store'])} | {offline / online:.2f}x |"
+    )
     cache = stores[64]
-    print(f"\nWriting the k=64 store: {cache['seconds']:.1f} s for {cache['rows']} rows ({cache['positions']} positions), "
-          "a one-off cost shared by every later run on the same data.")
+    print(
+        f"\nWriting the k=64 store: {cache['seconds']:.1f} s for {cache['rows']} rows ({cache['positions']} positions), "
+        "a one-off cost shared by every later run on the same data."
+    )
     return 0
 
 

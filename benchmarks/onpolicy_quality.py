@@ -51,18 +51,28 @@ def _train_one(setup, name, overrides, hidden_size, cache_dir):
     student = new_student(setup, hidden_size=hidden_size)
     start = time.perf_counter()
     if overrides is None:
-        trainer = SFTTrainer(model=student, args=SFTConfig(**kwargs), train_dataset=setup.train_dataset,
-                             processing_class=setup.tokenizer)  # fmt: skip
+        trainer = SFTTrainer(
+            model=student,
+            args=SFTConfig(**kwargs),
+            train_dataset=setup.train_dataset,
+            processing_class=setup.tokenizer,
+        )
     else:
         trainer = DistillTrainer(
-            model=student, teacher_model=setup.teacher,
+            model=student,
+            teacher_model=setup.teacher,
             args=DistillConfig(**kwargs, teacher_generation_cache_dir=cache_dir, **overrides),
-            train_dataset=setup.train_dataset, processing_class=setup.tokenizer, teacher_processing_class=setup.tokenizer,
-        )  # fmt: skip
+            train_dataset=setup.train_dataset,
+            processing_class=setup.tokenizer,
+            teacher_processing_class=setup.tokenizer,
+        )
     setup_seconds = time.perf_counter() - start  # includes the teacher's generations for `sequence` (cached after)
     seconds = train(trainer)
-    return trainer.model, {"train_s": seconds, "s_per_step": seconds / trainer.state.global_step,
-                           "setup_s": setup_seconds}  # fmt: skip
+    return trainer.model, {
+        "train_s": seconds,
+        "s_per_step": seconds / trainer.state.global_step,
+        "setup_s": setup_seconds,
+    }
 
 
 def main(argv=None) -> int:
@@ -72,8 +82,12 @@ def main(argv=None) -> int:
     parser.add_argument("--output-dir", default="runs/onpolicy_quality")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--student-hidden-sizes", type=int, nargs="+", default=[64])
-    parser.add_argument("--only", nargs="*", help="Train only these rows (names as printed); the table shows them "
-                        "with the rows already in OUTPUT_DIR/results.json.")  # fmt: skip
+    parser.add_argument(
+        "--only",
+        nargs="*",
+        help="Train only these rows (names as printed); the table shows them "
+        "with the rows already in OUTPUT_DIR/results.json.",
+    )
     parser.add_argument("--quick", action="store_true", help="The test-sized budget (a smoke run).")
     args = parser.parse_args(argv)
 
@@ -85,8 +99,11 @@ def main(argv=None) -> int:
     with demo_session():
         setup = prepare_demo(args.output_dir, seed=args.seed, quick=args.quick)
         cache_dir = os.path.join(args.output_dir, "teacher_generations")
-        print(f"teacher {'cached' if setup.teacher_cached else 'trained'}; {setup.budget.student_steps} steps per "
-              f"student, batch {setup.budget.batch_size}; {setup.budget.n_test} held-out prompts", flush=True)  # fmt: skip
+        print(
+            f"teacher {'cached' if setup.teacher_cached else 'trained'}; {setup.budget.student_steps} steps per "
+            f"student, batch {setup.budget.batch_size}; {setup.budget.n_test} held-out prompts",
+            flush=True,
+        )
         for hidden_size in args.student_hidden_sizes:
             for name, overrides in _students().items():
                 if args.only and name not in args.only:
@@ -102,15 +119,20 @@ def main(argv=None) -> int:
     teacher = results["teacher"]
     shape = f"{setup.budget.teacher_hidden_size}x{setup.budget.teacher_layers}"
     print(f"\nteacher ({shape}): perplexity {teacher['perplexity']:.3f}, accuracy {teacher['accuracy']:.1%}\n")
-    print("| student width | training data | KL(teacher‖student) | KL(student‖teacher) | perplexity | accuracy | s / step |")
+    print(
+        "| student width | training data | KL(teacher‖student) | KL(student‖teacher) | perplexity | accuracy | s / step |"
+    )
     print("|---|---|---|---|---|---|---|")
     order = list(_students())
-    keys = sorted((k for k in results if k != "teacher"),
-                  key=lambda k: (-int(k.split("/")[0]), order.index(k.split("/", 1)[1])))  # fmt: skip
+    keys = sorted(
+        (k for k in results if k != "teacher"), key=lambda k: (-int(k.split("/")[0]), order.index(k.split("/", 1)[1]))
+    )
     for key in keys:
         row, name = results[key], key.split("/", 1)[1]
-        print(f"| {row['hidden_size']} | {name} | {row['kl_teacher_student']:.4f} | {row['kl_student_teacher']:.4f} "
-              f"| {row['perplexity']:.3f} | {row['accuracy']:.1%} | {row['s_per_step']:.3f} |")  # fmt: skip
+        print(
+            f"| {row['hidden_size']} | {name} | {row['kl_teacher_student']:.4f} | {row['kl_student_teacher']:.4f} "
+            f"| {row['perplexity']:.3f} | {row['accuracy']:.1%} | {row['s_per_step']:.3f} |"
+        )
     return 0
 
 

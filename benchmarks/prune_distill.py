@@ -30,6 +30,7 @@ import subprocess
 import sys
 import time
 
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "recipes" / "configs" / "smollm2-prune-distill.yaml"
 TEACHER = "SmolLM2-135M-Instruct"
@@ -59,19 +60,43 @@ def write_data(directory: str, budget, seed: int) -> str:
 
 
 def _training_flags(budget, seed: int) -> list[str]:
-    return ["--max_steps", str(budget.steps), "--per_device_train_batch_size", str(budget.batch_size),
-            "--learning_rate", str(budget.learning_rate), "--max_length", str(budget.max_length),
-            "--seed", str(seed), "--data_seed", str(seed)]  # fmt: skip
+    return [
+        "--max_steps",
+        str(budget.steps),
+        "--per_device_train_batch_size",
+        str(budget.batch_size),
+        "--learning_rate",
+        str(budget.learning_rate),
+        "--max_length",
+        str(budget.max_length),
+        "--seed",
+        str(seed),
+        "--data_seed",
+        str(seed),
+    ]
 
 
 def prune_and_distill(keep: int, data_dir: str, out: str, budget, seed: int) -> tuple[dict, float]:
     """Run the recipe for one kept-layer count; return its stage record and the wall time."""
     from trl_distill.scripts import prune_distill
 
-    argv = ["--config", str(CONFIG), "--dataset_name", data_dir, "--output_dir", os.path.join(out, f"keep{keep}-kd"),
-            "--prune_num_keep", str(keep), "--heldout_max_rows", str(budget.n_test),
-            "--calibration_rows", str(budget.n_calibration), "--disable_tqdm", "true",
-            *_training_flags(budget, seed)]  # fmt: skip
+    argv = [
+        "--config",
+        str(CONFIG),
+        "--dataset_name",
+        data_dir,
+        "--output_dir",
+        os.path.join(out, f"keep{keep}-kd"),
+        "--prune_num_keep",
+        str(keep),
+        "--heldout_max_rows",
+        str(budget.n_test),
+        "--calibration_rows",
+        str(budget.n_calibration),
+        "--disable_tqdm",
+        "true",
+        *_training_flags(budget, seed),
+    ]
     start = time.perf_counter()
     record = prune_distill.main(argv)
     return record, time.perf_counter() - start
@@ -86,11 +111,25 @@ def sft_recovery(pruned_dir: str, output_dir: str, train, test_rows, teacher, to
     from trl_distill import heldout_metrics
 
     args = SFTConfig(
-        output_dir=output_dir, use_cpu=True, bf16=False, activation_checkpointing=False, max_steps=budget.steps,
-        per_device_train_batch_size=budget.batch_size, learning_rate=budget.learning_rate, lr_scheduler_type="cosine",
-        warmup_steps=0.05, weight_decay=0.0, max_length=budget.max_length, logging_steps=8, save_strategy="no",
-        report_to="none", seed=seed, data_seed=seed, dataloader_num_workers=0, disable_tqdm=True,
-    )  # fmt: skip
+        output_dir=output_dir,
+        use_cpu=True,
+        bf16=False,
+        activation_checkpointing=False,
+        max_steps=budget.steps,
+        per_device_train_batch_size=budget.batch_size,
+        learning_rate=budget.learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_steps=0.05,
+        weight_decay=0.0,
+        max_length=budget.max_length,
+        logging_steps=8,
+        save_strategy="no",
+        report_to="none",
+        seed=seed,
+        data_seed=seed,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
     model = AutoModelForCausalLM.from_pretrained(pruned_dir, dtype=torch.float32)
     trainer = SFTTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer)
     start = time.perf_counter()
@@ -111,8 +150,12 @@ def speed_worker(path: str, batch: int, new_tokens: int, repeats: int, prompts: 
     tokenizer.padding_side = "left"
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     encoded = tokenizer(prompts[:batch], return_tensors="pt", padding=True)
-    kwargs = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False,
-              "pad_token_id": tokenizer.pad_token_id}  # fmt: skip
+    kwargs = {
+        "max_new_tokens": new_tokens,
+        "min_new_tokens": new_tokens,
+        "do_sample": False,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
     rates = []
     with torch.no_grad():
         model.generate(**encoded, **{**kwargs, "max_new_tokens": 8, "min_new_tokens": 8})  # warm-up
@@ -131,8 +174,20 @@ def measure_speed(paths: dict[str, str], prompts: list[str], new_tokens: int, re
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     for batch in (1, 8):
         for name, path in paths.items():
-            command = [sys.executable, __file__, "--speed-worker", path, "--batch", str(batch), "--new-tokens",
-                       str(new_tokens), "--repeats", str(repeats), "--prompts", json.dumps(prompts)]  # fmt: skip
+            command = [
+                sys.executable,
+                __file__,
+                "--speed-worker",
+                path,
+                "--batch",
+                str(batch),
+                "--new-tokens",
+                str(new_tokens),
+                "--repeats",
+                str(repeats),
+                "--prompts",
+                json.dumps(prompts),
+            ]
             done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
             if done.returncode != 0:
                 raise SystemExit(f"speed worker failed for {name} batch {batch}:\n{done.stderr[-3000:]}")
@@ -155,11 +210,16 @@ def format_tables(results: dict) -> str:
                 continue
             m = row[stage]
             seconds = f"{m['train_s']:.0f}" if "train_s" in m else "-"
-            lines.append(f"| {keep} | {label} | {m['kl_teacher_student']:.3f} | {m['student_perplexity']:.2f} "
-                         f"| {m['top1_agreement']:.1%} | {seconds} |")  # fmt: skip
+            lines.append(
+                f"| {keep} | {label} | {m['kl_teacher_student']:.3f} | {m['student_perplexity']:.2f} "
+                f"| {m['top1_agreement']:.1%} | {seconds} |"
+            )
     if results.get("speed"):
-        lines += ["", "| model | layers | batch 1 tokens/s | batch 8 tokens/s | speed-up b1 | speed-up b8 |",
-                  "|---|---|---|---|---|---|"]  # fmt: skip
+        lines += [
+            "",
+            "| model | layers | batch 1 tokens/s | batch 8 tokens/s | speed-up b1 | speed-up b8 |",
+            "|---|---|---|---|---|---|",
+        ]
         base = results["speed"]["unpruned"]
         for name, row in results["speed"].items():
             b1, b8 = row["batch1"]["median"], row["batch8"]["median"]
@@ -179,8 +239,10 @@ def speed_only(out: str, merge, new_tokens: int) -> int:
             results["runs"].update(json.load(f)["runs"])
     with open(os.path.join(out, "data", "test.jsonl"), encoding="utf-8") as f:
         prompts = [json.loads(line)["prompt"] for line in f][:8]
-    paths = {"unpruned": str(real_model_path(TEACHER)),
-             **{f"keep {k}": run["pruned_dir"] for k, run in results["runs"].items()}}  # fmt: skip
+    paths = {
+        "unpruned": str(real_model_path(TEACHER)),
+        **{f"keep {k}": run["pruned_dir"] for k, run in results["runs"].items()},
+    }
     results["speed"] = measure_speed(paths, prompts, new_tokens=new_tokens, repeats=3)
     results["table"] = format_tables(results)
     with open(os.path.join(out, "results.json"), "w", encoding="utf-8") as f:
@@ -199,12 +261,24 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=None, help="Rows per step (default 6; quick: 4).")
     parser.add_argument("--n-test", type=int, default=None, help="Held-out rows (default 32; quick: 8).")
     parser.add_argument("--new-tokens-speed", type=int, default=None, help="Tokens generated per speed run (48).")
-    parser.add_argument("--speed-only", action="store_true",
-                        help="Only measure speed, for the pruned models of `<out>/results.json` (and `--merge`).")
-    parser.add_argument("--merge", nargs="+", default=(), metavar="DIR",
-                        help="With --speed-only: add the runs of DIR/results.json (e.g. one --keep per process).")
-    parser.add_argument("--sft-from", metavar="DIR", default=None,
-                        help="Only the SFT recovery, from this pruned directory (with one --keep, for the label).")
+    parser.add_argument(
+        "--speed-only",
+        action="store_true",
+        help="Only measure speed, for the pruned models of `<out>/results.json` (and `--merge`).",
+    )
+    parser.add_argument(
+        "--merge",
+        nargs="+",
+        default=(),
+        metavar="DIR",
+        help="With --speed-only: add the runs of DIR/results.json (e.g. one --keep per process).",
+    )
+    parser.add_argument(
+        "--sft-from",
+        metavar="DIR",
+        default=None,
+        help="Only the SFT recovery, from this pruned directory (with one --keep, for the label).",
+    )
     parser.add_argument("--no-speed", action="store_true", help="Skip the generation-speed measurement.")
     parser.add_argument("--write-data", metavar="DIR", default=None, help="Only write the data the YAML reads.")
     parser.add_argument("--speed-worker", metavar="PATH", default=None, help=argparse.SUPPRESS)
@@ -214,8 +288,11 @@ def main(argv=None) -> int:
     parser.add_argument("--prompts", default="[]", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.speed_worker:
-        print(json.dumps(speed_worker(args.speed_worker, args.batch, args.new_tokens, args.repeats,
-                                      json.loads(args.prompts))))  # fmt: skip
+        print(
+            json.dumps(
+                speed_worker(args.speed_worker, args.batch, args.new_tokens, args.repeats, json.loads(args.prompts))
+            )
+        )
         return 0
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     budget = budget_for(args.quick, steps=args.steps, batch_size=args.batch_size, n_test=args.n_test)
@@ -241,11 +318,27 @@ def main(argv=None) -> int:
     test_rows = list(test)
     tokenizer = AutoTokenizer.from_pretrained(teacher_path)
     teacher = AutoModelForCausalLM.from_pretrained(teacher_path, dtype=torch.float32).eval()
-    results = {"budget": dataclasses.asdict(budget), "seed": args.seed, "teacher": teacher_path, "runs": {},
-               "torch_threads": torch.get_num_threads()}  # fmt: skip
+    results = {
+        "budget": dataclasses.asdict(budget),
+        "seed": args.seed,
+        "teacher": teacher_path,
+        "runs": {},
+        "torch_threads": torch.get_num_threads(),
+    }
     if args.sft_from:  # the SFT baseline alone, e.g. in parallel with the recipe's run of the same --keep
-        row = {"sft": sft_recovery(args.sft_from, os.path.join(out, f"keep{keeps[0]}-sft"), train, test_rows, teacher,
-                                   tokenizer, budget, args.seed), "pruned_dir": args.sft_from}  # fmt: skip
+        row = {
+            "sft": sft_recovery(
+                args.sft_from,
+                os.path.join(out, f"keep{keeps[0]}-sft"),
+                train,
+                test_rows,
+                teacher,
+                tokenizer,
+                budget,
+                args.seed,
+            ),
+            "pruned_dir": args.sft_from,
+        }
         results["runs"][str(keeps[0])] = row
         with open(os.path.join(out, "results.json"), "w", encoding="utf-8") as f:
             json.dump(results, f, indent=2)
@@ -256,14 +349,20 @@ def main(argv=None) -> int:
         r = record["results"]
         pruned_dir = record["models"]["student"]["initial"]
         row = {
-            "pruned": {k[len("pruned_"):]: v for k, v in r.items() if k.startswith("pruned_")},
-            "kd": {**{k[len("heldout_"):]: v for k, v in r.items() if k.startswith("heldout_")}, "recipe_s": seconds,
-                   **({"train_s": r["train_runtime_s"]} if r.get("train_runtime_s") else {})},
-            "kept_layers": r["kept_layers"], "removed_layers": r["removed_layers"], "pruned_dir": pruned_dir,
-        }  # fmt: skip
+            "pruned": {k[len("pruned_") :]: v for k, v in r.items() if k.startswith("pruned_")},
+            "kd": {
+                **{k[len("heldout_") :]: v for k, v in r.items() if k.startswith("heldout_")},
+                "recipe_s": seconds,
+                **({"train_s": r["train_runtime_s"]} if r.get("train_runtime_s") else {}),
+            },
+            "kept_layers": r["kept_layers"],
+            "removed_layers": r["removed_layers"],
+            "pruned_dir": pruned_dir,
+        }
         print(f"[keep {keep}] sft recovery", flush=True)
-        row["sft"] = sft_recovery(pruned_dir, os.path.join(out, f"keep{keep}-sft"), train, test_rows, teacher,
-                                  tokenizer, budget, args.seed)  # fmt: skip
+        row["sft"] = sft_recovery(
+            pruned_dir, os.path.join(out, f"keep{keep}-sft"), train, test_rows, teacher, tokenizer, budget, args.seed
+        )
         results["runs"][str(keep)] = row
         results["teacher_perplexity"] = row["pruned"]["teacher_perplexity"]
         with open(os.path.join(out, "results.json"), "w", encoding="utf-8") as f:
@@ -272,8 +371,7 @@ def main(argv=None) -> int:
     results["teacher_self_kl"] = check  # 0 up to float error: the measurement's floor
     if not args.no_speed:
         del teacher
-        paths = {"unpruned": teacher_path,
-                 **{f"keep {k}": results["runs"][str(k)]["pruned_dir"] for k in keeps}}  # fmt: skip
+        paths = {"unpruned": teacher_path, **{f"keep {k}": results["runs"][str(k)]["pruned_dir"] for k in keeps}}
         prompts = [row["prompt"] for row in test_rows[:8]]
         new_tokens = args.new_tokens_speed or (16 if args.quick else 48)
         results["speed"] = measure_speed(paths, prompts, new_tokens=new_tokens, repeats=2 if args.quick else 3)

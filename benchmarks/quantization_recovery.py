@@ -35,8 +35,11 @@ def _run(command: list[str], workspace: pathlib.Path) -> None:
 
 
 def _stage(workspace: pathlib.Path, config: str) -> dict:
-    output_dir = next(line.split(":", 1)[1].strip() for line in (CONFIGS / config).read_text().splitlines()
-                      if line.startswith("output_dir:"))  # fmt: skip
+    output_dir = next(
+        line.split(":", 1)[1].strip()
+        for line in (CONFIGS / config).read_text().splitlines()
+        if line.startswith("output_dir:")
+    )
     return json.loads((workspace / output_dir / "stage.json").read_text())
 
 
@@ -58,13 +61,17 @@ def main(argv=None) -> int:
         _run([sys.executable, str(ROOT / "recipes/distill_qat.py"), "--config", str(CONFIGS / config)], workspace)
         rows.append((label, _stage(workspace, config)["results"]))
 
-    print("| path | KL(fp‖quantized) after quantization | after recovery | KL(teacher‖student) before quantization "
-          "| after quantization | after recovery |")  # fmt: skip
+    print(
+        "| path | KL(fp‖quantized) after quantization | after recovery | KL(teacher‖student) before quantization "
+        "| after quantization | after recovery |"
+    )
     print("|---|---|---|---|---|---|")
     for label, r in rows:
-        print(f"| {label} | {r['after_quant_kl_to_fp']:.3g} | {r['after_recovery_kl_to_fp']:.3g} "
-              f"| {r['before_quant_kl_to_reference']:.4g} | {r['after_quant_kl_to_reference']:.4g} "
-              f"| {r['after_recovery_kl_to_reference']:.4g} |")  # fmt: skip
+        print(
+            f"| {label} | {r['after_quant_kl_to_fp']:.3g} | {r['after_recovery_kl_to_fp']:.3g} "
+            f"| {r['before_quant_kl_to_reference']:.4g} | {r['after_quant_kl_to_reference']:.4g} "
+            f"| {r['after_recovery_kl_to_reference']:.4g} |"
+        )
     for note in notes:
         print(note)
     return 0

@@ -37,8 +37,8 @@ def main() -> None:
 
     from trl_distill.demo.task import make_task_dataset, task_corpus
     from trl_distill.demo.tiny import build_tiny_model, build_tokenizer, save_pretrained_pair
-    from trl_distill.evaluation import heldout_metrics
     from trl_distill.digests import weights_sha256
+    from trl_distill.evaluation import heldout_metrics
     from trl_distill.receipt import hash_artifacts, new_receipt, write_receipt
     from trl_distill.verify import verify_artifact
 
@@ -46,8 +46,10 @@ def main() -> None:
     tokenizer = build_tokenizer(task_corpus(seed=0, n=1500), vocab_size=1000)
     rows = make_task_dataset(args.rows, seed=0, split="test")
     student = build_tiny_model(tokenizer, hidden_size=64, num_layers=2, num_heads=4, seed=1)
-    header = ("| teacher (hidden x layers) | weights MiB | teacher sha256 s | artifact sha256 s | verify s "
-              f"| held-out measurement s ({args.rows} rows) |")  # fmt: skip
+    header = (
+        "| teacher (hidden x layers) | weights MiB | teacher sha256 s | artifact sha256 s | verify s "
+        f"| held-out measurement s ({args.rows} rows) |"
+    )
     print(header + "\n" + "|---" * 6 + "|")
     for size in args.sizes:
         hidden, layers = map(int, size.split("x"))

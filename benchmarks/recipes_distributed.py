@@ -34,13 +34,34 @@ LAUNCHERS = {
 
 
 def _command(name: str, steps: int, output_dir: str, port: int) -> list[str]:
-    recipe = [str(RECIPE), "--config", str(CONFIG), "--max_steps", str(steps), "--output_dir", output_dir,
-              "--per_device_train_batch_size", "8"]  # fmt: skip
+    recipe = [
+        str(RECIPE),
+        "--config",
+        str(CONFIG),
+        "--max_steps",
+        str(steps),
+        "--output_dir",
+        output_dir,
+        "--per_device_train_batch_size",
+        "8",
+    ]
     if not LAUNCHERS[name]:
         return [sys.executable, *recipe]
     config = ROOT / "recipes" / "accelerate_configs" / LAUNCHERS[name][0]
-    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--num_processes", "2",
-            "--mixed_precision", "no", "--main_process_port", str(port), *recipe]  # fmt: skip
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(config),
+        "--num_processes",
+        "2",
+        "--mixed_precision",
+        "no",
+        "--main_process_port",
+        str(port),
+        *recipe,
+    ]
 
 
 def _failure(output: str) -> str:
@@ -66,21 +87,31 @@ def main(argv=None) -> int:
     for index, name in enumerate(args.launchers):
         output_dir = f"runs/bench-{index}"
         start = time.perf_counter()
-        done = subprocess.run(_command(name, args.steps, output_dir, 29600 + index), cwd=workspace, env=env,
-                              capture_output=True, text=True)  # fmt: skip
+        done = subprocess.run(
+            _command(name, args.steps, output_dir, 29600 + index),
+            cwd=workspace,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
         seconds = time.perf_counter() - start
         row = {"launcher": name, "returncode": done.returncode, "wall_s": seconds}
         if done.returncode == 0:
             results = json.loads((workspace / output_dir / "stage.json").read_text())["results"]
-            row.update(train_loss=results["train_loss"], heldout_kl=results.get("heldout_kl_teacher_student"),
-                       digests=results.get("rank_weight_digests"))  # fmt: skip
+            row.update(
+                train_loss=results["train_loss"],
+                heldout_kl=results.get("heldout_kl_teacher_student"),
+                digests=results.get("rank_weight_digests"),
+            )
         else:
             row["error"] = _failure(done.stdout + done.stderr)
         rows.append(row)
         print(f"{name}: exit {done.returncode} in {seconds:.0f} s", flush=True)
 
-    print(f"\n| launcher | exit | wall s ({args.steps} steps, with ~7 s of imports) | train loss | held-out KL(t‖s) "
-          "| ranks agree |")
+    print(
+        f"\n| launcher | exit | wall s ({args.steps} steps, with ~7 s of imports) | train loss | held-out KL(t‖s) "
+        "| ranks agree |"
+    )
     print("|---|---|---|---|---|---|")
     for row in rows:
         kl = f"{row['heldout_kl']:.4f}" if row.get("heldout_kl") is not None else "not measured"

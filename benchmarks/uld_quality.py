@@ -23,7 +23,6 @@ students, who share the tokenizer, not with the teacher's) and greedy task accur
 from __future__ import annotations
 
 import argparse
-import os
 
 from trl_distill.demo.harness import demo_session, new_student, prepare_demo, student_args, train
 
@@ -47,9 +46,11 @@ def _sft(setup, tokenizer, name, dataset, verbose):
     from trl import SFTConfig, SFTTrainer
 
     trainer = SFTTrainer(
-        model=new_student(setup, tokenizer), args=SFTConfig(**student_args(setup, name, verbose=verbose)),
-        train_dataset=dataset, processing_class=tokenizer,
-    )  # fmt: skip
+        model=new_student(setup, tokenizer),
+        args=SFTConfig(**student_args(setup, name, verbose=verbose)),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+    )
     return trainer, train(trainer, verbose=verbose)
 
 
@@ -68,9 +69,13 @@ def _uld(setup, tokenizer, name, settings, verbose):
         **student_args(setup, name, verbose=verbose), distill_mode="uld", kd_temperature=1.0, alpha=0.5, **settings
     )
     trainer = DistillTrainer(
-        model=new_student(setup, tokenizer), teacher_model=setup.teacher, args=args,
-        train_dataset=setup.train_dataset, processing_class=tokenizer, teacher_processing_class=setup.tokenizer,
-    )  # fmt: skip
+        model=new_student(setup, tokenizer),
+        teacher_model=setup.teacher,
+        args=args,
+        train_dataset=setup.train_dataset,
+        processing_class=tokenizer,
+        teacher_processing_class=setup.tokenizer,
+    )
     return trainer, train(trainer, verbose=verbose)
 
 
@@ -107,7 +112,9 @@ def main(argv=None) -> int:
             elif name in ULD_VARIANTS:
                 trainer, seconds = _uld(setup, tokenizer, name, ULD_VARIANTS[name], args.verbose)
             else:
-                raise ValueError(f"`--students`: unknown {name!r}; choose from sft, seq_kd, {', '.join(ULD_VARIANTS)}.")
+                raise ValueError(
+                    f"`--students`: unknown {name!r}; choose from sft, seq_kd, {', '.join(ULD_VARIANTS)}."
+                )
             results[name] = {**_measure(setup, trainer.model, tokenizer), "seconds": seconds}
             print(f"{name} done in {seconds:.0f} s", flush=True)
 

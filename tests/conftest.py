@@ -2,6 +2,7 @@
 
 import os
 
+
 # No Hub here or in CI: fail fast instead of retrying downloads, and send no telemetry.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")

@@ -18,15 +18,28 @@ def one_step(output_dir: str, world_size: int):
 
     tokenizer = build_tokenizer(task_corpus(seed=0, n=1500), vocab_size=1000)
     args = DistillConfig(
-        output_dir=output_dir, use_cpu=True, bf16=False, activation_checkpointing=False, max_steps=1,
-        per_device_train_batch_size=4 // world_size, learning_rate=1.0, optim="sgd", save_strategy="no",
-        report_to="none", seed=0, feature_weight=1.0, disable_tqdm=True, max_grad_norm=0.0,
-    )  # fmt: skip
+        output_dir=output_dir,
+        use_cpu=True,
+        bf16=False,
+        activation_checkpointing=False,
+        max_steps=1,
+        per_device_train_batch_size=4 // world_size,
+        learning_rate=1.0,
+        optim="sgd",
+        save_strategy="no",
+        report_to="none",
+        seed=0,
+        feature_weight=1.0,
+        disable_tqdm=True,
+        max_grad_norm=0.0,
+    )
     trainer = DistillTrainer(
         model=build_tiny_model(tokenizer, hidden_size=32, num_layers=2, num_heads=2, seed=1),
         teacher_model=build_tiny_model(tokenizer, hidden_size=64, num_layers=4, num_heads=4, seed=2),
-        args=args, train_dataset=make_task_dataset(16, seed=0, split="train"), processing_class=tokenizer,
-    )  # fmt: skip
+        args=args,
+        train_dataset=make_task_dataset(16, seed=0, split="train"),
+        processing_class=tokenizer,
+    )
     trainer.train()
     state = {f"projector.{k}": v for k, v in trainer.feature_projector.state_dict().items()}
     state["student.layers.0.mlp.down_proj.weight"] = trainer.model.model.layers[0].mlp.down_proj.weight.detach()

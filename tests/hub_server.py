@@ -21,7 +21,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
 class _Handler(BaseHTTPRequestHandler):
-    server: "_Server"
+    server: _Server
 
     def log_message(self, *args):  # keep test output quiet
         pass
@@ -60,8 +60,13 @@ class _Handler(BaseHTTPRequestHandler):
         match = re.fullmatch(r"/api/models/(.+)/(preupload|commit)/([^/?]+)(\?.*)?", self.path)
         if match and match.group(2) == "preupload":
             files = json.loads(body)["files"]
-            return self._reply(200, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
-                                               for f in files], "commitOid": "0" * 40})  # fmt: skip
+            return self._reply(
+                200,
+                {
+                    "files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files],
+                    "commitOid": "0" * 40,
+                },
+            )
         if match and self.server.failing_commits:  # a Hub that accepts the repo but fails the upload
             return self._reply(403, {"error": "upload refused by the test stand-in"})
         if match:
@@ -70,8 +75,14 @@ class _Handler(BaseHTTPRequestHandler):
                 item = json.loads(line)
                 if item["key"] == "file":
                     repo[item["value"]["path"]] = base64.b64decode(item["value"]["content"])
-            return self._reply(200, {"commitUrl": f"{endpoint}/{match.group(1)}/commit/{'1' * 40}",
-                                     "commitOid": "1" * 40, "success": True})  # fmt: skip
+            return self._reply(
+                200,
+                {
+                    "commitUrl": f"{endpoint}/{match.group(1)}/commit/{'1' * 40}",
+                    "commitOid": "1" * 40,
+                    "success": True,
+                },
+            )
         self._reply(404, {"error": f"unknown endpoint {self.path}"})
 
 
@@ -94,7 +105,7 @@ class LocalHub:
     def __init__(self, failing_commits: bool = False):
         self.failing_commits = failing_commits
 
-    def __enter__(self) -> "LocalHub":
+    def __enter__(self) -> LocalHub:
         self.server = _Server()
         self.server.failing_commits = self.failing_commits
         self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"

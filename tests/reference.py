@@ -84,7 +84,14 @@ def reference_loss(
         keep = keep & (flat_labels != -100)
         flat_labels = flat_labels[keep]
     rows = per_token_loss(
-        s[keep], t[keep], flat_labels, objective=objective, beta=beta, temperature=temperature, top_k=top_k, alpha=alpha
+        s[keep],
+        t[keep],
+        flat_labels,
+        objective=objective,
+        beta=beta,
+        temperature=temperature,
+        top_k=top_k,
+        alpha=alpha,
     )
     total = rows.sum()
     if reduction == "sum":

@@ -21,7 +21,9 @@ def _pad(x: torch.Tensor, width: int) -> torch.Tensor:
     return torch.cat([x, x.new_zeros(x.shape[0], width - x.shape[1])], dim=-1)
 
 
-def sorted_distance(p: torch.Tensor, q: torch.Tensor, distance: str, top_k: int | None, sort: bool = True) -> torch.Tensor:
+def sorted_distance(
+    p: torch.Tensor, q: torch.Tensor, distance: str, top_k: int | None, sort: bool = True
+) -> torch.Tensor:
     """Per row: the distance between the sorted top-k teacher `p` and student `q` probabilities.
 
     `sort=False` compares the entries in vocabulary order instead: the negative control.

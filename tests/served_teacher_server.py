@@ -158,8 +158,16 @@ class StandInServer:
                         if fault != "missing":
                             choice["prompt_logprobs"] = logprobs
                         choices.append(choice)
-                    self._send(200, {"id": "cmpl-0", "object": "text_completion", "created": int(time.time()),
-                                     "model": server.name, "choices": choices[::-1]})  # fmt: skip
+                    self._send(
+                        200,
+                        {
+                            "id": "cmpl-0",
+                            "object": "text_completion",
+                            "created": int(time.time()),
+                            "model": server.name,
+                            "choices": choices[::-1],
+                        },
+                    )
                 except (BrokenPipeError, ConnectionResetError, OSError):
                     pass  # the client gave up (timeout) or the fault closed the socket
 
@@ -174,8 +182,13 @@ def main() -> None:
     args = parser.parse_args()
     from transformers import AutoModelForCausalLM
 
-    server = StandInServer(AutoModelForCausalLM.from_pretrained(args.model), name=args.model, port=args.port,
-                           lifetime=args.lifetime, max_requests=10**9).start()  # fmt: skip
+    server = StandInServer(
+        AutoModelForCausalLM.from_pretrained(args.model),
+        name=args.model,
+        port=args.port,
+        lifetime=args.lifetime,
+        max_requests=10**9,
+    ).start()
     print(server.url, flush=True)
     server._stopped.wait()
 

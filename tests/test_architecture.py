@@ -131,7 +131,15 @@ INTERNAL = {
     "inference": set(),
     "terms.layer_map": set(),
     "terms": {"losses", "inference"},
-    "teachers": {"losses", "alignment", "batch", "conversation", "digests", "inference", "config"},  # config: the CLI parser
+    "teachers": {
+        "losses",
+        "alignment",
+        "batch",
+        "conversation",
+        "digests",
+        "inference",
+        "config",
+    },  # config: the CLI parser
     "sources": {"teachers", "inference", "batch", "conversation", "losses"},
     "modes": {"losses", "alignment", "teachers", "batch", "conversation", "inference", "terms"},
     "config": {"losses", "modes", "terms"},  # terms.layer_map, a stdlib-only leaf (its package's init comes along)

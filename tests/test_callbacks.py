@@ -52,8 +52,14 @@ def test_heldout_figures_match_the_float64_reference(tokenizer, make_student, ma
         teacher.get_output_embeddings().weight.mul_(40.0)
     got = heldout_metrics(student, teacher, tokenizer, eval_dataset, batch_size=3)
     want = reference_heldout(student, teacher, tokenizer, eval_dataset, len(tokenizer))
-    for key in ("kl_teacher_student", "kl_student_teacher", "top1_agreement", "acceptance_rate",
-                "student_perplexity", "teacher_perplexity"):  # fmt: skip
+    for key in (
+        "kl_teacher_student",
+        "kl_student_teacher",
+        "top1_agreement",
+        "acceptance_rate",
+        "student_perplexity",
+        "teacher_perplexity",
+    ):
         assert got[key] == pytest.approx(want[key], rel=2e-5, abs=1e-7), key
     assert got["num_tokens"] == want["num_tokens"]
     assert got["perplexity_gap"] == pytest.approx(want["student_perplexity"] - want["teacher_perplexity"], rel=1e-5)
@@ -78,22 +84,38 @@ def test_metrics_are_offline_evaluate_modules():
     assert gap.compute() == pytest.approx({**{name: 0.5 for name in columns}, "num_tokens": 3})
 
 
-def test_distill_trainer_logs_heldout_figures(tmp_path, tokenizer, make_student, make_teacher,
-                                              prompt_completion_dataset, eval_dataset):  # fmt: skip
+def test_distill_trainer_logs_heldout_figures(
+    tmp_path, tokenizer, make_student, make_teacher, prompt_completion_dataset, eval_dataset
+):
     teacher = make_teacher()
     trainer = DistillTrainer(
-        model=make_student(), teacher_model=teacher,
-        args=tiny_args(tmp_path, max_steps=4, eval_strategy="steps", eval_steps=2,
-                       metric_for_best_model="heldout_kl_teacher_student"),
-        train_dataset=prompt_completion_dataset, eval_dataset=eval_dataset, processing_class=tokenizer,
-    )  # fmt: skip
+        model=make_student(),
+        teacher_model=teacher,
+        args=tiny_args(
+            tmp_path,
+            max_steps=4,
+            eval_strategy="steps",
+            eval_steps=2,
+            metric_for_best_model="heldout_kl_teacher_student",
+        ),
+        train_dataset=prompt_completion_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+    )
     callback = find_heldout_callback(trainer)
     assert callback is not None
     trainer.train()
     logged = [log for log in trainer.state.log_history if "heldout_kl_teacher_student" in log]
     assert [log["step"] for log in logged] == [2, 4]  # each evaluation; the end (step 4) is not measured twice
-    for key in ("kl_student_teacher", "top1_agreement", "acceptance_rate", "student_perplexity",
-                "teacher_perplexity", "perplexity_gap", "num_tokens"):  # fmt: skip
+    for key in (
+        "kl_student_teacher",
+        "top1_agreement",
+        "acceptance_rate",
+        "student_perplexity",
+        "teacher_perplexity",
+        "perplexity_gap",
+        "num_tokens",
+    ):
         assert "heldout_" + key in logged[-1]
     # The trainer's tokenized eval rows give the figures of the raw prompt/completion rows.
     direct = heldout_metrics(trainer.model, teacher, tokenizer, eval_dataset)
@@ -103,14 +125,28 @@ def test_distill_trainer_logs_heldout_figures(tmp_path, tokenizer, make_student,
     assert "eval_heldout_kl_teacher_student" in trainer.evaluate()
 
 
-def test_plain_sft_trainer_measures_at_the_end(tmp_path, tokenizer, make_student, make_teacher,
-                                               prompt_completion_dataset, eval_dataset):  # fmt: skip
+def test_plain_sft_trainer_measures_at_the_end(
+    tmp_path, tokenizer, make_student, make_teacher, prompt_completion_dataset, eval_dataset
+):
     from trl import SFTConfig, SFTTrainer
 
-    args = SFTConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, activation_checkpointing=False, max_steps=1,
-                     per_device_train_batch_size=4, report_to="none", disable_tqdm=True)  # fmt: skip
-    trainer = SFTTrainer(model=make_student(), args=args, train_dataset=prompt_completion_dataset,
-                         eval_dataset=eval_dataset, processing_class=tokenizer)  # fmt: skip
+    args = SFTConfig(
+        output_dir=str(tmp_path),
+        use_cpu=True,
+        bf16=False,
+        activation_checkpointing=False,
+        max_steps=1,
+        per_device_train_batch_size=4,
+        report_to="none",
+        disable_tqdm=True,
+    )
+    trainer = SFTTrainer(
+        model=make_student(),
+        args=args,
+        train_dataset=prompt_completion_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+    )
     trainer.add_callback(HeldOutKLCallback(trainer, teacher_model=make_teacher(), max_rows=4))
     trainer.train()
     last = trainer.state.log_history[-1]
@@ -146,8 +182,9 @@ def test_plateau_detection(kl, loss, patience, expected):
 
 def test_plateau_warns_once():
     callback = HeldOutKLCallback.__new__(HeldOutKLCallback)
-    callback.__dict__.update(kl_history=[], loss_history=[], plateau_patience=2, plateau_min_delta=1e-3,
-                             plateau_warned=False)  # fmt: skip
+    callback.__dict__.update(
+        kl_history=[], loss_history=[], plateau_patience=2, plateau_min_delta=1e-3, plateau_warned=False
+    )
     state = types.SimpleNamespace(global_step=0, log_history=[])
     with pytest.warns(UserWarning, match="capacity gap") as record:
         for step, (kl, loss) in enumerate(zip([1.0, 0.5, 0.51, 0.52, 0.53], [3.0, 2.0, 1.5, 1.0, 0.8]), start=1):
@@ -161,8 +198,10 @@ def test_plateau_warns_once():
         callback._check_plateau(state)  # already warned: silent
 
 
-@pytest.mark.parametrize("kwargs,match", [(dict(heldout_max_rows=0), "heldout_max_rows"),
-                                          (dict(heldout_plateau_patience=-1), "heldout_plateau_patience")])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [(dict(heldout_max_rows=0), "heldout_max_rows"), (dict(heldout_plateau_patience=-1), "heldout_plateau_patience")],
+)
 def test_config_validation(tmp_path, kwargs, match):
     with pytest.raises(ValueError, match=match):
         tiny_args(tmp_path, **kwargs)

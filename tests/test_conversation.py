@@ -15,8 +15,14 @@ import torch
 from datasets import Dataset, IterableDataset
 from trl import SFTConfig, SFTTrainer
 
-from trl_distill import DistillConfig, DistillTrainer, as_prompt_completion, cache_teacher, expand_assistant_turns
-from trl_distill import heldout_metrics
+from trl_distill import (
+    DistillConfig,
+    DistillTrainer,
+    as_prompt_completion,
+    cache_teacher,
+    expand_assistant_turns,
+    heldout_metrics,
+)
 from trl_distill.conversation import prompt_token_ids, split_conversation
 from trl_distill.demo.task import make_task_dataset
 from trl_distill.demo.tiny import build_tiny_model
@@ -54,10 +60,14 @@ def conversations(n, *, seed=0, split="train"):
             messages.append({"role": "system", "content": "Answer with one number."})
         if i % 2 == 1:
             earlier = rows[i + 1]
-            messages += [{"role": "user", "content": earlier["prompt"]},
-                         {"role": "assistant", "content": earlier["completion"].strip()}]  # fmt: skip
-        messages += [{"role": "user", "content": row["prompt"]},
-                     {"role": "assistant", "content": row["completion"].strip()}]  # fmt: skip
+            messages += [
+                {"role": "user", "content": earlier["prompt"]},
+                {"role": "assistant", "content": earlier["completion"].strip()},
+            ]
+        messages += [
+            {"role": "user", "content": row["prompt"]},
+            {"role": "assistant", "content": row["completion"].strip()},
+        ]
         out.append({"messages": messages, "row_id": i})
     return out
 
@@ -77,10 +87,21 @@ def chat_rows():
 
 def config(tmp_path, **kwargs):
     defaults = dict(
-        output_dir=str(tmp_path / "out"), use_cpu=True, bf16=False, activation_checkpointing=False, max_steps=2,
-        per_device_train_batch_size=N_ROWS, learning_rate=1e-2, logging_steps=1, save_strategy="no",
-        report_to="none", seed=0, dataloader_num_workers=0, disable_tqdm=True, max_completion_length=4,
-    )  # fmt: skip
+        output_dir=str(tmp_path / "out"),
+        use_cpu=True,
+        bf16=False,
+        activation_checkpointing=False,
+        max_steps=2,
+        per_device_train_batch_size=N_ROWS,
+        learning_rate=1e-2,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        seed=0,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        max_completion_length=4,
+    )
     return DistillConfig(**{**defaults, **kwargs})
 
 
@@ -91,8 +112,14 @@ def loss_tokens(dataset):
 
 def distill(rows, tokenizer, *, student, teacher, args, **kwargs):
     """A `DistillTrainer` on `rows` (a list of dicts)."""
-    return DistillTrainer(model=student, teacher_model=teacher, args=args, train_dataset=Dataset.from_list(rows),
-                          processing_class=tokenizer, **kwargs)  # fmt: skip
+    return DistillTrainer(
+        model=student,
+        teacher_model=teacher,
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+        **kwargs,
+    )
 
 
 def prepared(trainer):
@@ -103,9 +130,13 @@ def prepared(trainer):
 
 
 def test_split_conversation_and_named_error():
-    messages = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
-                {"role": "assistant", "content": "a1"}, {"role": "user", "content": "u2"},
-                {"role": "assistant", "content": "a2"}]  # fmt: skip
+    messages = [
+        {"role": "system", "content": "s"},
+        {"role": "user", "content": "u"},
+        {"role": "assistant", "content": "a1"},
+        {"role": "user", "content": "u2"},
+        {"role": "assistant", "content": "a2"},
+    ]
     assert split_conversation(messages) == {"prompt": messages[:-1], "completion": messages[-1:]}
     with pytest.raises(ValueError, match=r"Row 3 .*does not end with an assistant turn .*'user'"):
         split_conversation(messages[:-1], index=3)
@@ -158,8 +189,9 @@ def test_generate_teacher_completions_accepts_messages(chat_tokenizer, make_teac
 
     teacher = make_teacher()
     teacher.generation_config.pad_token_id = chat_tokenizer.pad_token_id
-    out = generate_teacher_completions(teacher, chat_tokenizer, Dataset.from_list(chat_rows[:2]),
-                                       max_completion_length=3, show_progress=False)  # fmt: skip
+    out = generate_teacher_completions(
+        teacher, chat_tokenizer, Dataset.from_list(chat_rows[:2]), max_completion_length=3, show_progress=False
+    )
     assert out["prompt"] == [r["messages"][:-1] for r in chat_rows[:2]] and "messages" not in out.column_names
     assert all(c[0]["role"] == "assistant" for c in out["teacher_completion"])
     with pytest.raises(ValueError, match="this function's `prompt_column` argument"):
@@ -174,9 +206,11 @@ def test_plain_sft_puts_the_whole_conversation_in_the_loss_distill_only_the_fina
 ):
     """The issue's finding on the tiny template: SFT's messages path trains on every token, ours on the answer."""
     sft = SFTTrainer(
-        model=make_student(), train_dataset=Dataset.from_list(chat_rows), processing_class=chat_tokenizer,
+        model=make_student(),
+        train_dataset=Dataset.from_list(chat_rows),
+        processing_class=chat_tokenizer,
         args=SFTConfig(output_dir=str(tmp_path / "sft"), use_cpu=True, bf16=False, report_to="none"),
-    )  # fmt: skip
+    )
     everything = loss_tokens(sft.train_dataset)
     models = dict(student=make_student(), teacher=make_teacher(), args=config(tmp_path))
     ours = distill(chat_rows, chat_tokenizer, **models)
@@ -221,10 +255,13 @@ def test_held_out_measures_the_training_tokens(tmp_path, chat_tokenizer, make_st
     held_out = conversations(4, split="test")
     student, teacher = make_student(), make_teacher()
     trainer = DistillTrainer(
-        model=student, teacher_model=teacher, args=config(tmp_path, max_steps=1),
-        train_dataset=Dataset.from_list(conversations(N_ROWS)), eval_dataset=Dataset.from_list(held_out),
+        model=student,
+        teacher_model=teacher,
+        args=config(tmp_path, max_steps=1),
+        train_dataset=Dataset.from_list(conversations(N_ROWS)),
+        eval_dataset=Dataset.from_list(held_out),
         processing_class=chat_tokenizer,
-    )  # fmt: skip
+    )
     trainer.train()
     logged = [log for log in trainer.state.log_history if "heldout_num_tokens" in log][-1]
     raw = heldout_metrics(student, teacher, chat_tokenizer, held_out)  # raw `messages` rows, split by the same rule
@@ -233,8 +270,9 @@ def test_held_out_measures_the_training_tokens(tmp_path, chat_tokenizer, make_st
     assert logged["heldout_num_tokens"] == raw["num_tokens"] == loss_tokens(trainer.eval_dataset)
     assert logged["heldout_kl_teacher_student"] == pytest.approx(raw["kl_teacher_student"], rel=1e-6)
     whole = [chat_tokenizer.apply_chat_template(r["messages"], tokenize=False) for r in held_out]
-    everything = heldout_metrics(student, teacher, chat_tokenizer,
-                                 [{"input_ids": chat_tokenizer(text=text)["input_ids"]} for text in whole])
+    everything = heldout_metrics(
+        student, teacher, chat_tokenizer, [{"input_ids": chat_tokenizer(text=text)["input_ids"]} for text in whole]
+    )
     assert raw["num_tokens"] < everything["num_tokens"] / 3  # what measuring the whole conversation would count
 
 
@@ -265,12 +303,18 @@ def test_generating_modes_accept_messages(tmp_path, chat_tokenizer, make_student
 def test_sequence_mode_accepts_messages(tmp_path, chat_tokenizer, make_student, make_teacher, chat_rows):
     teacher = make_teacher()
     teacher.generation_config.pad_token_id = chat_tokenizer.pad_token_id
-    kwargs = dict(model=make_student(), teacher_model=teacher, processing_class=chat_tokenizer,
-                  teacher_processing_class=chat_tokenizer)  # fmt: skip
-    hand = DistillTrainer(args=config(tmp_path, distill_mode="sequence"),
-                          train_dataset=Dataset.from_list(by_hand(chat_rows)), **kwargs)  # fmt: skip
-    trainer = DistillTrainer(args=config(tmp_path, distill_mode="sequence"),
-                             train_dataset=Dataset.from_list(chat_rows), **kwargs)  # fmt: skip
+    kwargs = dict(
+        model=make_student(),
+        teacher_model=teacher,
+        processing_class=chat_tokenizer,
+        teacher_processing_class=chat_tokenizer,
+    )
+    hand = DistillTrainer(
+        args=config(tmp_path, distill_mode="sequence"), train_dataset=Dataset.from_list(by_hand(chat_rows)), **kwargs
+    )
+    trainer = DistillTrainer(
+        args=config(tmp_path, distill_mode="sequence"), train_dataset=Dataset.from_list(chat_rows), **kwargs
+    )
     assert prepared(trainer) == prepared(hand)
     trainer.train()
     assert [log["ce_tokens"] for log in trainer.state.log_history if "ce_tokens" in log] == [
@@ -280,14 +324,21 @@ def test_sequence_mode_accepts_messages(tmp_path, chat_tokenizer, make_student, 
     base = copy.deepcopy(chat_tokenizer)
     base.chat_template = None
     with pytest.raises(ValueError, match="teacher's tokenizer .*has no chat template"):
-        DistillTrainer(args=config(tmp_path / "base", distill_mode="sequence"),
-                       train_dataset=Dataset.from_list(chat_rows), **{**kwargs, "teacher_processing_class": base})
+        DistillTrainer(
+            args=config(tmp_path / "base", distill_mode="sequence"),
+            train_dataset=Dataset.from_list(chat_rows),
+            **{**kwargs, "teacher_processing_class": base},
+        )
 
 
 def test_uld_trains_on_the_final_turn(tmp_path, chat_tokenizer, other_tokenizer, make_student, chat_rows):
     teacher = build_tiny_model(other_tokenizer, hidden_size=48, num_layers=2, num_heads=4, seed=3)
-    kwargs = dict(teacher_model=teacher, processing_class=chat_tokenizer, teacher_processing_class=other_tokenizer,
-                  args=config(tmp_path, distill_mode="uld"))  # fmt: skip
+    kwargs = dict(
+        teacher_model=teacher,
+        processing_class=chat_tokenizer,
+        teacher_processing_class=other_tokenizer,
+        args=config(tmp_path, distill_mode="uld"),
+    )
     hand = DistillTrainer(model=make_student(), train_dataset=Dataset.from_list(by_hand(chat_rows)), **kwargs)
     trainer = DistillTrainer(model=make_student(), train_dataset=Dataset.from_list(chat_rows), **kwargs)
     assert prepared(trainer) == prepared(hand)
@@ -300,8 +351,9 @@ def test_uld_trains_on_the_final_turn(tmp_path, chat_tokenizer, other_tokenizer,
 def test_offline_store_from_messages(tmp_path, chat_tokenizer, make_student, make_teacher, chat_rows):
     store = tmp_path / "store"
     args = config(tmp_path, teacher_cache=str(store), kd_top_k=8)
-    manifest = cache_teacher(make_teacher(), Dataset.from_list(chat_rows), args=args, processing_class=chat_tokenizer,
-                             progress=False)  # fmt: skip
+    manifest = cache_teacher(
+        make_teacher(), Dataset.from_list(chat_rows), args=args, processing_class=chat_tokenizer, progress=False
+    )
     assert sum(shard["rows"] for shard in manifest["shards"]) == N_ROWS
     hand = distill(by_hand(chat_rows), chat_tokenizer, student=make_student(), teacher=None, args=args)
     trainer = distill(chat_rows, chat_tokenizer, student=make_student(), teacher=None, args=args)
@@ -341,20 +393,32 @@ def smollm2():
 
 
 SMOL_ROWS = [
-    {"messages": [{"role": "user", "content": "What is the capital of France?"},
-                  {"role": "assistant", "content": "The capital of France is Paris."}]},
-    {"messages": [{"role": "user", "content": "Name a primary colour."},
-                  {"role": "assistant", "content": "Red is a primary colour."},
-                  {"role": "user", "content": "And another one?"},
-                  {"role": "assistant", "content": "Blue is another primary colour."}]},
-]  # fmt: skip
+    {
+        "messages": [
+            {"role": "user", "content": "What is the capital of France?"},
+            {"role": "assistant", "content": "The capital of France is Paris."},
+        ]
+    },
+    {
+        "messages": [
+            {"role": "user", "content": "Name a primary colour."},
+            {"role": "assistant", "content": "Red is a primary colour."},
+            {"role": "user", "content": "And another one?"},
+            {"role": "assistant", "content": "Blue is another primary colour."},
+        ]
+    },
+]
 
 
 def test_smollm2_distills_only_the_assistant_answer(tmp_path, smollm2):
     tokenizer, load = smollm2
     student, teacher = load(2), load(3)
-    sft = SFTTrainer(model=student, train_dataset=Dataset.from_list(SMOL_ROWS), processing_class=tokenizer,
-                     args=SFTConfig(output_dir=str(tmp_path / "sft"), use_cpu=True, bf16=False, report_to="none"))
+    sft = SFTTrainer(
+        model=student,
+        train_dataset=Dataset.from_list(SMOL_ROWS),
+        processing_class=tokenizer,
+        args=SFTConfig(output_dir=str(tmp_path / "sft"), use_cpu=True, bf16=False, report_to="none"),
+    )
     before = loss_tokens(sft.train_dataset)  # SFT's `messages` path: the whole conversation, system prompt included
     args = config(tmp_path, per_device_train_batch_size=2, max_steps=1, learning_rate=1e-5)
     rows = [{**row, "row_id": i} for i, row in enumerate(SMOL_ROWS)]
@@ -362,8 +426,10 @@ def test_smollm2_distills_only_the_assistant_answer(tmp_path, smollm2):
     trainer = distill(rows, tokenizer, student=student, teacher=teacher, args=args)
     after = loss_tokens(trainer.train_dataset)
     total = sum(len(row["input_ids"]) for row in sft.train_dataset)
-    print(f"SmolLM2 2-row batch: {before} of {total} tokens in the loss via SFT's messages path, {after} now "
-          f"(as prompt/completion rows: {loss_tokens(hand.train_dataset)})")
+    print(
+        f"SmolLM2 2-row batch: {before} of {total} tokens in the loss via SFT's messages path, {after} now "
+        f"(as prompt/completion rows: {loss_tokens(hand.train_dataset)})"
+    )
     assert after == loss_tokens(hand.train_dataset) < before / 2
     for row, raw in zip(trainer.train_dataset, SMOL_ROWS, strict=True):
         start = next(i for i, label in enumerate(row["labels"]) if label != -100)

@@ -9,6 +9,7 @@ import torch
 
 from tests.reference_features import reference_feature_loss
 from trl_distill import DistillConfig, DistillTrainer
+from trl_distill.losses import feature_distillation_loss
 from trl_distill.terms import (
     FEATURE_PROJECTIONS_NAME,
     FeatureProjector,
@@ -18,7 +19,6 @@ from trl_distill.terms import (
     resolve_layer_map,
     save_feature_projections,
 )
-from trl_distill.losses import feature_distillation_loss
 
 
 # ------------------------------------------------------------------------------------------------------------ the loss
@@ -191,9 +191,21 @@ def test_config_fields_parse_from_python_command_line_and_yaml(tmp_path):
 
     parser = TrlParser((DistillConfig,))
     (cli,) = parser.parse_args_and_config(
-        ["--output_dir", str(tmp_path), "--use_cpu", "true", "--feature_weight", "0.5", "--feature_layer_map",
-         "0:1,1:3", "--feature_loss", "cosine", "--feature_projection", "always"]
-    )  # fmt: skip
+        [
+            "--output_dir",
+            str(tmp_path),
+            "--use_cpu",
+            "true",
+            "--feature_weight",
+            "0.5",
+            "--feature_layer_map",
+            "0:1,1:3",
+            "--feature_loss",
+            "cosine",
+            "--feature_projection",
+            "always",
+        ]
+    )
     assert (cli.feature_weight, cli.feature_layer_map) == (0.5, [[0, 1], [1, 3]])
     assert (cli.feature_loss, cli.feature_projection) == ("cosine", "always")
 
@@ -231,10 +243,20 @@ def test_config_refuses_other_modes_and_warns_on_an_unused_map(tmp_path):
 # --------------------------------------------------------------------------------------------------------- trainer
 def args(tmp_path, **kwargs):
     defaults = dict(
-        output_dir=str(tmp_path / "out"), use_cpu=True, bf16=False, activation_checkpointing=False, max_steps=3,
-        per_device_train_batch_size=4, learning_rate=1e-2, logging_steps=1, save_strategy="no", report_to="none",
-        seed=0, dataloader_num_workers=0, feature_weight=1.0,
-    )  # fmt: skip
+        output_dir=str(tmp_path / "out"),
+        use_cpu=True,
+        bf16=False,
+        activation_checkpointing=False,
+        max_steps=3,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        seed=0,
+        dataloader_num_workers=0,
+        feature_weight=1.0,
+    )
     return DistillConfig(**{**defaults, **kwargs})
 
 
@@ -250,9 +272,12 @@ def params(module):
 
 def trainer_for(tmp_path, tokenizer, student, teacher, dataset, **kwargs):
     return DistillTrainer(
-        model=student, teacher_model=teacher, args=args(tmp_path, **kwargs), train_dataset=dataset,
+        model=student,
+        teacher_model=teacher,
+        args=args(tmp_path, **kwargs),
+        train_dataset=dataset,
         processing_class=tokenizer,
-    )  # fmt: skip
+    )
 
 
 def test_trains_student_and_projections_across_widths_and_depths(
@@ -307,9 +332,14 @@ def test_feature_term_reaches_the_student_and_is_off_by_default(
     teacher, seen = wide_teacher(), []
     teacher.model.register_forward_pre_hook(lambda m, a, kw: seen.append(kw), with_kwargs=True)
     off = trainer_for(
-        tmp_path / "off", tokenizer, make_student(hidden_size=64), teacher, prompt_completion_dataset, feature_weight=0.0,
+        tmp_path / "off",
+        tokenizer,
+        make_student(hidden_size=64),
+        teacher,
+        prompt_completion_dataset,
+        feature_weight=0.0,
         max_steps=1,
-    )  # fmt: skip
+    )
     off.train()
     off.save_model()
     assert off.feature_projector is None and seen and all("output_hidden_states" not in kw for kw in seen)
@@ -330,18 +360,24 @@ def test_checkpoint_resume_and_export(tmp_path, tokenizer, make_student, wide_te
     from transformers import AutoModelForCausalLM
 
     settings = dict(max_steps=4, save_strategy="steps", save_steps=2, per_device_train_batch_size=2)
-    full = trainer_for(tmp_path, tokenizer, make_student(hidden_size=64), wide_teacher(), prompt_completion_dataset, **settings)
+    full = trainer_for(
+        tmp_path, tokenizer, make_student(hidden_size=64), wide_teacher(), prompt_completion_dataset, **settings
+    )
     full.train()
     checkpoint = tmp_path / "out" / "checkpoint-2"
     assert (checkpoint / FEATURE_PROJECTIONS_NAME).exists()
 
-    resumed = trainer_for(tmp_path, tokenizer, make_student(hidden_size=64), wide_teacher(), prompt_completion_dataset, **settings)
+    resumed = trainer_for(
+        tmp_path, tokenizer, make_student(hidden_size=64), wide_teacher(), prompt_completion_dataset, **settings
+    )
     resumed._load_from_checkpoint(str(checkpoint))
     with safe_open(str(checkpoint / FEATURE_PROJECTIONS_NAME), framework="pt") as f:
         for name, p in resumed.feature_projector.state_dict().items():
             assert torch.equal(p, f.get_tensor(name)), f"{name} not restored bit for bit"
     resumed.train(resume_from_checkpoint=str(checkpoint))
-    for (name, a), b in zip(full.feature_projector.state_dict().items(), resumed.feature_projector.state_dict().values()):
+    for (name, a), b in zip(
+        full.feature_projector.state_dict().items(), resumed.feature_projector.state_dict().values()
+    ):
         torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7, msg=name)  # optimizer state restored too
 
     def losses(trainer):
@@ -357,10 +393,15 @@ def test_checkpoint_resume_and_export(tmp_path, tokenizer, make_student, wide_te
     with safe_open(str(export / "model.safetensors"), framework="pt") as f:
         assert not any("projection" in key for key in f.keys())
     again = DistillTrainer(
-        model=str(export), teacher_model=wide_teacher(), args=args(tmp_path / "again"),
-        train_dataset=prompt_completion_dataset, processing_class=tokenizer,
-    )  # fmt: skip
-    for (name, a), b in zip(full.feature_projector.state_dict().items(), again.feature_projector.state_dict().values()):
+        model=str(export),
+        teacher_model=wide_teacher(),
+        args=args(tmp_path / "again"),
+        train_dataset=prompt_completion_dataset,
+        processing_class=tokenizer,
+    )
+    for (name, a), b in zip(
+        full.feature_projector.state_dict().items(), again.feature_projector.state_dict().values()
+    ):
         assert torch.equal(a, b), name
 
 
@@ -369,9 +410,16 @@ def test_gradient_accumulation_matches_one_big_batch(
 ):
     def one_step(path, **kwargs):
         trainer = trainer_for(
-            path, tokenizer, make_student(hidden_size=64), wide_teacher(), prompt_completion_dataset, max_steps=1,
-            optim="sgd", learning_rate=1.0, **kwargs,
-        )  # fmt: skip
+            path,
+            tokenizer,
+            make_student(hidden_size=64),
+            wide_teacher(),
+            prompt_completion_dataset,
+            max_steps=1,
+            optim="sgd",
+            learning_rate=1.0,
+            **kwargs,
+        )
         trainer.train()
         return {**params(trainer.model), **{f"proj.{k}": v for k, v in params(trainer.feature_projector).items()}}
 
@@ -381,28 +429,43 @@ def test_gradient_accumulation_matches_one_big_batch(
         torch.testing.assert_close(accumulated[name], big[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_lora_student_keeps_projections_trainable(tmp_path, tokenizer, make_student, wide_teacher, prompt_completion_dataset):
+def test_lora_student_keeps_projections_trainable(
+    tmp_path, tokenizer, make_student, wide_teacher, prompt_completion_dataset
+):
     from peft import LoraConfig
 
     trainer = DistillTrainer(
-        model=make_student(hidden_size=64), teacher_model=wide_teacher(), args=args(tmp_path, activation_checkpointing=True),
-        train_dataset=prompt_completion_dataset, processing_class=tokenizer,
+        model=make_student(hidden_size=64),
+        teacher_model=wide_teacher(),
+        args=args(tmp_path, activation_checkpointing=True),
+        train_dataset=prompt_completion_dataset,
+        processing_class=tokenizer,
         peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0),
-    )  # fmt: skip
+    )
     before = params(trainer.feature_projector)
     trainer.train()
     assert all("lora" in n for n, p in trainer.model.named_parameters() if p.requires_grad)
     for name, p in trainer.feature_projector.named_parameters():
         assert p.requires_grad and not torch.equal(p.detach(), before[name]), name
     trainer.save_model()
-    assert (tmp_path / "out" / FEATURE_PROJECTIONS_NAME).exists() and (tmp_path / "out" / "adapter_model.safetensors").exists()
+    assert (tmp_path / "out" / FEATURE_PROJECTIONS_NAME).exists() and (
+        tmp_path / "out" / "adapter_model.safetensors"
+    ).exists()
 
 
 def test_mixed_precision_and_packing(tmp_path, tokenizer, make_student, wide_teacher, prompt_completion_dataset):
     trainer = trainer_for(
-        tmp_path, tokenizer, make_student(hidden_size=64), wide_teacher(), prompt_completion_dataset, bf16=True,
-        max_steps=2, packing=True, max_length=64, per_device_train_batch_size=2,
-    )  # fmt: skip
+        tmp_path,
+        tokenizer,
+        make_student(hidden_size=64),
+        wide_teacher(),
+        prompt_completion_dataset,
+        bf16=True,
+        max_steps=2,
+        packing=True,
+        max_length=64,
+        per_device_train_batch_size=2,
+    )
     assert trainer.accelerator.mixed_precision == "bf16"
     assert "position_ids" in trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
     before = params(trainer.feature_projector)
@@ -427,9 +490,13 @@ def test_ddp_step_matches_one_process(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])}
     # Its own process group, so that a hang kills the workers too, not only the launcher.
     process = subprocess.Popen(
-        [*torchrun, "tests/feature_ddp_script.py", str(out)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True, env=env, start_new_session=True,
-    )  # fmt: skip
+        [*torchrun, "tests/feature_ddp_script.py", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
     try:
         output, _ = process.communicate(timeout=300)
     except subprocess.TimeoutExpired:

@@ -7,6 +7,7 @@ import pathlib
 import pytest
 import torch
 
+
 SCRIPT = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_check.py"
 
 
@@ -22,8 +23,14 @@ def test_cpu_smoke_runs_every_part_and_passes(gpu_check, capsys):
     assert gpu_check.main(["--cpu-smoke"]) == 0
     table = capsys.readouterr().out
     assert "### GPU check on CPU smoke" in table and "| check | measured | target | status |" in table
-    for row in ("forward_kl float32 vs float64", "jsd bfloat16 vs float64", "bare GEMMs", "TRL chunked divergence",
-                "loss ours vs TRL forward_kl", "DistillTrainer 2 steps"):  # fmt: skip
+    for row in (
+        "forward_kl float32 vs float64",
+        "jsd bfloat16 vs float64",
+        "bare GEMMs",
+        "TRL chunked divergence",
+        "loss ours vs TRL forward_kl",
+        "DistillTrainer 2 steps",
+    ):
         assert row in table, row
     assert "FAIL" not in table and table.count("PASS") == 9
 

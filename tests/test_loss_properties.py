@@ -11,8 +11,8 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from trl_distill.losses import distillation_loss, linear_distillation_loss
 from tests.reference import reference_loss
+from trl_distill.losses import distillation_loss, linear_distillation_loss
 
 
 SETTINGS = dict(
@@ -107,9 +107,15 @@ def test_logits_loss_matches_reference(c):
     z_s, z_t, labels, mask = make_logits(c)
     assume(not top_k_is_ambiguous(z_t, c["V"], c["top_k"]))
     kwargs = dict(
-        labels=labels, mask=mask, objective=c["objective"], beta=c["beta"], temperature=c["temperature"],
-        top_k=c["top_k"], alpha=c["alpha"], vocab_size=c["V"],
-    )  # fmt: skip
+        labels=labels,
+        mask=mask,
+        objective=c["objective"],
+        beta=c["beta"],
+        temperature=c["temperature"],
+        top_k=c["top_k"],
+        alpha=c["alpha"],
+        vocab_size=c["V"],
+    )
     ref_z = z_s.double().requires_grad_(True)
     ref = reference_loss(ref_z, z_t.double(), **kwargs)
     assume(bool(torch.isfinite(ref)))
@@ -150,9 +156,15 @@ def test_linear_loss_matches_reference(c):
     # One bias row per vocabulary entry: the first drawn row of logits (its -inf entries mask those ids everywhere).
     b_s, b_t = z_s_bias[0].clamp(max=30.0), z_t_bias[0].clamp(max=30.0)
     kwargs = dict(
-        labels=labels, mask=mask, objective=c["objective"], beta=c["beta"], temperature=c["temperature"],
-        top_k=c["top_k"], alpha=c["alpha"], vocab_size=c["V"],
-    )  # fmt: skip
+        labels=labels,
+        mask=mask,
+        objective=c["objective"],
+        beta=c["beta"],
+        temperature=c["temperature"],
+        top_k=c["top_k"],
+        alpha=c["alpha"],
+        vocab_size=c["V"],
+    )
     hs, ws, bs = (x.double().requires_grad_(True) for x in (h_s, w_s, b_s))
     zt_ref = h_t.double() @ w_t.double().T + b_t.double()
     assume(bool(torch.isfinite(zt_ref[:, : c["V"]]).any(-1).all()))

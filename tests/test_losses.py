@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from trl_distill.losses import distillation_loss, linear_distillation_loss
 from tests.reference import reference_loss
+from trl_distill.losses import distillation_loss, linear_distillation_loss
 
 
 # (objective, beta): every objective, both generalized-JSD endpoints, and an interior beta.

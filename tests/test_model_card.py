@@ -18,8 +18,16 @@ from trl_distill.model_card import build_model_card, card_text, write_model_card
 from trl_distill.receipt import RECEIPT_NAME, load_receipt
 
 
-HELDOUT = {"kl_teacher_student": 0.25, "kl_student_teacher": 0.3, "top1_agreement": 0.8, "acceptance_rate": 0.7,
-           "student_perplexity": 3.0, "teacher_perplexity": 2.5, "perplexity_gap": 0.5, "num_tokens": 100}  # fmt: skip
+HELDOUT = {
+    "kl_teacher_student": 0.25,
+    "kl_student_teacher": 0.3,
+    "top1_agreement": 0.8,
+    "acceptance_rate": 0.7,
+    "student_perplexity": 3.0,
+    "teacher_perplexity": 2.5,
+    "perplexity_gap": 0.5,
+    "num_tokens": 100,
+}
 
 
 def receipt_for(student: str, teacher: str, *, local: bool = False) -> dict:
@@ -27,15 +35,21 @@ def receipt_for(student: str, teacher: str, *, local: bool = False) -> dict:
     stage = {
         "name": "distill",
         "method": "token-level knowledge distillation (forward_kl)",
-        "models": {"teacher": {"name_or_path": teacher, "revision": "main"},
-                   "student": {"name_or_path": student, "local": local}},
+        "models": {
+            "teacher": {"name_or_path": teacher, "revision": "main"},
+            "student": {"name_or_path": student, "local": local},
+        },
         "settings": settings,
         "results": {"heldout": HELDOUT},
         "papers": [{"arxiv": "1503.02531", "title": "Distilling the Knowledge in a Neural Network"}],
         "libraries": {"torch": "2.13.0"},
-    }  # fmt: skip
-    return {"format": "trl-distill-receipt/1", "stages": [stage], "card": {"model_name": "tiny", "tags": ["x"]},
-            "content_id": "sha256:" + "ab" * 32}  # fmt: skip
+    }
+    return {
+        "format": "trl-distill-receipt/1",
+        "stages": [stage],
+        "card": {"model_name": "tiny", "tags": ["x"]},
+        "content_id": "sha256:" + "ab" * 32,
+    }
 
 
 def test_card_metadata_and_text(tmp_path):
@@ -53,8 +67,14 @@ def test_card_metadata_and_text(tmp_path):
     results = ModelCard.load(tmp_path / "README.md").data.eval_results  # model-index, as the Hub reads it
     metrics = {(r.metric_name, r.metric_value) for r in results}
     assert metrics >= {("KL(teacher‖student)", 0.25), ("student perplexity", 3.0)}
-    for phrase in ("distilled from **Qwen/Qwen2.5-7B-Instruct**", "trl-distill verify .", "--replay",
-                   "https://arxiv.org/abs/1503.02531", "sha256:" + "ab" * 32, "DistillConfig("):  # fmt: skip
+    for phrase in (
+        "distilled from **Qwen/Qwen2.5-7B-Instruct**",
+        "trl-distill verify .",
+        "--replay",
+        "https://arxiv.org/abs/1503.02531",
+        "sha256:" + "ab" * 32,
+        "DistillConfig(",
+    ):
         assert phrase in text, phrase
     # A local path is not a Hub id: no `base_model` (the Hub would reject it), and the path is not published.
     for student, local in ((str(tmp_path / "student"), False), ("student_dir", True)):
@@ -75,8 +95,14 @@ def test_card_lists_the_settings_that_apply_and_how_to_reproduce(tmp_path):
     }
     shown = {}
     for name, kwargs in cases.items():
-        args = DistillConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, activation_checkpointing=False,
-                             teacher_model_name_or_path=str(tmp_path / "teacher"), **kwargs)  # fmt: skip
+        args = DistillConfig(
+            output_dir=str(tmp_path),
+            use_cpu=True,
+            bf16=False,
+            activation_checkpointing=False,
+            teacher_model_name_or_path=str(tmp_path / "teacher"),
+            **kwargs,
+        )
         shown[name] = applicable_settings(distillation_settings(args))
     total = len(distillation_settings(args))
     assert total > 30 and all(len(s) < total / 2 for s in shown.values()), {k: len(v) for k, v in shown.items()}
@@ -90,32 +116,57 @@ def test_card_lists_the_settings_that_apply_and_how_to_reproduce(tmp_path):
     stage = receipt["stages"][0]
     stage["settings"] = distillation_settings(args)
     stage["applicable_settings"] = sorted(shown["feature"])
-    stage["training"] = {"max_length": 512, "learning_rate": 2e-5, "max_steps": 100, "num_train_epochs": 3.0,
-                         "per_device_train_batch_size": 8, "gradient_accumulation_steps": 2, "seed": 0}  # fmt: skip
+    stage["training"] = {
+        "max_length": 512,
+        "learning_rate": 2e-5,
+        "max_steps": 100,
+        "num_train_epochs": 3.0,
+        "per_device_train_batch_size": 8,
+        "gradient_accumulation_steps": 2,
+        "seed": 0,
+    }
     text = card_text(receipt)
     settings_rows = [line for line in text.split("## Held-out")[0].splitlines() if line.startswith("| `")]
     assert len(settings_rows) == len(shown["feature"])
     reproduce = text.split("## Reproduce")[1].split("## Papers")[0]
-    for phrase in ("max_length=512", "learning_rate=2e-05", "max_steps=100", "per_device_train_batch_size=8",
-                   "gradient_accumulation_steps=2", "feature_weight=0.5"):  # fmt: skip
+    for phrase in (
+        "max_length=512",
+        "learning_rate=2e-05",
+        "max_steps=100",
+        "per_device_train_batch_size=8",
+        "gradient_accumulation_steps=2",
+        "feature_weight=0.5",
+    ):
         assert phrase in reproduce, phrase
     assert "num_train_epochs" not in reproduce  # `max_steps` overrides it
     assert str(tmp_path) not in text
 
 
-def test_create_model_card_before_any_receipt(tmp_path, tokenizer, make_student, make_teacher,
-                                              prompt_completion_dataset):  # fmt: skip
-    trainer = DistillTrainer(model=make_student(), teacher_model=make_teacher(), args=tiny_args(tmp_path, max_steps=1),
-                             train_dataset=prompt_completion_dataset, processing_class=tokenizer)  # fmt: skip
+def test_create_model_card_before_any_receipt(
+    tmp_path, tokenizer, make_student, make_teacher, prompt_completion_dataset
+):
+    trainer = DistillTrainer(
+        model=make_student(),
+        teacher_model=make_teacher(),
+        args=tiny_args(tmp_path, max_steps=1),
+        train_dataset=prompt_completion_dataset,
+        processing_class=tokenizer,
+    )
     trainer.create_model_card(model_name="draft")
     text = (tmp_path / "README.md").read_text()
     assert "No receipt yet" in text and "distillation" in text and not (tmp_path / RECEIPT_NAME).exists()
 
 
-def test_push_to_hub_offline_keeps_the_artifact(tmp_path, tokenizer, make_student, make_teacher,
-                                                prompt_completion_dataset):  # fmt: skip
-    trainer = DistillTrainer(model=make_student(), teacher_model=make_teacher(), args=tiny_args(tmp_path, max_steps=1),
-                             train_dataset=prompt_completion_dataset, processing_class=tokenizer)  # fmt: skip
+def test_push_to_hub_offline_keeps_the_artifact(
+    tmp_path, tokenizer, make_student, make_teacher, prompt_completion_dataset
+):
+    trainer = DistillTrainer(
+        model=make_student(),
+        teacher_model=make_teacher(),
+        args=tiny_args(tmp_path, max_steps=1),
+        train_dataset=prompt_completion_dataset,
+        processing_class=tokenizer,
+    )
     assert os.environ["HF_HUB_OFFLINE"] == "1"
     with pytest.raises(OfflineModeIsEnabled, match="offline mode is on") as error:
         trainer.push_to_hub()
@@ -123,13 +174,19 @@ def test_push_to_hub_offline_keeps_the_artifact(tmp_path, tokenizer, make_studen
     assert (tmp_path / RECEIPT_NAME).exists() and (tmp_path / "model.safetensors").exists()
 
 
-def test_teacher_generation_cache_is_never_published(tmp_path, tokenizer, make_student, make_teacher,
-                                                     prompt_completion_dataset):  # fmt: skip
+def test_teacher_generation_cache_is_never_published(
+    tmp_path, tokenizer, make_student, make_teacher, prompt_completion_dataset
+):
     from trl_distill.teachers.generation import default_generation_cache_dir
 
     assert not default_generation_cache_dir().startswith(str(tmp_path))
-    trainer = DistillTrainer(model=make_student(), teacher_model=make_teacher(), args=tiny_args(tmp_path, max_steps=1),
-                             train_dataset=prompt_completion_dataset, processing_class=tokenizer)  # fmt: skip
+    trainer = DistillTrainer(
+        model=make_student(),
+        teacher_model=make_teacher(),
+        args=tiny_args(tmp_path, max_steps=1),
+        train_dataset=prompt_completion_dataset,
+        processing_class=tokenizer,
+    )
     cache = tmp_path / "teacher_generations" / "abc"  # where an older default put sequence-KD's completions
     cache.mkdir(parents=True)
     (cache / "shard-00000.arrow").write_bytes(b"training data")
@@ -177,11 +234,23 @@ def run_push(tmp_path, endpoint, *extra):
     script = tmp_path / "push.py"
     script.write_text(textwrap.dedent(PUSH_SCRIPT))
     repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "HF_ENDPOINT": endpoint, "HF_HUB_OFFLINE": "0", "HF_TOKEN": "hf_local_test",
-           "HF_HOME": str(tmp_path / "hf_home"), "PYTHONPATH": repo_root, "HF_HUB_ETAG_TIMEOUT": "2",
-           "HF_HUB_DOWNLOAD_TIMEOUT": "2"}  # fmt: skip
-    return subprocess.run([sys.executable, str(script), str(tmp_path / "out"), *extra], env=env, capture_output=True,
-                          text=True, timeout=300)  # fmt: skip
+    env = {
+        **os.environ,
+        "HF_ENDPOINT": endpoint,
+        "HF_HUB_OFFLINE": "0",
+        "HF_TOKEN": "hf_local_test",
+        "HF_HOME": str(tmp_path / "hf_home"),
+        "PYTHONPATH": repo_root,
+        "HF_HUB_ETAG_TIMEOUT": "2",
+        "HF_HUB_DOWNLOAD_TIMEOUT": "2",
+    }
+    return subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "out"), *extra],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 @pytest.mark.parametrize("hub", ["unreachable", "failing upload"])
@@ -216,10 +285,17 @@ def test_push_to_hub_uploads_weights_card_and_receipt(tmp_path):
     out = tmp_path / "out"
     repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     with LocalHub() as hub:
-        env = {**os.environ, "HF_ENDPOINT": hub.endpoint, "HF_HUB_OFFLINE": "0", "HF_TOKEN": "hf_local_test",
-               "HF_HOME": str(tmp_path / "hf_home"), "PYTHONPATH": repo_root}  # fmt: skip
-        process = subprocess.run([sys.executable, str(script), str(out)], env=env, capture_output=True, text=True,
-                                 timeout=300)  # fmt: skip
+        env = {
+            **os.environ,
+            "HF_ENDPOINT": hub.endpoint,
+            "HF_HUB_OFFLINE": "0",
+            "HF_TOKEN": "hf_local_test",
+            "HF_HOME": str(tmp_path / "hf_home"),
+            "PYTHONPATH": repo_root,
+        }
+        process = subprocess.run(
+            [sys.executable, str(script), str(out)], env=env, capture_output=True, text=True, timeout=300
+        )
         assert process.returncode == 0, process.stderr[-4000:]
         files = hub.repos["user/tiny-distilled"]
         assert ("POST", "/api/models/user/tiny-distilled/commit/main") in hub.requests

@@ -8,18 +8,34 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trl_distill import DistillConfig, DistillMode, DistillTrainer, MetricsSink, ModeContext, available_modes
-from trl_distill import register_mode
+from trl_distill import (
+    DistillConfig,
+    DistillMode,
+    DistillTrainer,
+    MetricsSink,
+    ModeContext,
+    available_modes,
+    register_mode,
+)
 from trl_distill.batch import model_inputs
 from trl_distill.modes import OfflineTokenMode, SequenceMode, TokenMode, ULDMode, get_mode
 
 
 def config(tmp_path, **kwargs):
     defaults = dict(
-        output_dir=str(tmp_path / "out"), use_cpu=True, bf16=False, activation_checkpointing=False, max_steps=3,
-        per_device_train_batch_size=4, learning_rate=1e-2, logging_steps=1, save_strategy="no", report_to="none",
-        seed=0, dataloader_num_workers=0,
-    )  # fmt: skip
+        output_dir=str(tmp_path / "out"),
+        use_cpu=True,
+        bf16=False,
+        activation_checkpointing=False,
+        max_steps=3,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        seed=0,
+        dataloader_num_workers=0,
+    )
     return DistillConfig(**{**defaults, **kwargs})
 
 
@@ -117,9 +133,12 @@ def test_a_mode_from_user_code_trains_end_to_end(
     teacher_before = {name: p.detach().clone() for name, p in teacher.named_parameters()}
     TeacherArgmaxMode.built_with.clear()
     trainer = DistillTrainer(
-        model=student, teacher_model=teacher, args=config(tmp_path, distill_mode="test_teacher_argmax", alpha=1.0),
-        train_dataset=prompt_completion_dataset, processing_class=tokenizer,
-    )  # fmt: skip
+        model=student,
+        teacher_model=teacher,
+        args=config(tmp_path, distill_mode="test_teacher_argmax", alpha=1.0),
+        train_dataset=prompt_completion_dataset,
+        processing_class=tokenizer,
+    )
     assert isinstance(trainer.distill_mode, TeacherArgmaxMode)
     (context,) = TeacherArgmaxMode.built_with
     assert context.student is trainer.model and context.teacher is trainer.teacher_model
@@ -143,15 +162,23 @@ def test_a_mode_is_built_from_a_context_without_a_trainer(
 ):
     """The trainer's token mode and one built by hand from the same context give the same loss on a batch."""
     trainer = DistillTrainer(
-        model=make_student(), teacher_model=make_teacher(), args=config(tmp_path),
-        train_dataset=prompt_completion_dataset, processing_class=tokenizer,
-    )  # fmt: skip
+        model=make_student(),
+        teacher_model=make_teacher(),
+        args=config(tmp_path),
+        train_dataset=prompt_completion_dataset,
+        processing_class=tokenizer,
+    )
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
     sink = MetricsSink()
     context = ModeContext(
-        args=trainer.args, student=trainer.model, teacher=trainer.teacher_model, tokenizer=tokenizer,
-        teacher_tokenizer=tokenizer, vocab_size=len(tokenizer), metrics=sink,
-    )  # fmt: skip
+        args=trainer.args,
+        student=trainer.model,
+        teacher=trainer.teacher_model,
+        tokenizer=tokenizer,
+        teacher_tokenizer=tokenizer,
+        vocab_size=len(tokenizer),
+        metrics=sink,
+    )
     by_hand = TokenMode(context)
     expected, _ = trainer.distill_mode.compute_loss(trainer.model, batch, None)
     loss, metrics = by_hand.compute_loss(trainer.model, batch, None)

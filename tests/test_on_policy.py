@@ -114,9 +114,12 @@ def test_prompts_are_found_from_the_labels():
 def _trainer(tmp_path, tokenizer, student, teacher, dataset, **kwargs):
     kwargs = {"alpha": 1.0, "max_completion_length": 4, "objective": "reverse_kl", "max_steps": 2, **kwargs}
     return DistillTrainer(
-        model=student, teacher_model=teacher, args=config(tmp_path, **kwargs), train_dataset=dataset,
+        model=student,
+        teacher_model=teacher,
+        args=config(tmp_path, **kwargs),
+        train_dataset=dataset,
         processing_class=tokenizer,
-    )  # fmt: skip
+    )
 
 
 def _record_loss_inputs(trainer):
@@ -142,7 +145,9 @@ def _record_generations(model):
     return outputs
 
 
-def test_lmbda_one_trains_on_the_students_samples(tmp_path, tokenizer, make_student, make_teacher, prompt_completion_dataset):
+def test_lmbda_one_trains_on_the_students_samples(
+    tmp_path, tokenizer, make_student, make_teacher, prompt_completion_dataset
+):
     student, teacher = make_student(), make_teacher()
     trainer = _trainer(tmp_path, tokenizer, student, teacher, prompt_completion_dataset, lmbda=1.0)
     generations, seen = _record_generations(trainer.model), _record_loss_inputs(trainer)
@@ -177,7 +182,9 @@ def test_lmbda_zero_never_generates(tmp_path, tokenizer, make_student, make_teac
     trainer.train()
 
 
-def test_seq_kd_calls_the_teachers_generate(tmp_path, tokenizer, make_student, make_teacher, prompt_completion_dataset):
+def test_seq_kd_calls_the_teachers_generate(
+    tmp_path, tokenizer, make_student, make_teacher, prompt_completion_dataset
+):
     trainer = _trainer(tmp_path, tokenizer, make_student(), make_teacher(), prompt_completion_dataset, seq_kd=True)
     student_calls, teacher_generations = count_generate(trainer.model), _record_generations(trainer.teacher_model)
     seen = _record_loss_inputs(trainer)
@@ -189,26 +196,40 @@ def test_seq_kd_calls_the_teachers_generate(tmp_path, tokenizer, make_student, m
     assert [log["teacher_generated"] for log in trainer.state.log_history if "teacher_generated" in log] == [1.0, 1.0]
 
 
-def test_window_token_count_covers_generated_tokens(tmp_path, tokenizer, make_student, make_teacher, prompt_completion_dataset):
+def test_window_token_count_covers_generated_tokens(
+    tmp_path, tokenizer, make_student, make_teacher, prompt_completion_dataset
+):
     trainer = _trainer(
-        tmp_path, tokenizer, make_student(), make_teacher(), prompt_completion_dataset, lmbda=1.0,
-        per_device_train_batch_size=2, gradient_accumulation_steps=2,
-    )  # fmt: skip
+        tmp_path,
+        tokenizer,
+        make_student(),
+        make_teacher(),
+        prompt_completion_dataset,
+        lmbda=1.0,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+    )
     batches = [trainer.data_collator([trainer.train_dataset[i] for i in rows]) for rows in ([0, 1], [2, 3])]
     dataset_count = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
     new_batches, num_items = trainer.get_batch_samples(iter(batches), 2, torch.device("cpu"))
     assert int(num_items) == sum(int((b["labels"][:, 1:] != -100).sum()) for b in new_batches) != dataset_count
 
 
-def test_lora_student_with_activation_checkpointing(tmp_path, tokenizer, make_student, make_teacher, prompt_completion_dataset):
+def test_lora_student_with_activation_checkpointing(
+    tmp_path, tokenizer, make_student, make_teacher, prompt_completion_dataset
+):
     from peft import LoraConfig
 
     trainer = DistillTrainer(
-        model=make_student(), teacher_model=make_teacher(),
-        args=config(tmp_path, lmbda=1.0, alpha=1.0, max_completion_length=4, activation_checkpointing=True, max_steps=2),
-        train_dataset=prompt_completion_dataset, processing_class=tokenizer,
+        model=make_student(),
+        teacher_model=make_teacher(),
+        args=config(
+            tmp_path, lmbda=1.0, alpha=1.0, max_completion_length=4, activation_checkpointing=True, max_steps=2
+        ),
+        train_dataset=prompt_completion_dataset,
+        processing_class=tokenizer,
         peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0),
-    )  # fmt: skip
+    )
     before = snapshot(trainer.model)
     trainer.train()
     changed = [n for n, p in trainer.model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
@@ -223,8 +244,14 @@ def test_lmbda_outside_unit_interval_is_refused(tmp_path, lmbda):
 
 
 def test_on_policy_needs_a_prompt(tmp_path, tokenizer, make_student, make_teacher, prompt_completion_dataset):
-    text = Dataset.from_dict({"text": [p + c for p, c in zip(prompt_completion_dataset["prompt"][:4],
-                                                              prompt_completion_dataset["completion"][:4])]})  # fmt: skip
+    text = Dataset.from_dict(
+        {
+            "text": [
+                p + c
+                for p, c in zip(prompt_completion_dataset["prompt"][:4], prompt_completion_dataset["completion"][:4])
+            ]
+        }
+    )
     with pytest.raises(ValueError, match="no `prompt` column"):
         _trainer(tmp_path, tokenizer, make_student(), make_teacher(), text, lmbda=0.5)
 

@@ -20,6 +20,7 @@ import yaml
 from trl_distill.demo.tiny import build_tiny_model
 from trl_distill.pruning import calibration_batches, depth_prune, score_layers_by_kl, select_layers
 
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "recipes" / "configs" / "tiny_prune_distill.yaml"
 
@@ -49,10 +50,20 @@ def _tiny_gemma3(num_layers=4):
 
     torch.manual_seed(0)
     config = Gemma3TextConfig(
-        vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=num_layers, num_attention_heads=2,
-        num_key_value_heads=1, head_dim=16, sliding_window=4, max_position_embeddings=64, pad_token_id=0,
-        eos_token_id=2, bos_token_id=1, layer_types=["sliding_attention", "full_attention"] * (num_layers // 2),
-    )  # fmt: skip
+        vocab_size=1000,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=num_layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        sliding_window=4,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        eos_token_id=2,
+        bos_token_id=1,
+        layer_types=["sliding_attention", "full_attention"] * (num_layers // 2),
+    )
     return Gemma3ForCausalLM(config).eval()
 
 
@@ -65,8 +76,11 @@ def _sharpen(model, scale=4.0):
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
 def test_kl_scores_match_a_float64_reference_of_each_removal(tokenizer, arch):
-    model = build_tiny_model(tokenizer, hidden_size=32, num_layers=4, num_heads=2, seed=3) if arch == "llama" \
-        else _tiny_gemma3()  # fmt: skip
+    model = (
+        build_tiny_model(tokenizer, hidden_size=32, num_layers=4, num_heads=2, seed=3)
+        if arch == "llama"
+        else _tiny_gemma3()
+    )
     model = _sharpen(model.eval())
     texts = ["Ada has 3 apples and buys 4 more.", "Bo sells pens.", "How many pears does Cy keep after lunch?"]
     batches = calibration_batches(tokenizer, texts, batch_size=2, max_length=16)  # padded rows in the first batch
@@ -111,10 +125,27 @@ def workspace(tmp_path_factory):
 
 
 def _argv(workspace, output, *extra):
-    return ["--config", str(workspace / "prune.yaml"), "--model_name_or_path", str(workspace / "four-layers"),
-            "--dataset_name", str(workspace / "runs/recipes/tiny/data"), "--output_dir", str(workspace / output),
-            "--max_steps", "3", "--per_device_train_batch_size", "8", "--heldout_max_rows", "8",
-            "--calibration_rows", "8", "--disable_tqdm", "true", *extra]  # fmt: skip
+    return [
+        "--config",
+        str(workspace / "prune.yaml"),
+        "--model_name_or_path",
+        str(workspace / "four-layers"),
+        "--dataset_name",
+        str(workspace / "runs/recipes/tiny/data"),
+        "--output_dir",
+        str(workspace / output),
+        "--max_steps",
+        "3",
+        "--per_device_train_batch_size",
+        "8",
+        "--heldout_max_rows",
+        "8",
+        "--calibration_rows",
+        "8",
+        "--disable_tqdm",
+        "true",
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -186,9 +217,24 @@ def test_one_receipt_records_the_pruning_then_the_distillation_and_verifies_stri
 def test_kl_scoring_and_feature_kd_map_each_student_layer_to_its_source(workspace):
     from trl_distill.scripts import prune_distill
 
-    record = prune_distill.main(_argv(workspace, "kl", "--prune_ratio", "0.5", "--prune_scoring", "kl",
-                                      "--prune_keep_first", "1", "--prune_keep_last", "0",
-                                      "--feature_weight", "0.5", "--max_steps", "2"))  # fmt: skip
+    record = prune_distill.main(
+        _argv(
+            workspace,
+            "kl",
+            "--prune_ratio",
+            "0.5",
+            "--prune_scoring",
+            "kl",
+            "--prune_keep_first",
+            "1",
+            "--prune_keep_last",
+            "0",
+            "--feature_weight",
+            "0.5",
+            "--max_steps",
+            "2",
+        )
+    )
     keep = record["results"]["kept_layers"]
     assert len(keep) == 2 and keep[0] == 0
     pruning = json.loads((workspace / "kl-pruned/pruning.json").read_text())
@@ -237,13 +283,17 @@ def test_bad_settings_fail_before_loading_anything(tmp_path, changes, message):
     "extra, message",
     [
         (["--prune_num_keep", "4"], r"`prune_num_keep=4`: the model has 4 decoder layers; keep between 1 and 3"),
-        (["--prune_num_keep", "1", "--prune_keep_first", "1", "--prune_keep_last", "1"],
-         r"fewer than the protected layers \(`prune_keep_first=1` \+ `prune_keep_last=1`\)"),
+        (
+            ["--prune_num_keep", "1", "--prune_keep_first", "1", "--prune_keep_last", "1"],
+            r"fewer than the protected layers \(`prune_keep_first=1` \+ `prune_keep_last=1`\)",
+        ),
         (["--prune_num_keep", "2", "--prune_ratio", "0.9"], r"exactly one of"),
-        (["--prune_num_keep", "2", "--teacher_model_name_or_path", "/elsewhere"],
-         r"`teacher_model_name_or_path='/elsewhere'`: prune-distill distills the pruned model from the model"),
+        (
+            ["--prune_num_keep", "2", "--teacher_model_name_or_path", "/elsewhere"],
+            r"`teacher_model_name_or_path='/elsewhere'`: prune-distill distills the pruned model from the model",
+        ),
     ],
-)  # fmt: skip
+)
 def test_settings_that_cannot_work_with_the_model_are_refused(workspace, extra, message):
     from trl_distill.scripts import prune_distill
 
@@ -262,10 +312,23 @@ def test_prune_ratio_that_rounds_to_no_layer_is_refused(workspace):
 # ------------------------------------------------------------------------------------------- as a user runs it
 def test_the_tiny_config_runs_as_a_user_runs_it(workspace):
     """`python recipes/prune_distill.py --config recipes/configs/tiny_prune_distill.yaml` in the assets' directory."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))  # fmt: skip
-    command = [sys.executable, str(ROOT / "recipes/prune_distill.py"), "--config", str(CONFIG), "--max_steps", "2",
-               "--heldout_max_rows", "8"]  # fmt: skip
+    env = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    )
+    command = [
+        sys.executable,
+        str(ROOT / "recipes/prune_distill.py"),
+        "--config",
+        str(CONFIG),
+        "--max_steps",
+        "2",
+        "--heldout_max_rows",
+        "8",
+    ]
     done = subprocess.run(command, cwd=workspace, env=env, capture_output=True, text=True, timeout=400, check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "[prune] depth pruning: 1 of 2 decoder layers kept" in done.stdout

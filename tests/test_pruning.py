@@ -15,10 +15,20 @@ def tiny_gemma3(num_layers=4, seed=0):
 
     torch.manual_seed(seed)
     config = Gemma3TextConfig(
-        vocab_size=101, hidden_size=32, intermediate_size=64, num_hidden_layers=num_layers, num_attention_heads=2,
-        num_key_value_heads=1, head_dim=16, sliding_window=4, max_position_embeddings=64, pad_token_id=0,
-        eos_token_id=1, bos_token_id=2, layer_types=["sliding_attention", "full_attention"] * (num_layers // 2),
-    )  # fmt: skip
+        vocab_size=101,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=num_layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        sliding_window=4,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=2,
+        layer_types=["sliding_attention", "full_attention"] * (num_layers // 2),
+    )
     return Gemma3ForCausalLM(config).eval()
 
 
@@ -35,8 +45,13 @@ def test_pruned_llama_equals_a_model_built_from_the_kept_layers(tokenizer):
     state = {k: v for k, v in model.state_dict().items() if ".layers." not in k}
     for new, old in enumerate(keep):
         prefix = f"model.layers.{old}."
-        state.update({f"model.layers.{new}.{k[len(prefix):]}": v for k, v in model.state_dict().items()
-                      if k.startswith(prefix)})  # fmt: skip
+        state.update(
+            {
+                f"model.layers.{new}.{k[len(prefix) :]}": v
+                for k, v in model.state_dict().items()
+                if k.startswith(prefix)
+            }
+        )
     reference.load_state_dict(state)
     ids = torch.tensor([tokenizer("Ada has 3 apples and 4 pears.")["input_ids"]])
     pruned = depth_prune(copy.deepcopy(model), keep)

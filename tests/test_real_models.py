@@ -16,6 +16,7 @@ from datasets import Dataset
 from trl_distill import DistillConfig, DistillTrainer
 from trl_distill.pruning import calibration_batches, depth_prune, score_layers, select_layers
 
+
 pytestmark = pytest.mark.real_model
 
 SMOL, GEMMA = "SmolLM2-135M-Instruct", "gemma-3-270m"
@@ -96,10 +97,22 @@ def rows(kind):
 
 def config(tmp_path, **kwargs):
     defaults = dict(
-        output_dir=str(tmp_path / "out"), use_cpu=True, bf16=False, activation_checkpointing=False, max_steps=2,
-        per_device_train_batch_size=2, learning_rate=1e-4, logging_steps=1, save_strategy="no", report_to="none",
-        seed=0, dataloader_num_workers=0, disable_tqdm=True, max_length=64, max_completion_length=12,
-    )  # fmt: skip
+        output_dir=str(tmp_path / "out"),
+        use_cpu=True,
+        bf16=False,
+        activation_checkpointing=False,
+        max_steps=2,
+        per_device_train_batch_size=2,
+        learning_rate=1e-4,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        seed=0,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        max_length=64,
+        max_completion_length=12,
+    )
     return DistillConfig(**{**defaults, **kwargs})
 
 
@@ -143,9 +156,14 @@ def test_every_mode_trains_on_real_models(tmp_path, student_dir, teacher, smol_t
 def test_sequence_mode_with_the_chat_template(tmp_path, student_dir, teacher, smol_tokenizer):
     """Conversational prompt/completion rows: both sides render the prompt with SmolLM2's ChatML template."""
     train(
-        tmp_path, student_dir, teacher, smol_tokenizer, rows("conversational_prompt_completion"),
-        distill_mode="sequence", teacher_generation_cache_dir=str(tmp_path / "generations"),
-    )  # fmt: skip
+        tmp_path,
+        student_dir,
+        teacher,
+        smol_tokenizer,
+        rows("conversational_prompt_completion"),
+        distill_mode="sequence",
+        teacher_generation_cache_dir=str(tmp_path / "generations"),
+    )
     generations = tmp_path / "generations"  # the teacher answered the rendered chat prompts
     assert generations.is_dir() and any(generations.rglob("*")), "no teacher completions were generated"
 
@@ -171,9 +189,15 @@ def test_uld_from_gemma_to_a_smollm2_student(tmp_path, student_dir, gemma_path, 
     gemma_tokenizer = AutoTokenizer.from_pretrained(gemma_path)
     assert len(gemma_tokenizer) > 5 * len(smol_tokenizer)
     trainer = train(
-        tmp_path, student_dir, gemma, smol_tokenizer, rows("prompt_completion"), teacher_tokenizer=gemma_tokenizer,
-        distill_mode="uld", alpha=0.5,
-    )  # fmt: skip
+        tmp_path,
+        student_dir,
+        gemma,
+        smol_tokenizer,
+        rows("prompt_completion"),
+        teacher_tokenizer=gemma_tokenizer,
+        distill_mode="uld",
+        alpha=0.5,
+    )
     assert any(log.get("kd_tokens", 0) > 0 for log in trainer.state.log_history)
 
 
@@ -183,9 +207,13 @@ def test_offline_store_from_the_real_teacher(tmp_path, student_dir, teacher, smo
     dataset = rows("prompt_completion")
     store = tmp_path / "store"
     manifest = cache_teacher(
-        teacher, dataset, args=config(tmp_path, teacher_cache=str(store), kd_top_k=16),
-        processing_class=smol_tokenizer, batch_size=2, progress=False,
-    )  # fmt: skip
+        teacher,
+        dataset,
+        args=config(tmp_path, teacher_cache=str(store), kd_top_k=16),
+        processing_class=smol_tokenizer,
+        batch_size=2,
+        progress=False,
+    )
     assert manifest is not None and sum(shard["rows"] for shard in manifest["shards"]) == len(dataset)
     train(tmp_path, student_dir, None, smol_tokenizer, dataset, teacher_cache=str(store), kd_top_k=16)
 
@@ -196,9 +224,13 @@ def test_receipt_and_verify_replay(tmp_path, student_dir, teacher, smol_tokenize
 
     model = student(student_dir)
     trainer = DistillTrainer(
-        model=model, teacher_model=teacher, args=config(tmp_path), train_dataset=rows("prompt_completion"),
-        eval_dataset=rows("prompt_completion").select(range(2)), processing_class=smol_tokenizer,
-    )  # fmt: skip
+        model=model,
+        teacher_model=teacher,
+        args=config(tmp_path),
+        train_dataset=rows("prompt_completion"),
+        eval_dataset=rows("prompt_completion").select(range(2)),
+        processing_class=smol_tokenizer,
+    )
     trainer.train()
     trainer.save_model(str(tmp_path / "kd"))
     heldout = load_receipt(tmp_path / "kd")["stages"][0]["results"]["heldout"]
@@ -220,9 +252,11 @@ def test_pruned_smollm2_saves_reloads_and_generates(tmp_path, teacher, smol_toke
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert reloaded.config.num_hidden_layers == 24
     prompt = smol_tokenizer.apply_chat_template(
-        [{"role": "user", "content": "What is the capital of France?"}], add_generation_prompt=True,
-        return_tensors="pt", return_dict=True,
-    )  # fmt: skip
+        [{"role": "user", "content": "What is the capital of France?"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
     with torch.no_grad():
         out = reloaded.generate(**prompt, max_new_tokens=12, do_sample=False, use_cache=True)
         uncached = reloaded.generate(**prompt, max_new_tokens=12, do_sample=False, use_cache=False)
@@ -243,8 +277,9 @@ def test_real_demo_end_to_end_on_a_miniature_budget(tmp_path, smol_path):
     from trl_distill.demo.real import RealDemoBudget, run_real_demo
     from trl_distill.verify import verify_artifact
 
-    budget = RealDemoBudget(num_keep=4, n_train=8, n_test=4, steps=2, batch_size=2, n_calibration=4, n_generations=2,
-                            max_new_tokens=4)  # fmt: skip
+    budget = RealDemoBudget(
+        num_keep=4, n_train=8, n_test=4, steps=2, batch_size=2, n_calibration=4, n_generations=2, max_new_tokens=4
+    )
     results = run_real_demo(tmp_path, budget=budget, cache_dir=smol_path.parent.parent, verbose=False)
     assert len(results["kept_layers"]) == 4 and results["kept_layers"][0] == 0 and results["kept_layers"][-1] == 29
     for name in ("pruned", "sft", "kd"):

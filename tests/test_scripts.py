@@ -17,8 +17,13 @@ ROWS = [{"prompt": f"Question {i}?\nAnswer:", "completion": f" answer {i}"} for 
 def _args(dataset_name, train="train", test="test", config=None):
     from types import SimpleNamespace
 
-    return SimpleNamespace(dataset_name=str(dataset_name), dataset_config=config, dataset_train_split=train,
-                           dataset_test_split=test, dataset_streaming=False)  # fmt: skip
+    return SimpleNamespace(
+        dataset_name=str(dataset_name),
+        dataset_config=config,
+        dataset_train_split=train,
+        dataset_test_split=test,
+        dataset_streaming=False,
+    )
 
 
 # ------------------------------------------------------------------------------------------------------ datasets
@@ -89,8 +94,20 @@ def test_train_reads_a_save_to_disk_directory(tmp_path, monkeypatch):
     write_recipe_assets(tmp_path / "runs/recipes/tiny", train_teacher=False, n_train=32, n_test=4)
     data = load_dataset("json", data_dir=str(tmp_path / "runs/recipes/tiny/data"))
     data.save_to_disk(tmp_path / "saved")
-    record = distill.main(["--config", str(CONFIGS / "tiny.yaml"), "--dataset_name", str(tmp_path / "saved"),
-                           "--max_steps", "2", "--heldout_max_rows", "4", "--output_dir", "out"])  # fmt: skip
+    record = distill.main(
+        [
+            "--config",
+            str(CONFIGS / "tiny.yaml"),
+            "--dataset_name",
+            str(tmp_path / "saved"),
+            "--max_steps",
+            "2",
+            "--heldout_max_rows",
+            "4",
+            "--output_dir",
+            "out",
+        ]
+    )
     assert record["results"]["train_steps"] == 2 and record["results"]["heldout_num_tokens"] > 0
     assert json.loads((tmp_path / "out/stage.json").read_text())["settings"]["dataset_name"] == str(tmp_path / "saved")
 
@@ -135,8 +152,21 @@ def test_launch_flags_are_split_from_the_recipes_and_typos_are_named():
     from trl_distill.scripts.launch import resolve_accelerate_config, split_launch_args
 
     parser = make_parser()
-    argv = ["--config", "x.yaml", "--num_processes", "2", "--max_steps", "3", "--multi_gpu", "--learning_rate",
-            "-1e-3", "--debug", "--main_process_port=29501", "--accelerate_config", "zero3"]  # fmt: skip
+    argv = [
+        "--config",
+        "x.yaml",
+        "--num_processes",
+        "2",
+        "--max_steps",
+        "3",
+        "--multi_gpu",
+        "--learning_rate",
+        "-1e-3",
+        "--debug",
+        "--main_process_port=29501",
+        "--accelerate_config",
+        "zero3",
+    ]
     recipe, launch = split_launch_args(argv, parser)
     assert recipe == ["--config", "x.yaml", "--max_steps", "3", "--learning_rate", "-1e-3", "--debug"]
     assert launch == [

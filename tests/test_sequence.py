@@ -42,14 +42,19 @@ def count_generate(model, fail_after=None):
     return calls
 
 
-def test_trains_across_two_tokenizers(tmp_path, tokenizer, other_tokenizer, other_teacher, make_student, prompt_completion_dataset):
+def test_trains_across_two_tokenizers(
+    tmp_path, tokenizer, other_tokenizer, other_teacher, make_student, prompt_completion_dataset
+):
     student = make_student()
     before = snapshot(student)
     trainer = DistillTrainer(
-        model=student, teacher_model=other_teacher,
+        model=student,
+        teacher_model=other_teacher,
         args=config(tmp_path, distill_mode="sequence", max_completion_length=6, teacher_generation_batch_size=5),
-        train_dataset=prompt_completion_dataset, processing_class=tokenizer, teacher_processing_class=other_tokenizer,
-    )  # fmt: skip
+        train_dataset=prompt_completion_dataset,
+        processing_class=tokenizer,
+        teacher_processing_class=other_tokenizer,
+    )
     # The completions are the teacher's greedy text, decoded with the teacher's tokenizer (checked with the
     # evaluation module's own generation path), then tokenized by the student's.
     prompts = prompt_completion_dataset["prompt"]
@@ -73,10 +78,12 @@ def test_black_box_column_needs_no_teacher(tmp_path, tokenizer, make_student, pr
     answers = [f" answer {i}" for i in range(8)]
     dataset = rows.add_column("from_api", answers)
     trainer = DistillTrainer(
-        model=make_student(), teacher_model=None,
+        model=make_student(),
+        teacher_model=None,
         args=config(tmp_path, distill_mode="sequence", teacher_completion_column="from_api", max_steps=1),
-        train_dataset=dataset, processing_class=tokenizer,
-    )  # fmt: skip
+        train_dataset=dataset,
+        processing_class=tokenizer,
+    )
     assert trainer.teacher_model is None
     completions = {r["prompt"]: r["completion"] for r in trainer.train_dataset}
     assert completions[rows[3]["prompt"]] == " answer 3" + tokenizer.eos_token  # the column, not the gold answer
@@ -86,16 +93,21 @@ def test_black_box_column_needs_no_teacher(tmp_path, tokenizer, make_student, pr
 def test_sequence_without_teacher_or_column_is_refused(tmp_path, tokenizer, make_student, prompt_completion_dataset):
     with pytest.raises(ValueError, match="teacher_completion.*teacher_model|teacher_model.*teacher_completion"):
         DistillTrainer(
-            model=make_student(), args=config(tmp_path, distill_mode="sequence"),
-            train_dataset=prompt_completion_dataset, processing_class=tokenizer,
-        )  # fmt: skip
+            model=make_student(),
+            args=config(tmp_path, distill_mode="sequence"),
+            train_dataset=prompt_completion_dataset,
+            processing_class=tokenizer,
+        )
 
 
 def test_conversational_prompts_get_message_completions():
     dataset = Dataset.from_dict(
-        {"prompt": [[{"role": "user", "content": "hi"}]], "completion": [[{"role": "assistant", "content": "gold"}]],
-         "teacher_completion": ["from the teacher"]}
-    )  # fmt: skip
+        {
+            "prompt": [[{"role": "user", "content": "hi"}]],
+            "completion": [[{"role": "assistant", "content": "gold"}]],
+            "teacher_completion": ["from the teacher"],
+        }
+    )
     converted = use_teacher_completions(dataset, "teacher_completion")
     assert converted[0]["completion"] == [{"role": "assistant", "content": "from the teacher"}]
     assert "teacher_completion" not in converted.column_names
@@ -121,8 +133,9 @@ def test_cache_is_reused_and_invalidated(tmp_path, tokenizer, make_teacher, prom
     _generate(teacher, tokenizer, prompt_completion_dataset, tmp_path, max_completion_length=3)
     assert sum(calls) == len(prompt_completion_dataset)
     calls.clear()
-    edited = prompt_completion_dataset.map(lambda r, i: {"prompt": r["prompt"] + (" " if i == 0 else "")},
-                                           with_indices=True)  # fmt: skip
+    edited = prompt_completion_dataset.map(
+        lambda r, i: {"prompt": r["prompt"] + (" " if i == 0 else "")}, with_indices=True
+    )
     _generate(teacher, tokenizer, edited, tmp_path)
     assert sum(calls) == len(prompt_completion_dataset)
     calls.clear()
@@ -173,7 +186,10 @@ def test_cross_entropy_matches_float64_reference(tmp_path, tokenizer, make_stude
     dataset = prompt_completion_dataset.add_column("teacher_completion", prompt_completion_dataset["completion"])
     student = make_student(extra_vocab_rows=7)
     trainer = DistillTrainer(
-        model=student, args=config(tmp_path, distill_mode="sequence"), train_dataset=dataset, processing_class=tokenizer
+        model=student,
+        args=config(tmp_path, distill_mode="sequence"),
+        train_dataset=dataset,
+        processing_class=tokenizer,
     )
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
     loss, metrics = trainer.distill_mode.compute_loss(student, batch, None)
@@ -196,7 +212,7 @@ def test_cross_entropy_matches_float64_reference(tmp_path, tokenizer, make_stude
             logits[..., : len(tokenizer)][keep].double(), batch["labels"][keep]
         )
         assert abs(unshifted.item() - loss.item()) > 1e-3
-        student.get_output_embeddings().weight[len(tokenizer):] = 5.0
+        student.get_output_embeddings().weight[len(tokenizer) :] = 5.0
         logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         kept = trainer.distill_mode.compute_loss(student, batch, None)[0]
         assert kept.item() == pytest.approx(reference_ce(logits, batch["labels"], len(tokenizer)).item(), rel=1e-5)

@@ -21,17 +21,27 @@ from trl_distill.teachers.served import (
 )
 from trl_distill.teachers.store import MANIFEST
 
+
 K = 8
 FAST = {"timeout": 5.0, "backoff": 0.01, "max_backoff": 0.05}  # bounded: a failing test ends in seconds
 
 
 def config(tmp_path, **kwargs):
     defaults = {
-        "output_dir": str(tmp_path / "out"), "use_cpu": True, "bf16": False, "max_steps": 1,
-        "per_device_train_batch_size": 4, "report_to": "none", "seed": 0, "dataloader_num_workers": 0,
-        "disable_tqdm": True, "kd_top_k": K, "kd_temperature": 1.0, "activation_checkpointing": False,
+        "output_dir": str(tmp_path / "out"),
+        "use_cpu": True,
+        "bf16": False,
+        "max_steps": 1,
+        "per_device_train_batch_size": 4,
+        "report_to": "none",
+        "seed": 0,
+        "dataloader_num_workers": 0,
+        "disable_tqdm": True,
+        "kd_top_k": K,
+        "kd_temperature": 1.0,
+        "activation_checkpointing": False,
         "max_length": 48,
-    }  # fmt: skip
+    }
     return DistillConfig(**{**defaults, **kwargs})
 
 
@@ -82,10 +92,22 @@ def test_store_through_the_server_equals_the_in_process_store(
     tmp_path, server, teacher, tokenizer, prompt_completion_dataset, eval_dataset
 ):
     common = {"eval_dataset": eval_dataset, "processing_class": tokenizer, "rows_per_shard": 10, "progress": False}
-    local = cache_teacher(teacher, prompt_completion_dataset, args=config(tmp_path, teacher_cache=str(tmp_path / "a")),
-                          batch_size=4, **common)  # fmt: skip
-    remote = cache_teacher_served(server.url, prompt_completion_dataset, args=config(tmp_path, teacher_cache=str(
-        tmp_path / "b")), prompts_per_request=3, max_concurrency=2, **FAST, **common)  # fmt: skip
+    local = cache_teacher(
+        teacher,
+        prompt_completion_dataset,
+        args=config(tmp_path, teacher_cache=str(tmp_path / "a")),
+        batch_size=4,
+        **common,
+    )
+    remote = cache_teacher_served(
+        server.url,
+        prompt_completion_dataset,
+        args=config(tmp_path, teacher_cache=str(tmp_path / "b")),
+        prompts_per_request=3,
+        max_concurrency=2,
+        **FAST,
+        **common,
+    )
     assert remote["splits"] == local["splits"]  # same rows (fingerprints), same positions
     assert remote["teacher"]["name_or_path"] == "stand-in-teacher" and remote["teacher"]["weights_sha256"] is None
     served = remote["teacher"]["served"]
@@ -105,8 +127,9 @@ def test_store_through_the_server_equals_the_in_process_store(
     live = ServedTeacher(server.url, top_k=K, **FAST)
     from trl import SFTTrainer
 
-    sft = SFTTrainer(model=teacher, args=config(tmp_path), train_dataset=prompt_completion_dataset,
-                     processing_class=tokenizer)  # fmt: skip
+    sft = SFTTrainer(
+        model=teacher, args=config(tmp_path), train_dataset=prompt_completion_dataset, processing_class=tokenizer
+    )
     batch = sft.data_collator([sft.train_dataset[i] for i in range(4)])
     stored, scored = store.targets(batch, 4), live.targets(batch, 4)
     assert torch.equal(stored.ids, scored.ids)
@@ -118,8 +141,9 @@ def test_transient_errors_are_retried_with_backoff(teacher):
         client = ServedTeacher(server.url, top_k=K, **{**FAST, "timeout": 0.5})
         scored = client.score(PROMPTS[:1])
     assert len(server.requests) == 4  # three failures, then the answer
-    torch.testing.assert_close(scored[0].log_probs.double(), reference_targets(teacher, PROMPTS[0], K)[1], atol=2e-5,
-                               rtol=1e-5)  # fmt: skip
+    torch.testing.assert_close(
+        scored[0].log_probs.double(), reference_targets(teacher, PROMPTS[0], K)[1], atol=2e-5, rtol=1e-5
+    )
 
 
 def test_retries_are_bounded(teacher):
@@ -168,9 +192,16 @@ def test_interrupted_write_resumes_to_the_same_store(
     def write(directory, **kwargs):
         args = config(tmp_path, teacher_cache=str(tmp_path / directory))
         return cache_teacher_served(
-            server.url, prompt_completion_dataset, eval_dataset=eval_dataset, args=args, processing_class=tokenizer,
-            rows_per_shard=10, progress=False, **FAST, **kwargs,
-        )  # fmt: skip
+            server.url,
+            prompt_completion_dataset,
+            eval_dataset=eval_dataset,
+            args=args,
+            processing_class=tokenizer,
+            rows_per_shard=10,
+            progress=False,
+            **FAST,
+            **kwargs,
+        )
 
     reference = write("reference")
     real_write_shard, calls = served_module.write_shard, []
@@ -193,8 +224,16 @@ def test_interrupted_write_resumes_to_the_same_store(
     assert resumed["teacher"]["served"]["transport"]["prompts_per_request"] == 2  # the first run's, recorded
     with pytest.raises(ValueError, match="top_k: 8 -> 4"):
         args = config(tmp_path, teacher_cache=str(tmp_path / "resumed"), kd_top_k=4)
-        cache_teacher_served(server.url, prompt_completion_dataset, eval_dataset=eval_dataset, args=args,
-                             processing_class=tokenizer, rows_per_shard=10, progress=False, **FAST)  # fmt: skip
+        cache_teacher_served(
+            server.url,
+            prompt_completion_dataset,
+            eval_dataset=eval_dataset,
+            args=args,
+            processing_class=tokenizer,
+            rows_per_shard=10,
+            progress=False,
+            **FAST,
+        )
     assert json.loads((tmp_path / "resumed" / MANIFEST).read_text())["top_k"] == K
 
 

@@ -9,7 +9,6 @@ import sys
 
 import pytest
 import torch
-from datasets import Dataset
 
 from tests.reference import divergence
 from trl_distill import DistillConfig, DistillTrainer, TeacherStore, cache_teacher
@@ -185,10 +184,23 @@ K, TEMPERATURE = 16, 2.0
 
 def config(tmp_path, **kwargs):
     defaults = dict(
-        output_dir=str(tmp_path / "out"), use_cpu=True, bf16=False, activation_checkpointing=False, max_steps=2,
-        per_device_train_batch_size=4, learning_rate=1e-2, logging_steps=1, save_strategy="no", report_to="none",
-        seed=0, dataloader_num_workers=0, disable_tqdm=True, kd_top_k=K, kd_temperature=TEMPERATURE, max_length=48,
-    )  # fmt: skip
+        output_dir=str(tmp_path / "out"),
+        use_cpu=True,
+        bf16=False,
+        activation_checkpointing=False,
+        max_steps=2,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        seed=0,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        kd_top_k=K,
+        kd_temperature=TEMPERATURE,
+        max_length=48,
+    )
     return DistillConfig(**{**defaults, **kwargs})
 
 
@@ -218,9 +230,15 @@ def store(tmp_path_factory, teacher, tokenizer, prompt_completion_dataset, eval_
     cache_module.write_shard = recording_write_shard
     try:
         manifest = cache_teacher(
-            teacher, prompt_completion_dataset, eval_dataset=eval_dataset, args=args, processing_class=tokenizer,
-            rows_per_shard=10, batch_size=4, progress=False,
-        )  # fmt: skip
+            teacher,
+            prompt_completion_dataset,
+            eval_dataset=eval_dataset,
+            args=args,
+            processing_class=tokenizer,
+            rows_per_shard=10,
+            batch_size=4,
+            progress=False,
+        )
     finally:
         cache_module.write_shard = real_write_shard
     assert manifest is not None and [s["rows"] for s in manifest["shards"]] == [10, 10, 4, 8]
@@ -249,13 +267,18 @@ def test_store_loss_equals_online_loss(tmp_path, store, teacher, tokenizer, make
     """Same batch, same student: the loss and gradients from the store match the live teacher's top-k loss."""
     common = dict(alpha=1.0, objective="forward_kl")
     offline = DistillTrainer(
-        model=make_student(), args=config(tmp_path, teacher_cache=str(store), **common),
-        train_dataset=prompt_completion_dataset, processing_class=tokenizer,
-    )  # fmt: skip
+        model=make_student(),
+        args=config(tmp_path, teacher_cache=str(store), **common),
+        train_dataset=prompt_completion_dataset,
+        processing_class=tokenizer,
+    )
     online = DistillTrainer(
-        model=make_student(), teacher_model=teacher, args=config(tmp_path, **common),
-        train_dataset=prompt_completion_dataset, processing_class=tokenizer,
-    )  # fmt: skip
+        model=make_student(),
+        teacher_model=teacher,
+        args=config(tmp_path, **common),
+        train_dataset=prompt_completion_dataset,
+        processing_class=tokenizer,
+    )
     assert offline.teacher_model is None
     batch = offline.data_collator([offline.train_dataset[i] for i in range(8)])
     results = []
@@ -272,7 +295,9 @@ def test_store_loss_equals_online_loss(tmp_path, store, teacher, tokenizer, make
     shuffled = dict(batch, labels=batch["labels"].roll(1, dims=0), input_ids=batch["input_ids"].roll(1, dims=0))
     shuffled["attention_mask"] = batch["attention_mask"].roll(1, dims=0)
     with torch.no_grad():
-        assert torch.allclose(offline.compute_loss(offline.model, shuffled), online.compute_loss(online.model, shuffled), rtol=1e-3)
+        assert torch.allclose(
+            offline.compute_loss(offline.model, shuffled), online.compute_loss(online.model, shuffled), rtol=1e-3
+        )
         targets = offline.distill_mode.store.targets(batch, K)
         wrong = offline.distill_mode.store.targets(shuffled, K)
         assert not torch.equal(targets.log_probs[0], wrong.log_probs[0])
@@ -285,8 +310,14 @@ def test_trains_from_store_with_lora_and_gradient_accumulation(
 
     trainer = DistillTrainer(
         model=make_student(),
-        args=config(tmp_path, teacher_cache=str(store), gradient_accumulation_steps=2, per_device_train_batch_size=2,
-                    eval_strategy="steps", eval_steps=2),  # fmt: skip
+        args=config(
+            tmp_path,
+            teacher_cache=str(store),
+            gradient_accumulation_steps=2,
+            per_device_train_batch_size=2,
+            eval_strategy="steps",
+            eval_steps=2,
+        ),
         train_dataset=prompt_completion_dataset,
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
@@ -326,7 +357,9 @@ def test_damaged_shard_is_reported_by_name(tmp_path, store, damage):
     else:
         shard.unlink()
     message = {"flip": "does not match its sha256", "truncate": "truncated", "delete": "is missing"}[damage]
-    with pytest.raises((ValueError, FileNotFoundError), match=f"shard-00001.safetensors.*{message}|shard-00001.safetensors {message}"):
+    with pytest.raises(
+        (ValueError, FileNotFoundError), match=f"shard-00001.safetensors.*{message}|shard-00001.safetensors {message}"
+    ):
         TeacherStore(copy, progress=False)
 
 
@@ -340,27 +373,33 @@ def test_unfinished_store_is_refused(tmp_path):
 def test_different_tokenizer_is_refused(tmp_path, store, other_tokenizer, make_student, prompt_completion_dataset):
     with pytest.raises(ValueError, match="tokenizer differs"):
         DistillTrainer(
-            model=make_student(), args=config(tmp_path, teacher_cache=str(store)),
-            train_dataset=prompt_completion_dataset, processing_class=other_tokenizer,
-        )  # fmt: skip
+            model=make_student(),
+            args=config(tmp_path, teacher_cache=str(store)),
+            train_dataset=prompt_completion_dataset,
+            processing_class=other_tokenizer,
+        )
 
 
 def test_different_dataset_is_refused(tmp_path, store, tokenizer, make_student):
     other = make_task_dataset(24, seed=5, split="train")
     with pytest.raises(ValueError, match=r"rows of the training dataset are not in the teacher store .*first: row"):
         DistillTrainer(
-            model=make_student(), args=config(tmp_path, teacher_cache=str(store)), train_dataset=other,
+            model=make_student(),
+            args=config(tmp_path, teacher_cache=str(store)),
+            train_dataset=other,
             processing_class=tokenizer,
-        )  # fmt: skip
+        )
 
 
 def test_a_subset_in_another_order_is_accepted(tmp_path, store, tokenizer, make_student, prompt_completion_dataset):
     """Rows are found by content: a shuffled subset reads, row by row, exactly what the writer stored for each row."""
     subset = prompt_completion_dataset.select([9, 3, 17, 0, 5, 22])
     trainer = DistillTrainer(
-        model=make_student(), args=config(tmp_path, teacher_cache=str(store), max_steps=1), train_dataset=subset,
+        model=make_student(),
+        args=config(tmp_path, teacher_cache=str(store), max_steps=1),
+        train_dataset=subset,
         processing_class=tokenizer,
-    )  # fmt: skip
+    )
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(subset))])
     reader = TeacherStore(store, progress=False)
     targets = reader.targets(batch, K)
@@ -392,8 +431,9 @@ def edit_manifest(path, edit):
         ("not json", "manifest.json is not valid JSON"),
     ],
 )
-def test_an_edited_manifest_is_refused(tmp_path, store, tokenizer, make_student, prompt_completion_dataset, edit,
-                                       match):  # fmt: skip
+def test_an_edited_manifest_is_refused(
+    tmp_path, store, tokenizer, make_student, prompt_completion_dataset, edit, match
+):
     """Without the digest an edited temperature would silently train on T=2 log-probabilities as T=1."""
     copy = copy_store(store, tmp_path)
     if isinstance(edit, str):
@@ -404,9 +444,11 @@ def test_an_edited_manifest_is_refused(tmp_path, store, tokenizer, make_student,
         TeacherStore(copy, progress=False)
     with pytest.raises(ValueError, match=match):
         DistillTrainer(
-            model=make_student(), args=config(tmp_path, teacher_cache=str(copy), kd_temperature=1.0, kd_top_k=K),
-            train_dataset=prompt_completion_dataset, processing_class=tokenizer,
-        )  # fmt: skip
+            model=make_student(),
+            args=config(tmp_path, teacher_cache=str(copy), kd_temperature=1.0, kd_top_k=K),
+            train_dataset=prompt_completion_dataset,
+            processing_class=tokenizer,
+        )
 
 
 def test_student_from_a_store_records_its_teacher_and_replay_checks_them(
@@ -420,10 +462,18 @@ def test_student_from_a_store_records_its_teacher_and_replay_checks_them(
     teacher_path = saved_teacher(tokenizer, tmp_path / "teacher")
     store_dir = tmp_path / "store"
     args = config(tmp_path, teacher_cache=str(store_dir), teacher_model_init_kwargs={"dtype": "float32"})
-    manifest = cache_teacher(teacher_path, prompt_completion_dataset, args=args, processing_class=tokenizer,
-                             rows_per_shard=16, batch_size=8, progress=False)  # fmt: skip
-    trainer = DistillTrainer(model=make_student(), args=args, train_dataset=prompt_completion_dataset,
-                             processing_class=tokenizer)  # fmt: skip
+    manifest = cache_teacher(
+        teacher_path,
+        prompt_completion_dataset,
+        args=args,
+        processing_class=tokenizer,
+        rows_per_shard=16,
+        batch_size=8,
+        progress=False,
+    )
+    trainer = DistillTrainer(
+        model=make_student(), args=args, train_dataset=prompt_completion_dataset, processing_class=tokenizer
+    )
     trainer.train()
     trainer.save_model()
     out = pathlib.Path(args.output_dir)
@@ -455,20 +505,29 @@ def test_student_from_a_store_records_its_teacher_and_replay_checks_them(
         (dict(max_length=40), "`max_length=40` differs"),
     ],
 )
-def test_settings_the_store_cannot_honour_are_refused(tmp_path, store, tokenizer, make_student, prompt_completion_dataset, settings, match):
+def test_settings_the_store_cannot_honour_are_refused(
+    tmp_path, store, tokenizer, make_student, prompt_completion_dataset, settings, match
+):
     with pytest.raises(ValueError, match=match):
         DistillTrainer(
-            model=make_student(), args=config(tmp_path, teacher_cache=str(store), **settings),
-            train_dataset=prompt_completion_dataset, processing_class=tokenizer,
-        )  # fmt: skip
+            model=make_student(),
+            args=config(tmp_path, teacher_cache=str(store), **settings),
+            train_dataset=prompt_completion_dataset,
+            processing_class=tokenizer,
+        )
 
 
-def test_teacher_with_store_and_bad_configs_are_refused(tmp_path, store, teacher, tokenizer, make_student, prompt_completion_dataset):
+def test_teacher_with_store_and_bad_configs_are_refused(
+    tmp_path, store, teacher, tokenizer, make_student, prompt_completion_dataset
+):
     with pytest.raises(ValueError, match="`teacher_cache` replaces the teacher"):
         DistillTrainer(
-            model=make_student(), teacher_model=teacher, args=config(tmp_path, teacher_cache=str(store)),
-            train_dataset=prompt_completion_dataset, processing_class=tokenizer,
-        )  # fmt: skip
+            model=make_student(),
+            teacher_model=teacher,
+            args=config(tmp_path, teacher_cache=str(store)),
+            train_dataset=prompt_completion_dataset,
+            processing_class=tokenizer,
+        )
     for kwargs, match in [
         (dict(kd_top_k=None), "set `kd_top_k`"),
         (dict(packing=True), "`packing=True` cannot be used with `teacher_cache`"),
@@ -486,9 +545,16 @@ def test_interrupted_and_multi_process_writes_give_the_same_store(
     def write(directory, **kwargs):
         args = config(tmp_path, teacher_cache=str(tmp_path / directory))
         return cache_teacher(
-            teacher, prompt_completion_dataset, eval_dataset=eval_dataset, args=args, processing_class=tokenizer,
-            rows_per_shard=10, batch_size=4, progress=False, **kwargs,
-        )  # fmt: skip
+            teacher,
+            prompt_completion_dataset,
+            eval_dataset=eval_dataset,
+            args=args,
+            processing_class=tokenizer,
+            rows_per_shard=10,
+            batch_size=4,
+            progress=False,
+            **kwargs,
+        )
 
     reference = json.loads((store / MANIFEST).read_text())
     real_write_shard, calls = cache_module.write_shard, []
@@ -519,8 +585,15 @@ def test_interrupted_and_multi_process_writes_give_the_same_store(
     # Resuming with other settings is refused, naming what changed.
     with pytest.raises(ValueError, match="top_k: 16 -> 8"):
         args = config(tmp_path, teacher_cache=str(tmp_path / "resumed"), kd_top_k=8)
-        cache_teacher(teacher, prompt_completion_dataset, eval_dataset=eval_dataset, args=args,
-                      processing_class=tokenizer, rows_per_shard=10, progress=False)  # fmt: skip
+        cache_teacher(
+            teacher,
+            prompt_completion_dataset,
+            eval_dataset=eval_dataset,
+            args=args,
+            processing_class=tokenizer,
+            rows_per_shard=10,
+            progress=False,
+        )
 
 
 def test_cache_teacher_command_line(tmp_path, teacher, tokenizer, prompt_completion_dataset):
@@ -589,14 +662,33 @@ def test_two_processes_write_disjoint_shards_and_the_same_store(
     (tmp_path / "traced.py").write_text(_TRACED_CACHE_TEACHER)
     (tmp_path / "logs").mkdir()
     one, two = tmp_path / "one", tmp_path / "two"
-    env = dict(os.environ, PYTHONPATH=str(root), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               OMP_NUM_THREADS="1", HF_DATASETS_DISABLE_PROGRESS_BARS="1")  # fmt: skip
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(root),
+        HF_HUB_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        OMP_NUM_THREADS="1",
+        HF_DATASETS_DISABLE_PROGRESS_BARS="1",
+    )
     for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-              str(root / "recipes/accelerate_configs/ddp_cpu.yaml"), "--num_processes", "2", "--main_process_port",
-              "29519", str(tmp_path / "traced.py"), str(tmp_path / "logs"), "--config", str(tmp_path / "cache.yaml"),
-              "--teacher_cache", str(two)]  # fmt: skip
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(root / "recipes/accelerate_configs/ddp_cpu.yaml"),
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        "29519",
+        str(tmp_path / "traced.py"),
+        str(tmp_path / "logs"),
+        "--config",
+        str(tmp_path / "cache.yaml"),
+        "--teacher_cache",
+        str(two),
+    ]
     with open(tmp_path / "launch.log", "w") as log:
         process = subprocess.Popen(launch, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
     threads = torch.get_num_threads()
@@ -629,9 +721,12 @@ def test_two_processes_write_disjoint_shards_and_the_same_store(
     losses = []
     for path in (one, two):
         trainer = DistillTrainer(
-            model=make_student(), args=config(tmp_path, teacher_cache=str(path)),
-            train_dataset=prompt_completion_dataset, eval_dataset=eval_dataset, processing_class=tokenizer,
-        )  # fmt: skip
+            model=make_student(),
+            args=config(tmp_path, teacher_cache=str(path)),
+            train_dataset=prompt_completion_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=tokenizer,
+        )
         trainer.train()
         losses.append([(log["loss"], log["kd_loss"]) for log in trainer.state.log_history if "loss" in log])
     assert len(losses[0]) == 2 and losses[0] == losses[1] and losses[0][0][1] > 0

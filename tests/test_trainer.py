@@ -108,12 +108,24 @@ def test_gradient_accumulation_matches_one_big_batch(
     tmp_path, tokenizer, make_student, make_teacher, prompt_completion_dataset, reduction
 ):
     big = _one_step_params(
-        tmp_path / "big", tokenizer, make_student, make_teacher, prompt_completion_dataset,
-        per_device_train_batch_size=4, gradient_accumulation_steps=1, loss_reduction=reduction,
+        tmp_path / "big",
+        tokenizer,
+        make_student,
+        make_teacher,
+        prompt_completion_dataset,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=1,
+        loss_reduction=reduction,
     )
     accumulated = _one_step_params(
-        tmp_path / "acc", tokenizer, make_student, make_teacher, prompt_completion_dataset,
-        per_device_train_batch_size=2, gradient_accumulation_steps=2, loss_reduction=reduction,
+        tmp_path / "acc",
+        tokenizer,
+        make_student,
+        make_teacher,
+        prompt_completion_dataset,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        loss_reduction=reduction,
     )
     init = snapshot(make_student())
     for name in big:
@@ -126,8 +138,11 @@ def test_checkpoint_and_resume_give_the_same_losses(
 ):
     args = dict(max_steps=4, save_strategy="steps", save_steps=2, per_device_train_batch_size=2)
     full = DistillTrainer(
-        model=make_student(), teacher_model=make_teacher(), args=config(tmp_path / "a", **args),
-        train_dataset=prompt_completion_dataset, processing_class=tokenizer,
+        model=make_student(),
+        teacher_model=make_teacher(),
+        args=config(tmp_path / "a", **args),
+        train_dataset=prompt_completion_dataset,
+        processing_class=tokenizer,
     )
     full.train()
     checkpoint = tmp_path / "a" / "out" / "checkpoint-2"
@@ -135,8 +150,11 @@ def test_checkpoint_and_resume_give_the_same_losses(
     assert (tmp_path / "a" / "out" / "README.md").exists()  # model card written with the checkpoint
 
     resumed = DistillTrainer(
-        model=make_student(), teacher_model=make_teacher(), args=config(tmp_path / "a", **args),
-        train_dataset=prompt_completion_dataset, processing_class=tokenizer,
+        model=make_student(),
+        teacher_model=make_teacher(),
+        args=config(tmp_path / "a", **args),
+        train_dataset=prompt_completion_dataset,
+        processing_class=tokenizer,
     )
     resumed.train(resume_from_checkpoint=str(checkpoint))
 
@@ -147,7 +165,9 @@ def test_checkpoint_and_resume_give_the_same_losses(
     assert losses(resumed, {3, 4}) == pytest.approx(losses(full, {3, 4}), rel=1e-5)
 
 
-def test_teacher_and_student_from_local_directories(tmp_path, tokenizer, make_student, make_teacher, prompt_completion_dataset):
+def test_teacher_and_student_from_local_directories(
+    tmp_path, tokenizer, make_student, make_teacher, prompt_completion_dataset
+):
     # The real loading code (`from_pretrained` on an id) exercised on local directories; the teacher's tokenizer is
     # loaded from its directory and checked against the student's.
     student_dir = save_pretrained_pair(make_student(), tokenizer, tmp_path / "student")
@@ -155,8 +175,11 @@ def test_teacher_and_student_from_local_directories(tmp_path, tokenizer, make_st
     trainer = DistillTrainer(
         model=student_dir,
         args=config(
-            tmp_path, max_steps=1, teacher_model_name_or_path=teacher_dir,
-            teacher_model_init_kwargs={"dtype": "float32"}, model_init_kwargs={"dtype": "float32"},
+            tmp_path,
+            max_steps=1,
+            teacher_model_name_or_path=teacher_dir,
+            teacher_model_init_kwargs={"dtype": "float32"},
+            model_init_kwargs={"dtype": "float32"},
         ),
         train_dataset=prompt_completion_dataset,
         processing_class=tokenizer,
@@ -179,8 +202,11 @@ def test_tokenizer_mismatch_is_refused(tmp_path, tokenizer, other_tokenizer, mak
     teacher = build_tiny_model(other_tokenizer, hidden_size=32, num_layers=1, num_heads=2)
     with pytest.raises(ValueError) as error:
         DistillTrainer(
-            model=make_student(), teacher_model=teacher, args=config(tmp_path),
-            train_dataset=prompt_completion_dataset, processing_class=tokenizer,
+            model=make_student(),
+            teacher_model=teacher,
+            args=config(tmp_path),
+            train_dataset=prompt_completion_dataset,
+            processing_class=tokenizer,
             teacher_processing_class=other_tokenizer,
         )
     message = str(error.value)
@@ -193,25 +219,33 @@ def test_padded_vocabulary_rows_train(tmp_path, tokenizer, make_student, make_te
     student = make_student(arch="qwen2", extra_vocab_rows=5)
     teacher = make_teacher(arch="qwen2", extra_vocab_rows=13)
     with torch.no_grad():  # make the padding rows loud: if they leaked into a softmax the loss would change a lot
-        teacher.get_output_embeddings().weight[len(tokenizer):] = 3.0
+        teacher.get_output_embeddings().weight[len(tokenizer) :] = 3.0
     before_s, before_t = snapshot(student), snapshot(teacher)
     trainer = DistillTrainer(
-        model=student, teacher_model=teacher, args=config(tmp_path, optim="sgd", learning_rate=0.5),
-        train_dataset=prompt_completion_dataset, processing_class=tokenizer,
+        model=student,
+        teacher_model=teacher,
+        args=config(tmp_path, optim="sgd", learning_rate=0.5),
+        train_dataset=prompt_completion_dataset,
+        processing_class=tokenizer,
     )
     assert trainer.vocab_size == len(tokenizer)
     trainer.train()
     assert_trained(trainer, before_s, before_t)
     head = trainer.model.get_output_embeddings().weight
-    torch.testing.assert_close(head[len(tokenizer):], before_s["lm_head.weight"][len(tokenizer):])
+    torch.testing.assert_close(head[len(tokenizer) :], before_s["lm_head.weight"][len(tokenizer) :])
 
 
-def test_text_dataset_and_conversational_assistant_only(tmp_path, tokenizer, make_student, make_teacher, prompt_completion_dataset):
+def test_text_dataset_and_conversational_assistant_only(
+    tmp_path, tokenizer, make_student, make_teacher, prompt_completion_dataset
+):
     rows = prompt_completion_dataset.select(range(8))
     text = Dataset.from_dict({"text": [p + c for p, c in zip(rows["prompt"], rows["completion"])]})
     trainer = DistillTrainer(
-        model=make_student(), teacher_model=make_teacher(), args=config(tmp_path / "t", max_steps=1),
-        train_dataset=text, processing_class=tokenizer,
+        model=make_student(),
+        teacher_model=make_teacher(),
+        args=config(tmp_path / "t", max_steps=1),
+        train_dataset=text,
+        processing_class=tokenizer,
     )
     trainer.train()
 
@@ -221,9 +255,11 @@ def test_text_dataset_and_conversational_assistant_only(tmp_path, tokenizer, mak
     ]
     chat = Dataset.from_dict({"messages": messages})
     trainer = DistillTrainer(
-        model=make_student(), teacher_model=make_teacher(),
+        model=make_student(),
+        teacher_model=make_teacher(),
         args=config(tmp_path / "c", max_steps=1, assistant_only_loss=True),
-        train_dataset=chat, processing_class=tokenizer,
+        train_dataset=chat,
+        processing_class=tokenizer,
     )
     sample = trainer.train_dataset[0]
     assert -100 in sample["labels"] and any(label != -100 for label in sample["labels"])
@@ -232,8 +268,11 @@ def test_text_dataset_and_conversational_assistant_only(tmp_path, tokenizer, mak
 
 def test_all_masked_batch_gives_zero_loss(tmp_path, tokenizer, make_student, make_teacher, prompt_completion_dataset):
     trainer = DistillTrainer(
-        model=make_student(), teacher_model=make_teacher(), args=config(tmp_path),
-        train_dataset=prompt_completion_dataset, processing_class=tokenizer,
+        model=make_student(),
+        teacher_model=make_teacher(),
+        args=config(tmp_path),
+        train_dataset=prompt_completion_dataset,
+        processing_class=tokenizer,
     )
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
     batch["labels"][:] = -100
@@ -244,11 +283,16 @@ def test_all_masked_batch_gives_zero_loss(tmp_path, tokenizer, make_student, mak
     assert all(torch.isfinite(p.grad).all() for p in trainer.model.parameters() if p.grad is not None)
 
 
-def test_eval_loss_and_metrics_are_logged(tmp_path, tokenizer, make_student, make_teacher, prompt_completion_dataset, eval_dataset):
+def test_eval_loss_and_metrics_are_logged(
+    tmp_path, tokenizer, make_student, make_teacher, prompt_completion_dataset, eval_dataset
+):
     trainer = DistillTrainer(
-        model=make_student(), teacher_model=make_teacher(),
+        model=make_student(),
+        teacher_model=make_teacher(),
         args=config(tmp_path, eval_strategy="steps", eval_steps=2, max_steps=2),
-        train_dataset=prompt_completion_dataset, eval_dataset=eval_dataset, processing_class=tokenizer,
+        train_dataset=prompt_completion_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
     )
     trainer.train()
     evals = [log for log in trainer.state.log_history if "eval_loss" in log]
@@ -257,7 +301,12 @@ def test_eval_loss_and_metrics_are_logged(tmp_path, tokenizer, make_student, mak
 
 def test_requires_a_teacher(tmp_path, make_student, tokenizer, prompt_completion_dataset):
     with pytest.raises(ValueError, match="teacher_model"):
-        DistillTrainer(model=make_student(), args=config(tmp_path), train_dataset=prompt_completion_dataset, processing_class=tokenizer)
+        DistillTrainer(
+            model=make_student(),
+            args=config(tmp_path),
+            train_dataset=prompt_completion_dataset,
+            processing_class=tokenizer,
+        )
 
 
 @pytest.mark.parametrize(
@@ -301,9 +350,11 @@ def test_packing(tmp_path, tokenizer, make_student, make_teacher, prompt_complet
     student, teacher = make_student(), make_teacher()
     before_s, before_t = snapshot(student), snapshot(teacher)
     trainer = DistillTrainer(
-        model=student, teacher_model=teacher,
+        model=student,
+        teacher_model=teacher,
         args=config(tmp_path, packing=True, max_length=64, per_device_train_batch_size=2, max_steps=2),
-        train_dataset=prompt_completion_dataset, processing_class=tokenizer,
+        train_dataset=prompt_completion_dataset,
+        processing_class=tokenizer,
     )
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
     assert "position_ids" in batch and batch["input_ids"].shape[0] == 1
@@ -315,12 +366,20 @@ def test_sft_config_is_converted(tmp_path, tokenizer, make_student, make_teacher
     from trl import SFTConfig
 
     args = SFTConfig(
-        output_dir=str(tmp_path), use_cpu=True, bf16=False, activation_checkpointing=False, max_steps=1,
-        report_to="none", per_device_train_batch_size=2,
+        output_dir=str(tmp_path),
+        use_cpu=True,
+        bf16=False,
+        activation_checkpointing=False,
+        max_steps=1,
+        report_to="none",
+        per_device_train_batch_size=2,
     )
     trainer = DistillTrainer(
-        model=make_student(), teacher_model=make_teacher(), args=args,
-        train_dataset=prompt_completion_dataset, processing_class=tokenizer,
+        model=make_student(),
+        teacher_model=make_teacher(),
+        args=args,
+        train_dataset=prompt_completion_dataset,
+        processing_class=tokenizer,
     )
     assert isinstance(trainer.args, DistillConfig) and trainer.args.max_steps == 1
     assert (trainer.args.objective, trainer.args.kd_temperature, trainer.args.alpha) == ("forward_kl", 2.0, 0.9)

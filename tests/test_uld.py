@@ -29,9 +29,13 @@ def build_char_tokenizer(alphabet: str, *, add_bos: bool = True):
     if add_bos:
         tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
         clean_up_tokenization_spaces=False,
-    )  # fmt: skip
+    )
 
 
 ALPHABET = "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,:?!'\néöü日本語🙂-"
@@ -102,7 +106,11 @@ def test_bpe_student_char_teacher_pairs(tokenizer, char_tokenizer, text):
         # " " has no teacher token ending inside it ("Ġc" runs past it) and none earlier: no partner. "é" is two
         # byte-level tokens on the teacher side, both spanning that one character: it pairs with the last.
         (" café", ["<|bos|>", "Ġc", "a", "f", "Ã", "©", "<|eos|>"], [0, -1, 1, 2, 3, 5, 6]),
-        (" 日本🙂", ["<|bos|>", "Ġ", "æ", "Ĺ", "¥", "æ", "ľ", "¬", "ð", "Ł", "Ļ", "Ĥ", "<|eos|>"], [0, 1, 4, 7, 11, 12]),
+        (
+            " 日本🙂",
+            ["<|bos|>", "Ġ", "æ", "Ĺ", "¥", "æ", "ľ", "¬", "ð", "Ł", "Ļ", "Ĥ", "<|eos|>"],
+            [0, 1, 4, 7, 11, 12],
+        ),
     ],
 )
 def test_hand_checked_pairs_char_student_bpe_teacher(tokenizer, char_tokenizer, text, teacher_tokens, pairs):
@@ -182,7 +190,14 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items() if k != "exact_match_ids") + ("-exact" if "exact_match_ids" in c else ""))
+@pytest.mark.parametrize(
+    "case",
+    CASES,
+    ids=lambda c: (
+        "-".join(f"{k}={v}" for k, v in c.items() if k != "exact_match_ids")
+        + ("-exact" if "exact_match_ids" in c else "")
+    ),
+)
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_uld_loss_matches_reference(case, reduction):
     s, t, labels, paired = _inputs()
@@ -209,15 +224,26 @@ def test_linear_uld_loss_matches_reference(case):
     labels[0, :3] = -100
     h_s_ref, w_s_ref = h_s.double().requires_grad_(), w_s.double().requires_grad_()
     expected = uld_reference(
-        (h_s_ref @ w_s_ref.T)[..., :37].reshape(14, 37), (h_t.double() @ w_t.double().T)[..., :23].reshape(14, 23),
-        labels=labels.reshape(-1), num_items_in_batch=20, **case,
-    )  # fmt: skip
+        (h_s_ref @ w_s_ref.T)[..., :37].reshape(14, 37),
+        (h_t.double() @ w_t.double().T)[..., :23].reshape(14, 23),
+        labels=labels.reshape(-1),
+        num_items_in_batch=20,
+        **case,
+    )
     expected.backward()
     h_s_got, w_s_got = h_s.clone().requires_grad_(), w_s.clone().requires_grad_()
     got = linear_uld_loss(
-        h_s_got, w_s_got, h_t, w_t, labels=labels, student_vocab_size=37, teacher_vocab_size=23, chunk_size=3,
-        num_items_in_batch=20, **case,
-    )  # fmt: skip
+        h_s_got,
+        w_s_got,
+        h_t,
+        w_t,
+        labels=labels,
+        student_vocab_size=37,
+        teacher_vocab_size=23,
+        chunk_size=3,
+        num_items_in_batch=20,
+        **case,
+    )
     got.backward()
     torch.testing.assert_close(got.double(), expected.detach(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(h_s_got.grad.double(), h_s_ref.grad, rtol=1e-4, atol=1e-5)
@@ -253,8 +279,9 @@ def test_gradients_finite_and_masked_rows():
     paired = torch.zeros(s.shape[0], dtype=torch.bool)
     ce_only = uld_loss(s, t, labels=labels, paired=paired, alpha=0.5)
     kept = s.detach().double()[labels != -100]
-    ce = per_token_loss(kept, kept, labels[labels != -100], objective="forward_kl", beta=0.5, temperature=1.0,
-                        top_k=None, alpha=0.0)  # fmt: skip
+    ce = per_token_loss(
+        kept, kept, labels[labels != -100], objective="forward_kl", beta=0.5, temperature=1.0, top_k=None, alpha=0.0
+    )
     torch.testing.assert_close(ce_only.double(), 0.5 * ce.mean().detach())
 
 
@@ -276,10 +303,21 @@ def test_spec_validation():
 
 def _config(tmp_path, **kwargs):
     defaults = dict(
-        output_dir=str(tmp_path / "out"), use_cpu=True, bf16=False, activation_checkpointing=False, max_steps=2,
-        per_device_train_batch_size=4, learning_rate=1e-2, logging_steps=1, save_strategy="no", report_to="none",
-        seed=0, dataloader_num_workers=0, distill_mode="uld", kd_temperature=1.0,
-    )  # fmt: skip
+        output_dir=str(tmp_path / "out"),
+        use_cpu=True,
+        bf16=False,
+        activation_checkpointing=False,
+        max_steps=2,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        seed=0,
+        dataloader_num_workers=0,
+        distill_mode="uld",
+        kd_temperature=1.0,
+    )
     return DistillConfig(**{**defaults, **kwargs})
 
 
@@ -303,9 +341,13 @@ def test_trains_with_a_teacher_of_another_tokenizer(
     student = make_student()
     before_s, before_t = _snapshot(student), _snapshot(other_teacher)
     trainer = DistillTrainer(
-        model=student, teacher_model=other_teacher, args=_config(tmp_path, **settings),
-        train_dataset=prompt_completion_dataset, processing_class=tokenizer, teacher_processing_class=other_tokenizer,
-    )  # fmt: skip
+        model=student,
+        teacher_model=other_teacher,
+        args=_config(tmp_path, **settings),
+        train_dataset=prompt_completion_dataset,
+        processing_class=tokenizer,
+        teacher_processing_class=other_tokenizer,
+    )
     trainer.train()
     for name, param in trainer.model.named_parameters():
         assert not torch.equal(param.detach(), before_s[name]) or "embed" in name, name
@@ -322,10 +364,13 @@ def test_token_mode_still_refuses_other_tokenizers(
 ):
     with pytest.raises(ValueError, match='must share a vocabulary for token-level KD.*distill_mode="uld"'):
         DistillTrainer(
-            model=make_student(), teacher_model=other_teacher, args=_config(tmp_path, distill_mode="token"),
-            train_dataset=prompt_completion_dataset, processing_class=tokenizer,
+            model=make_student(),
+            teacher_model=other_teacher,
+            args=_config(tmp_path, distill_mode="token"),
+            train_dataset=prompt_completion_dataset,
+            processing_class=tokenizer,
             teacher_processing_class=other_tokenizer,
-        )  # fmt: skip
+        )
 
 
 def test_lora_and_gradient_accumulation_match_one_big_batch(
@@ -335,11 +380,14 @@ def test_lora_and_gradient_accumulation_match_one_big_batch(
 
     def one_step(name, **kwargs):
         trainer = DistillTrainer(
-            model=make_student(), teacher_model=other_teacher, args=_config(tmp_path / name, max_steps=1, **kwargs),
-            train_dataset=prompt_completion_dataset, processing_class=tokenizer,
+            model=make_student(),
+            teacher_model=other_teacher,
+            args=_config(tmp_path / name, max_steps=1, **kwargs),
+            train_dataset=prompt_completion_dataset,
+            processing_class=tokenizer,
             teacher_processing_class=other_tokenizer,
             peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0),
-        )  # fmt: skip
+        )
         trainer.train()
         return {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
 
@@ -359,10 +407,13 @@ def test_packing_is_refused_and_config_is_validated(
 ):
     with pytest.raises(ValueError, match="`packing=True` is not supported with `distill_mode='uld'`"):
         DistillTrainer(
-            model=make_student(), teacher_model=other_teacher, args=_config(tmp_path, packing=True, max_length=64),
-            train_dataset=prompt_completion_dataset, processing_class=tokenizer,
+            model=make_student(),
+            teacher_model=other_teacher,
+            args=_config(tmp_path, packing=True, max_length=64),
+            train_dataset=prompt_completion_dataset,
+            processing_class=tokenizer,
             teacher_processing_class=other_tokenizer,
-        )  # fmt: skip
+        )
     with pytest.raises(ValueError, match="`uld_top_k` must be None"):
         _config(tmp_path, uld_top_k=0)
     with pytest.raises(ValueError, match="`uld_distance` must be one of"):
@@ -390,9 +441,14 @@ def test_heldout_kl_is_not_measured_across_tokenizers(
     from trl_distill.callbacks import find_heldout_callback
 
     trainer = DistillTrainer(
-        model=make_student(), teacher_model=other_teacher, args=_config(tmp_path), train_dataset=prompt_completion_dataset,
-        eval_dataset=eval_dataset, processing_class=tokenizer, teacher_processing_class=other_tokenizer,
-    )  # fmt: skip
+        model=make_student(),
+        teacher_model=other_teacher,
+        args=_config(tmp_path),
+        train_dataset=prompt_completion_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        teacher_processing_class=other_tokenizer,
+    )
     assert find_heldout_callback(trainer) is None
     assert "teacher's tokenizer differs" in caplog.text
     metrics = trainer.evaluate()

@@ -65,8 +65,11 @@ _EXPORTS = {
 __all__ = ["__version__", *sorted(_EXPORTS)]
 
 if TYPE_CHECKING:
+    from .artifact import append_stage, save_artifact
+    from .callbacks import HeldOutKLCallback
     from .config import DistillConfig
     from .conversation import as_prompt_completion, expand_assistant_turns
+    from .evaluation import heldout_metrics
     from .losses import (
         distillation_loss,
         feature_distillation_loss,
@@ -74,20 +77,17 @@ if TYPE_CHECKING:
         linear_top_k_distillation_loss,
     )
     from .modes import DistillMode, MetricsSink, ModeContext, available_modes, register_mode
-    from .teachers.cache import cache_teacher
-    from .scripts.cache_teacher import CacheTeacherArguments, cache_teacher_parser, run_cache_teacher
-    from .teachers.served import ServedTeacher, cache_teacher_served
-    from .teachers.store import TeacherStore
-    from .teachers.generation import generate_teacher_completions
-    from .trainer import DistillTrainer
-    from .callbacks import HeldOutKLCallback
-    from .artifact import append_stage, save_artifact
-    from .verify import verify_artifact
-    from .evaluation import heldout_metrics
     from .preference import teacher_ranked_pairs
+    from .pruning import depth_prune, score_layers, select_layers
     from .quantization import disable_bnb_cpu_repack, qat_convert, qat_prepare, unwrap_fake_quantized
     from .real_models import real_model_path
-    from .pruning import depth_prune, score_layers, select_layers
+    from .scripts.cache_teacher import CacheTeacherArguments, cache_teacher_parser, run_cache_teacher
+    from .teachers.cache import cache_teacher
+    from .teachers.generation import generate_teacher_completions
+    from .teachers.served import ServedTeacher, cache_teacher_served
+    from .teachers.store import TeacherStore
+    from .trainer import DistillTrainer
+    from .verify import verify_artifact
 
 
 def __getattr__(name: str):

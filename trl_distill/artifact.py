@@ -22,7 +22,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from . import model_card, provenance, receipt as receipts
+from . import model_card, provenance
+from . import receipt as receipts
 
 
 __all__ = ["HubUploadError", "append_stage", "push_offline_error", "save_artifact", "write_trainer_model_card"]
@@ -176,8 +177,11 @@ def write_trainer_model_card(trainer, output_dir, *, model_name=None, tags=None)
     tags = trainer_tags(trainer) + ([tags] if isinstance(tags, str) else list(tags or []))
     stage = provenance.distill_stage(trainer, heldout_results(trainer)[0])
     stage["applicable_settings"] = sorted(provenance.applicable_settings(stage["settings"]))
-    draft = {"format": receipts.FORMAT, "stages": [stage],
-             "card": {"model_name": model_name or _model_name(trainer, output_dir), "tags": sorted(set(tags))}}
+    draft = {
+        "format": receipts.FORMAT,
+        "stages": [stage],
+        "card": {"model_name": model_name or _model_name(trainer, output_dir), "tags": sorted(set(tags))},
+    }
     output_dir.mkdir(parents=True, exist_ok=True)
     return model_card.write_model_card(output_dir, receipts.normalize(draft))
 

@@ -44,8 +44,9 @@ PREFIX = "heldout_"
 _ROW_COLUMNS = ("input_ids", "labels", "completion_mask", "assistant_masks", "prompt", "completion", "messages")
 
 
-def is_plateau(kl_history: Sequence[float], loss_history: Sequence[float | None], patience: int,
-               min_delta: float = 1e-3) -> bool:  # fmt: skip
+def is_plateau(
+    kl_history: Sequence[float], loss_history: Sequence[float | None], patience: int, min_delta: float = 1e-3
+) -> bool:
     """
     Whether held-out KL stopped improving while the training loss still falls.
 
@@ -178,8 +179,11 @@ class HeldOutKLCallback(TrainerCallback):
             bar = getattr(callback, "training_bar", None) if isinstance(callback, ProgressCallback) else None
             if bar is not None:
                 metrics = self.last_metrics
-                bar.set_postfix(heldout_kl=f"{metrics['kl_teacher_student']:.4g}",
-                                heldout_ppl=f"{metrics['student_perplexity']:.4g}", refresh=False)  # fmt: skip
+                bar.set_postfix(
+                    heldout_kl=f"{metrics['kl_teacher_student']:.4g}",
+                    heldout_ppl=f"{metrics['student_perplexity']:.4g}",
+                    refresh=False,
+                )
 
     def _check_plateau(self, state) -> None:
         losses = [log["loss"] for log in state.log_history if "loss" in log]

@@ -52,8 +52,11 @@ def _add_demo(subparsers) -> None:
             "smoke run). Exits with 1 if the KD student is not closer to the teacher than the SFT student."
         ),
     )
-    parser.add_argument("--output-dir", default=None, help="Where students and results.json go (runs/demo, "
-                        "or runs/demo-tiny with --tiny).")  # fmt: skip
+    parser.add_argument(
+        "--output-dir",
+        default=None,
+        help="Where students and results.json go (runs/demo, or runs/demo-tiny with --tiny).",
+    )
     parser.add_argument("--seed", type=int, default=0, help="Seed of data, weights and data order.")
     parser.add_argument("--tiny", action="store_true", help="The tiny-model demo on a generated task (~3 minutes).")
     parser.add_argument("--quick", action="store_true", help="Seconds-long run of the tiny demo (implies --tiny).")
@@ -153,7 +156,9 @@ def _add_recipe_assets(subparsers) -> None:
     )
     parser.add_argument("--output-dir", default="runs/recipes/tiny", help="Where the tiny configs expect the files.")
     parser.add_argument("--seed", type=int, default=0, help="Seed of data, tokenizer and weights.")
-    parser.add_argument("--untrained-teacher", action="store_true", help="Skip the teacher's training (plumbing tests).")
+    parser.add_argument(
+        "--untrained-teacher", action="store_true", help="Skip the teacher's training (plumbing tests)."
+    )
     parser.set_defaults(func=_run_recipe_assets)
 
 

@@ -145,16 +145,18 @@ class DistillConfig(SFTConfig):
         default=None,
         metadata={
             "help": "Keyword arguments for `AutoModelForCausalLM.from_pretrained` when the teacher is given as a string "
-            "(e.g. '{\"dtype\": \"bfloat16\", \"revision\": \"main\"}')."
+            '(e.g. \'{"dtype": "bfloat16", "revision": "main"}\').'
         },
     )
 
     # What is matched
     distill_mode: str = field(
         default="token",
-        metadata={"help": "What is matched. 'token': token-level (logit) KD; needs a shared vocabulary. 'uld': "
+        metadata={
+            "help": "What is matched. 'token': token-level (logit) KD; needs a shared vocabulary. 'uld': "
             "cross-tokenizer KD (character-offset alignment, sorted top-k matching). 'sequence': cross-entropy on the "
-            "teacher's generated completions (any tokenizers); or a mode registered with `register_mode`."},
+            "teacher's generated completions (any tokenizers); or a mode registered with `register_mode`."
+        },
     )
 
     # How the gap is measured
@@ -168,7 +170,9 @@ class DistillConfig(SFTConfig):
     )
     beta: float = field(
         default=0.5,
-        metadata={"help": "Generalized-JSD interpolation (TRL's meaning: 0 forward KL, 1 reverse KL). Only read with objective='generalized_jsd'."},
+        metadata={
+            "help": "Generalized-JSD interpolation (TRL's meaning: 0 forward KL, 1 reverse KL). Only read with objective='generalized_jsd'."
+        },
     )
     kd_temperature: float = field(
         default=2.0,
@@ -180,21 +184,30 @@ class DistillConfig(SFTConfig):
     )
     kd_top_k: int | None = field(
         default=None,
-        metadata={"help": "Keep the teacher's top-k tokens plus one 'other' bucket on both sides; None = full vocabulary."},
+        metadata={
+            "help": "Keep the teacher's top-k tokens plus one 'other' bucket on both sides; None = full vocabulary."
+        },
     )
     loss_reduction: str = field(
         default="mean",
-        metadata={"help": "'mean' over response tokens of the whole accumulated batch, or 'sum'.", "choices": REDUCTIONS},
+        metadata={
+            "help": "'mean' over response tokens of the whole accumulated batch, or 'sum'.",
+            "choices": REDUCTIONS,
+        },
     )
     kd_chunk_size: int | None = field(
         default=None,
-        metadata={"help": "Positions projected through the lm_heads at once; None picks one from the vocabulary size."},
+        metadata={
+            "help": "Positions projected through the lm_heads at once; None picks one from the vocabulary size."
+        },
     )
 
     # Held-out measurement and receipt (issue 7)
     heldout_eval: bool = field(
         default=True,
-        metadata={"help": "Measure held-out KL/perplexity vs the teacher at each eval and at the end (needs an eval set)."},
+        metadata={
+            "help": "Measure held-out KL/perplexity vs the teacher at each eval and at the end (needs an eval set)."
+        },
     )
     heldout_max_rows: int | None = field(
         default=None, metadata={"help": "Measure only the first rows of the eval set; None measures all."}
@@ -221,7 +234,9 @@ class DistillConfig(SFTConfig):
     )
     uld_exact_match: bool = field(
         default=False,
-        metadata={"help": "ULD: match tokens whose surface string is in both vocabularies by identity, the rest sorted."},
+        metadata={
+            "help": "ULD: match tokens whose surface string is in both vocabularies by identity, the rest sorted."
+        },
     )
     # Offline teacher (issue 6)
     teacher_cache: str | None = field(
@@ -245,7 +260,10 @@ class DistillConfig(SFTConfig):
     )
     feature_loss: str = field(
         default="mse",
-        metadata={"help": "'mse' (mean over hidden dims) or 'cosine' (1 - cos), per position.", "choices": FEATURE_LOSSES},
+        metadata={
+            "help": "'mse' (mean over hidden dims) or 'cosine' (1 - cos), per position.",
+            "choices": FEATURE_LOSSES,
+        },
     )
     feature_projection: str = field(
         default="auto",
@@ -257,23 +275,31 @@ class DistillConfig(SFTConfig):
     # Where the completions come from: sequence-level KD and on-policy distillation (GKD), issue 3
     lmbda: float = field(
         default=0.0,
-        metadata={"help": "Fraction of optimizer steps on which the student samples the completions (on-policy, GKD); "
-                  "0 = dataset completions only, 1 = student samples only."},
+        metadata={
+            "help": "Fraction of optimizer steps on which the student samples the completions (on-policy, GKD); "
+            "0 = dataset completions only, 1 = student samples only."
+        },
     )
     seq_kd: bool = field(
         default=False,
-        metadata={"help": "Steps that are not on-policy train on fresh teacher generations for the batch's prompts "
-                  "instead of the dataset's completions."},
+        metadata={
+            "help": "Steps that are not on-policy train on fresh teacher generations for the batch's prompts "
+            "instead of the dataset's completions."
+        },
     )
     temperature: float = field(
         default=1.0,
-        metadata={"help": "Sampling temperature of generated completions (student samples; teacher with "
-                  "teacher_do_sample). Not kd_temperature, which softens the loss."},
+        metadata={
+            "help": "Sampling temperature of generated completions (student samples; teacher with "
+            "teacher_do_sample). Not kd_temperature, which softens the loss."
+        },
     )
     top_p: float = field(default=1.0, metadata={"help": "Nucleus-sampling threshold of generated completions."})
     top_k: int | None = field(
         default=None,
-        metadata={"help": "Sample among the top_k most likely tokens (None = all). Not kd_top_k, which prunes the loss."},
+        metadata={
+            "help": "Sample among the top_k most likely tokens (None = all). Not kd_top_k, which prunes the loss."
+        },
     )
     max_completion_length: int = field(
         default=128, metadata={"help": "Maximum tokens generated per completion (student samples, teacher text)."}
@@ -284,12 +310,16 @@ class DistillConfig(SFTConfig):
     teacher_num_beams: int = field(default=1, metadata={"help": "Beam width of teacher generations (1 = greedy)."})
     teacher_completion_column: str = field(
         default="teacher_completion",
-        metadata={"help": "distill_mode='sequence': dataset column with the teacher's completions; used when present "
-                  "(no teacher needed), filled by the teacher otherwise."},
+        metadata={
+            "help": "distill_mode='sequence': dataset column with the teacher's completions; used when present "
+            "(no teacher needed), filled by the teacher otherwise."
+        },
     )
     teacher_generation_cache_dir: str | None = field(
         default=None,
-        metadata={"help": "Where teacher completions are cached; defaults to ~/.cache/trl_distill/teacher_generations (never inside output_dir)."},
+        metadata={
+            "help": "Where teacher completions are cached; defaults to ~/.cache/trl_distill/teacher_generations (never inside output_dir)."
+        },
     )
     teacher_generation_batch_size: int = field(
         default=32, metadata={"help": "Prompts per teacher generate call when caching teacher completions."}
@@ -357,12 +387,16 @@ class DistillConfig(SFTConfig):
             )
         # Cross-tokenizer distillation (issue 4).
         if self.uld_top_k is not None and not _positive_int(self.uld_top_k):
-            raise ValueError(f"`uld_top_k` must be None (whole vocabulary) or an integer >= 1, got {self.uld_top_k!r}.")
+            raise ValueError(
+                f"`uld_top_k` must be None (whole vocabulary) or an integer >= 1, got {self.uld_top_k!r}."
+            )
         if self.uld_distance not in ULD_DISTANCES:
             raise ValueError(f"`uld_distance` must be one of {ULD_DISTANCES}, got {self.uld_distance!r}.")
         # Feature (hidden-state) KD (issue 5).
         if isinstance(self.feature_weight, bool) or not (
-            isinstance(self.feature_weight, (int, float)) and math.isfinite(self.feature_weight) and self.feature_weight >= 0
+            isinstance(self.feature_weight, (int, float))
+            and math.isfinite(self.feature_weight)
+            and self.feature_weight >= 0
         ):
             raise ValueError(f"`feature_weight` must be a finite number >= 0 (0 = off), got {self.feature_weight!r}.")
         if self.feature_loss not in FEATURE_LOSSES:

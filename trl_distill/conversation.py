@@ -113,8 +113,12 @@ def as_prompt_completion(dataset):
     if isinstance(dataset, dict):
         return {name: as_prompt_completion(split) for name, split in dataset.items()}
     if isinstance(dataset, list):
-        return [{**{k: v for k, v in row.items() if k != MESSAGES}, **split_conversation(row[MESSAGES], index=i)}
-                if is_messages_row(row) else row for i, row in enumerate(dataset)]  # fmt: skip
+        return [
+            {**{k: v for k, v in row.items() if k != MESSAGES}, **split_conversation(row[MESSAGES], index=i)}
+            if is_messages_row(row)
+            else row
+            for i, row in enumerate(dataset)
+        ]
     columns = _columns(dataset)
     if MESSAGES not in columns or "prompt" in columns or "input_ids" in columns:
         return dataset

@@ -53,8 +53,12 @@ def tokenizer_sha256(tokenizer) -> str | None:
             state.pop(volatile, None)
     else:
         state = sorted(tokenizer.get_vocab().items())
-    state = {"backend": state, "chat_template": getattr(tokenizer, "chat_template", None),
-             "bos": getattr(tokenizer, "bos_token", None), "eos": getattr(tokenizer, "eos_token", None)}  # fmt: skip
+    state = {
+        "backend": state,
+        "chat_template": getattr(tokenizer, "chat_template", None),
+        "bos": getattr(tokenizer, "bos_token", None),
+        "eos": getattr(tokenizer, "eos_token", None),
+    }
     return hashlib.sha256(json.dumps(state, sort_keys=True, default=str).encode()).hexdigest()
 
 

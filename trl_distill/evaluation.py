@@ -265,9 +265,14 @@ def generate_completions(
     with eval_mode(model):
         for start in range(0, len(prompts), batch_size):
             completions.extend(
-                generate_text(model, tokenizer, prompts[start : start + batch_size], max_new_tokens=max_new_tokens,
-                              do_sample=False)
-            )  # fmt: skip
+                generate_text(
+                    model,
+                    tokenizer,
+                    prompts[start : start + batch_size],
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                )
+            )
     return completions
 
 

@@ -32,8 +32,15 @@ HELDOUT_METRICS = (  # key, model-index metric type, readable name
     ("teacher_perplexity", "perplexity", "teacher perplexity"),
 )
 # What "Reproduce" sets besides the distillation settings (from the stage's `training` record).
-REPRODUCE_FIELDS = ("max_length", "learning_rate", "max_steps", "num_train_epochs", "per_device_train_batch_size",
-                    "gradient_accumulation_steps", "seed")  # fmt: skip
+REPRODUCE_FIELDS = (
+    "max_length",
+    "learning_rate",
+    "max_steps",
+    "num_train_epochs",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "seed",
+)
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 
 
@@ -105,15 +112,22 @@ def _metadata(receipt: Mapping, stage: Mapping) -> dict[str, Any]:
         "receipt": receipt.get("content_id"),
     }
     if heldout:
-        metadata["model-index"] = [{
-            "name": model_name,
-            "results": [{
-                "task": {"type": "text-generation", "name": "Teacher-forced held-out distillation gap"},
-                "dataset": {"type": "heldout", "name": f"held-out rows ({heldout.get('num_tokens')} tokens)"},
-                "metrics": [{"type": kind, "value": heldout[key], "name": name}
-                            for key, kind, name in HELDOUT_METRICS if key in heldout],
-            }],
-        }]  # fmt: skip
+        metadata["model-index"] = [
+            {
+                "name": model_name,
+                "results": [
+                    {
+                        "task": {"type": "text-generation", "name": "Teacher-forced held-out distillation gap"},
+                        "dataset": {"type": "heldout", "name": f"held-out rows ({heldout.get('num_tokens')} tokens)"},
+                        "metrics": [
+                            {"type": kind, "value": heldout[key], "name": name}
+                            for key, kind, name in HELDOUT_METRICS
+                            if key in heldout
+                        ],
+                    }
+                ],
+            }
+        ]
     return metadata
 
 
@@ -131,8 +145,13 @@ def _text(receipt: Mapping, stage: Mapping, meta: Mapping) -> str:
     teacher_record = (stage.get("models") or {}).get("teacher") or {}
     teacher = _teacher_phrase(teacher_record)
     student = block["student_base"] or "a student built in memory"
-    lines = [f"# {model_name}", "", f"A student distilled from **{teacher}** into **{student}** with trl_distill "
-             f"(`{stage.get('trainer') or 'DistillTrainer'}`, {block['method']}).", ""]  # fmt: skip
+    lines = [
+        f"# {model_name}",
+        "",
+        f"A student distilled from **{teacher}** into **{student}** with trl_distill "
+        f"(`{stage.get('trainer') or 'DistillTrainer'}`, {block['method']}).",
+        "",
+    ]
     if len(block["stages"]) > 1:
         lines += [f"Training stages, in order: {' → '.join(map(str, block['stages']))}.", ""]
     lines += ["## Distillation", "", "| setting | value |", "|---|---|"]
@@ -147,20 +166,28 @@ def _text(receipt: Mapping, stage: Mapping, meta: Mapping) -> str:
     lines += ["", "## Held-out results", ""]
     if heldout:
         rows_file = (stage.get("results") or {}).get("heldout_rows_file") or "not kept"
-        lines += ["Teacher-forced, temperature 1, completion tokens of the held-out rows "
-                  f"(`{rows_file}`, {heldout.get('num_tokens')} tokens):", "",
-                  "| metric | value |", "|---|---|"]  # fmt: skip
+        lines += [
+            "Teacher-forced, temperature 1, completion tokens of the held-out rows "
+            f"(`{rows_file}`, {heldout.get('num_tokens')} tokens):",
+            "",
+            "| metric | value |",
+            "|---|---|",
+        ]
         lines += [f"| {name} | {heldout[key]:.6g} |" for key, _, name in HELDOUT_METRICS if key in heldout]
     else:
         lines += ["Not measured (no eval set, or the weights changed since the last measurement)."]
     lines += ["", "## Receipt", ""]
     if receipt.get("content_id"):
-        lines += [f"`distill_receipt.json` records the models, tokenizers, data fingerprints, settings, results, "
-                  f"library versions and the sha256 of every file. Its content id is `{receipt['content_id']}`. This "
-                  "card is generated from it, and `verify` regenerates and compares it.", "",
-                  "```bash", "trl-distill verify . --strict   # re-hash every file, regenerate this card",
-                  "trl-distill verify . --replay   # also recompute the held-out figures with teacher and student",
-                  "```"]  # fmt: skip
+        lines += [
+            f"`distill_receipt.json` records the models, tokenizers, data fingerprints, settings, results, "
+            f"library versions and the sha256 of every file. Its content id is `{receipt['content_id']}`. This "
+            "card is generated from it, and `verify` regenerates and compares it.",
+            "",
+            "```bash",
+            "trl-distill verify . --strict   # re-hash every file, regenerate this card",
+            "trl-distill verify . --replay   # also recompute the held-out figures with teacher and student",
+            "```",
+        ]
     else:
         lines += ["No receipt yet: `trainer.save_model()` writes `distill_receipt.json` beside the weights."]
     training = stage.get("training") or {}
@@ -168,11 +195,25 @@ def _text(receipt: Mapping, stage: Mapping, meta: Mapping) -> str:
     if (reproduce.get("max_steps") or 0) > 0:
         reproduce.pop("num_train_epochs", None)  # `max_steps` overrides it
     arguments = [f"    {k}={v!r}," for k, v in {**reproduce, **block["settings"]}.items()]
-    lines += ["", "## Reproduce", "", "```python", "from trl_distill import DistillConfig, DistillTrainer", "",
-              "args = DistillConfig(", "    output_dir=\"out\",", *arguments, ")",
-              f"trainer = DistillTrainer(model={block['student_base'] or '<student>'!r}, "
-              f"teacher_model={block['teacher'] or '<teacher>'!r}, args=args, train_dataset=...)",
-              "trainer.train()", "```", "", "## Papers", ""]  # fmt: skip
+    lines += [
+        "",
+        "## Reproduce",
+        "",
+        "```python",
+        "from trl_distill import DistillConfig, DistillTrainer",
+        "",
+        "args = DistillConfig(",
+        '    output_dir="out",',
+        *arguments,
+        ")",
+        f"trainer = DistillTrainer(model={block['student_base'] or '<student>'!r}, "
+        f"teacher_model={block['teacher'] or '<teacher>'!r}, args=args, train_dataset=...)",
+        "trainer.train()",
+        "```",
+        "",
+        "## Papers",
+        "",
+    ]
     lines += [f"- {p['title']}: https://arxiv.org/abs/{p['arxiv']}" for p in stage.get("papers") or []]
     versions = stage.get("libraries") or {}
     lines += ["", "## Framework versions", ""] + [f"- {k}: {v}" for k, v in sorted(versions.items()) if v]

@@ -60,20 +60,37 @@ def teacher_scores(teacher, tokenizer, prompts: list, completions: list, *, batc
 
 
 def sample_completions(
-    model, tokenizer, prompts: list[str], *, num_samples: int, max_new_tokens: int, temperature: float, top_p: float,
-    batch_size: int, seed: int, progress: bool = True,
-) -> list[list[str]]:  # fmt: skip
+    model,
+    tokenizer,
+    prompts: list[str],
+    *,
+    num_samples: int,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    batch_size: int,
+    seed: int,
+    progress: bool = True,
+) -> list[list[str]]:
     """`num_samples` sampled completions of each plain-text prompt (left-padded batches, special tokens skipped)."""
     from tqdm.auto import tqdm
 
     samples = []
     with torch.random.fork_rng(devices=[]), eval_mode(model):
         torch.manual_seed(seed)
-        for start in tqdm(range(0, len(prompts), batch_size), desc="sampling student completions", disable=not progress):
+        for start in tqdm(
+            range(0, len(prompts), batch_size), desc="sampling student completions", disable=not progress
+        ):
             texts = generate_text(
-                model, tokenizer, prompts[start : start + batch_size], do_sample=True, temperature=temperature,
-                top_p=top_p, max_new_tokens=max_new_tokens, num_return_sequences=num_samples,
-            )  # fmt: skip
+                model,
+                tokenizer,
+                prompts[start : start + batch_size],
+                do_sample=True,
+                temperature=temperature,
+                top_p=top_p,
+                max_new_tokens=max_new_tokens,
+                num_return_sequences=num_samples,
+            )
             samples.extend(texts[i : i + num_samples] for i in range(0, len(texts), num_samples))
     return samples
 
@@ -125,13 +142,22 @@ def teacher_ranked_pairs(
     if not prompts or not all(isinstance(p, str) for p in prompts):
         raise ValueError("`prompts` must be a non-empty list of strings (plain-text prompts).")
     samples = sample_completions(
-        student, tokenizer, prompts, num_samples=num_samples, max_new_tokens=max_new_tokens, temperature=temperature,
-        top_p=top_p, batch_size=batch_size, seed=seed, progress=progress,
-    )  # fmt: skip
+        student,
+        tokenizer,
+        prompts,
+        num_samples=num_samples,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        batch_size=batch_size,
+        seed=seed,
+        progress=progress,
+    )
     flat_prompts = [p for p in prompts for _ in range(num_samples)]
     flat_completions = [c for group in samples for c in group]
-    flat_scores = teacher_scores(teacher, teacher_tokenizer or tokenizer, flat_prompts, flat_completions,
-                                 batch_size=batch_size * num_samples)  # fmt: skip
+    flat_scores = teacher_scores(
+        teacher, teacher_tokenizer or tokenizer, flat_prompts, flat_completions, batch_size=batch_size * num_samples
+    )
     rows = {"prompt": [], "chosen": [], "rejected": [], "chosen_score": [], "rejected_score": []}
     for i, (prompt, group) in enumerate(zip(prompts, samples)):
         scores = flat_scores[i * num_samples : (i + 1) * num_samples]
@@ -139,10 +165,18 @@ def teacher_ranked_pairs(
         worst = min(range(num_samples), key=scores.__getitem__)
         if group[best] == group[worst] or scores[best] - scores[worst] < min_margin:
             continue
-        for key, value in (("prompt", prompt), ("chosen", group[best]), ("rejected", group[worst]),
-                           ("chosen_score", scores[best]), ("rejected_score", scores[worst])):  # fmt: skip
+        for key, value in (
+            ("prompt", prompt),
+            ("chosen", group[best]),
+            ("rejected", group[worst]),
+            ("chosen_score", scores[best]),
+            ("rejected_score", scores[worst]),
+        ):
             rows[key].append(value)
     margins = [c - r for c, r in zip(rows["chosen_score"], rows["rejected_score"])]
-    stats = {"prompts": len(prompts), "pairs": len(margins),
-             "mean_margin": sum(margins) / len(margins) if margins else 0.0}  # fmt: skip
+    stats = {
+        "prompts": len(prompts),
+        "pairs": len(margins),
+        "mean_margin": sum(margins) / len(margins) if margins else 0.0,
+    }
     return Dataset.from_dict(rows), stats

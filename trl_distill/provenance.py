@@ -42,10 +42,24 @@ _LIBRARIES = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", 
 # DistillConfig fields that are not distillation settings (a local key path says nothing about how the model was made)
 _NOT_SETTINGS = {"receipt_signing_key"}
 _TRAINING_FIELDS = (
-    "seed", "data_seed", "learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay", "optim",
-    "num_train_epochs", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "max_length",
-    "packing", "completion_only_loss", "assistant_only_loss", "bf16", "fp16",
-)  # fmt: skip
+    "seed",
+    "data_seed",
+    "learning_rate",
+    "lr_scheduler_type",
+    "warmup_steps",
+    "weight_decay",
+    "optim",
+    "num_train_epochs",
+    "max_steps",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "max_length",
+    "packing",
+    "completion_only_loss",
+    "assistant_only_loss",
+    "bf16",
+    "fp16",
+)
 
 PAPERS = {
     "kd": ("1503.02531", "Distilling the Knowledge in a Neural Network"),
@@ -57,25 +71,40 @@ PAPERS = {
 }
 # Mode name -> (label, papers, settings that apply to it). Used when the mode class does not describe itself.
 MODE_DESCRIPTIONS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
-    "token": ("token-level knowledge distillation", ("kd",),
-              ("objective", "kd_temperature", "alpha", "loss_reduction", "kd_top_k", "teacher_cache")),
-    "sequence": ("sequence-level knowledge distillation (cross-entropy on the teacher's completions)", ("seq_kd",),
-                 ("loss_reduction", "teacher_completion_column", "teacher_do_sample", "teacher_num_beams",
-                  "max_completion_length")),
-    "uld": ("universal logit distillation (cross-tokenizer)", ("kd", "uld"),
-            ("objective", "kd_temperature", "alpha", "loss_reduction", "uld_top_k", "uld_distance",
-             "uld_exact_match")),
-}  # fmt: skip
+    "token": (
+        "token-level knowledge distillation",
+        ("kd",),
+        ("objective", "kd_temperature", "alpha", "loss_reduction", "kd_top_k", "teacher_cache"),
+    ),
+    "sequence": (
+        "sequence-level knowledge distillation (cross-entropy on the teacher's completions)",
+        ("seq_kd",),
+        (
+            "loss_reduction",
+            "teacher_completion_column",
+            "teacher_do_sample",
+            "teacher_num_beams",
+            "max_completion_length",
+        ),
+    ),
+    "uld": (
+        "universal logit distillation (cross-tokenizer)",
+        ("kd", "uld"),
+        ("objective", "kd_temperature", "alpha", "loss_reduction", "uld_top_k", "uld_distance", "uld_exact_match"),
+    ),
+}
 # What the label adds per mode: the divergence for token KD, the distance (and exact-match divergence) for ULD.
 _LABEL_DETAILS = {
     "token": lambda s: f" ({s.get('objective')})",
-    "uld": lambda s: f" ({s.get('uld_distance')} distance between sorted probabilities"
-    + (f"; {s.get('objective')} on exactly matching tokens)" if s.get("uld_exact_match") else ")"),
+    "uld": lambda s: (
+        f" ({s.get('uld_distance')} distance between sorted probabilities"
+        + (f"; {s.get('objective')} on exactly matching tokens)" if s.get("uld_exact_match") else ")")
+    ),
 }
 _ALWAYS = ("distill_mode", "teacher_model_name_or_path", "teacher_model_init_kwargs", "heldout_eval")
 _SAMPLING = ("max_completion_length", "temperature", "top_p", "top_k")
 _FEATURE = ("feature_weight", "feature_layer_map", "feature_loss", "feature_projection")
-_TEACHER_HASHES: "weakref.WeakKeyDictionary[Any, str | None]" = weakref.WeakKeyDictionary()
+_TEACHER_HASHES: weakref.WeakKeyDictionary[Any, str | None] = weakref.WeakKeyDictionary()
 
 
 def jsonable(value: Any) -> Any:
@@ -175,8 +204,10 @@ def describe_method(settings: Mapping[str, Any], args=None) -> tuple[str, list[d
         label += ", on teacher-generated completions (seq_kd)"
     if (settings.get("feature_weight") or 0) > 0:
         extra.append("feature")
-        label += (f" + feature (hidden-state) distillation ({settings.get('feature_loss')}, weight "
-                  f"{settings['feature_weight']})")
+        label += (
+            f" + feature (hidden-state) distillation ({settings.get('feature_loss')}, weight "
+            f"{settings['feature_weight']})"
+        )
     papers += [_paper(k) for k in extra]
     seen, unique = set(), []
     for paper in papers:
@@ -213,8 +244,11 @@ def applicable_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
     if settings.get("heldout_eval"):
         keys.append("heldout_max_rows")
     unset_is_default = ("kd_top_k", "teacher_cache", "teacher_model_init_kwargs", "teacher_model_name_or_path")
-    return {key: settings[key] for key in dict.fromkeys(keys)
-            if key in settings and not (key in unset_is_default and settings[key] is None)}  # fmt: skip
+    return {
+        key: settings[key]
+        for key in dict.fromkeys(keys)
+        if key in settings and not (key in unset_is_default and settings[key] is None)
+    }
 
 
 def _unwrap(model):

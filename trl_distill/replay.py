@@ -57,14 +57,21 @@ def _check_store(teacher_record: dict, settings: dict) -> tuple[list[str], list[
     except (OSError, ValueError) as error:
         return [f"replay: the offline teacher store: {error}"], [], []
     if manifest.get("manifest_sha256") != recorded:
-        return [f"replay: the offline teacher store at {location!r} has manifest sha256 "
+        return (
+            [
+                f"replay: the offline teacher store at {location!r} has manifest sha256 "
                 f"{_short(manifest.get('manifest_sha256'))}, the receipt says {_short(recorded)}: not the store this "
-                "student was trained from."], [], []  # fmt: skip
+                "student was trained from."
+            ],
+            [],
+            [],
+        )
     return [], [f"replay: the offline teacher store's manifest matches the receipt ({_short(recorded)})"], []
 
 
-def replay_problems(path: Path, receipt: dict, *, teacher: str | None, rtol: float, atol: float,
-                    device: str | None) -> tuple[list[str], list[str], list[str]]:  # fmt: skip
+def replay_problems(
+    path: Path, receipt: dict, *, teacher: str | None, rtol: float, atol: float, device: str | None
+) -> tuple[list[str], list[str], list[str]]:
     """Check the last stage's teacher and recompute its held-out figures; return (problems, passed, notes)."""
     stage = receipt["stages"][-1]
     results = stage.get("results") or {}
@@ -113,10 +120,15 @@ def replay_problems(path: Path, receipt: dict, *, teacher: str | None, rtol: flo
     vocab_size = results.get("heldout_vocab_size")
     teacher_rows = teacher_model.get_output_embeddings().weight.shape[0]
     if vocab_size is not None and teacher_rows < vocab_size:
-        return problems + [
-            f"replay: the teacher loaded from {source!r} has a vocabulary of {teacher_rows} tokens, the figures were "
-            f"measured over {vocab_size}: another tokenizer's model, not the teacher this student was distilled from."
-        ], passed, notes  # fmt: skip
+        return (
+            problems
+            + [
+                f"replay: the teacher loaded from {source!r} has a vocabulary of {teacher_rows} tokens, the figures were "
+                f"measured over {vocab_size}: another tokenizer's model, not the teacher this student was distilled from."
+            ],
+            passed,
+            notes,
+        )
     try:
         student, tokenizer = _load_student(path, _dtype(student_record.get("dtype")), device)
         from .evaluation import heldout_metrics

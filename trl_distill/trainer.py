@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -76,8 +76,8 @@ class DistillTrainer(SFTTrainer):
 
     def __init__(
         self,
-        model: "str | nn.Module",
-        teacher_model: "str | nn.Module | None" = None,
+        model: str | nn.Module,
+        teacher_model: str | nn.Module | None = None,
         args: DistillConfig | SFTConfig | TrainingArguments | None = None,
         data_collator: Callable | None = None,
         train_dataset=None,
@@ -118,9 +118,12 @@ class DistillTrainer(SFTTrainer):
         if formatting_func is None:
             train_dataset, eval_dataset = as_prompt_completion(train_dataset), as_prompt_completion(eval_dataset)
         train_dataset = mode_cls.prepare_train_dataset(
-            train_dataset, teacher=teacher, teacher_source=teacher_source, args=args,
+            train_dataset,
+            teacher=teacher,
+            teacher_source=teacher_source,
+            args=args,
             teacher_tokenizer=teacher_tokenizer if teacher_tokenizer is not None else processing_class,
-        )  # fmt: skip
+        )
         check_prompt_column(train_dataset, args)
 
         # 4. SFTTrainer: loads/wraps the student (PEFT), tokenizes the datasets, builds the accelerator.
@@ -157,9 +160,12 @@ class DistillTrainer(SFTTrainer):
         # 6. Extra terms (feature KD, issue 5): need the placed student and teacher; trained beside the student, never
         # part of it (terms/feature.py). Before the mode, which receives them.
         self.feature_term = build_feature_term(
-            args, self.model, self.teacher_model, sharded=self.is_deepspeed_enabled or self.is_fsdp_enabled,
+            args,
+            self.model,
+            self.teacher_model,
+            sharded=self.is_deepspeed_enabled or self.is_fsdp_enabled,
             add_callback=self.add_callback,
-        )  # fmt: skip
+        )
 
         # 7. The mode, from what it may read (never the trainer itself).
         self.metrics_sink = MetricsSink(self._metrics)
@@ -183,9 +189,12 @@ class DistillTrainer(SFTTrainer):
         self.completion_source = None
         if args.lmbda > 0 or args.seq_kd:  # where the samples come from (sources/): on-policy / fresh teacher text
             self.completion_source = CompletionSource(
-                args, tokenizer=student_tokenizer, teacher=self.teacher_model, accelerator=self.accelerator,
+                args,
+                tokenizer=student_tokenizer,
+                teacher=self.teacher_model,
+                accelerator=self.accelerator,
                 metrics=self.metrics_sink,
-            )  # fmt: skip
+            )
 
     @property
     def feature_projector(self):
@@ -264,7 +273,6 @@ class DistillTrainer(SFTTrainer):
             self._total_train_tokens += int(self.accelerator.gather_for_metrics(local.reshape(1)).sum().item())
         self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
 
-
     # Receipt, model card and Hub (issue 7): `artifact` holds the logic (it writes; `provenance`, `receipt` and
     # `model_card` describe, hash and render).
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
@@ -293,7 +301,9 @@ class DistillTrainer(SFTTrainer):
         failed upload raises [`~trl_distill.artifact.HubUploadError`], both naming the directory that holds the model.
         """
         output_dir = self.args.output_dir
-        self.save_model(_internal_call=True)  # before anything touches the network (transformers creates the repo first)
+        self.save_model(
+            _internal_call=True
+        )  # before anything touches the network (transformers creates the repo first)
         generations = os.path.join(output_dir, "teacher_generations")
         if os.path.isdir(generations):
             raise ValueError(
@@ -313,7 +323,11 @@ class DistillTrainer(SFTTrainer):
 
 def _as_distill_config(args, model) -> DistillConfig:
     if args is None:
-        name = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", "") or "model"
+        name = (
+            model
+            if isinstance(model, str)
+            else getattr(getattr(model, "config", None), "_name_or_path", "") or "model"
+        )
         return DistillConfig(output_dir=f"{name.rstrip('/').split('/')[-1]}-Distill")
     if isinstance(args, DistillConfig):
         return args
@@ -399,4 +413,3 @@ def _check_lm_head_rows(model: nn.Module, role: str, vocab_size: int) -> None:
             f"The {role}'s lm_head has {rows} rows but the tokenizer has {vocab_size} tokens. Resize its embeddings "
             "(`model.resize_token_embeddings(len(tokenizer))`) or use the matching tokenizer."
         )
-

@@ -117,10 +117,13 @@ def card_differences(text: str, expected: str) -> list[str]:
         for offset in range(max(i2 - i1, j2 - j1)):
             line_no, ours, theirs = i1 + offset + 1, i1 + offset < i2, j1 + offset < j2
             if ours and theirs:
-                problems.append(f"README.md line {line_no}: says {have[i1 + offset]!r}, the receipt gives "
-                                f"{want[j1 + offset]!r}")  # fmt: skip
+                problems.append(
+                    f"README.md line {line_no}: says {have[i1 + offset]!r}, the receipt gives {want[j1 + offset]!r}"
+                )
             elif ours:
-                problems.append(f"README.md line {line_no}: {have[i1 + offset]!r} is not in the card the receipt gives")
+                problems.append(
+                    f"README.md line {line_no}: {have[i1 + offset]!r} is not in the card the receipt gives"
+                )
             else:
                 problems.append(f"README.md after line {i2}: missing {want[j1 + offset]!r}, which the receipt gives")
     if len(problems) > _MAX_CARD_LINES:
@@ -133,8 +136,10 @@ def _check_card(path: Path, receipt: dict, result: Verification) -> None:
 
     card = path / CARD_NAME
     if not card.is_file():
-        result.problems.append(f"{CARD_NAME}: missing (the receipt gives a model card; regenerate it with "
-                               "`trl_distill.model_card.write_model_card(dir, receipt)`)")  # fmt: skip
+        result.problems.append(
+            f"{CARD_NAME}: missing (the receipt gives a model card; regenerate it with "
+            "`trl_distill.model_card.write_model_card(dir, receipt)`)"
+        )
         return
     try:
         text = card.read_bytes().decode("utf-8")

@@ -1,7 +1,14 @@
 """Vocabulary checks and character-offset alignment of two tokenizations. Imports tokenizers/transformers/torch only."""
 
-from .offsets import AlignedBatch, TokenizedText, align_batch, align_tokens, decode_with_offsets, encode_like
-from .offsets import shared_token_pairs
+from .offsets import (
+    AlignedBatch,
+    TokenizedText,
+    align_batch,
+    align_tokens,
+    decode_with_offsets,
+    encode_like,
+    shared_token_pairs,
+)
 from .vocab import VOCAB_MISMATCH_MESSAGE, shared_vocab_size
 
 

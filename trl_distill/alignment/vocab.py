@@ -36,10 +36,13 @@ def shared_vocab_size(student_tokenizer: PreTrainedTokenizerBase, teacher_tokeni
         teacher_vocab = _vocab(teacher_tokenizer)
         if student_vocab != teacher_vocab:
             differing = sorted(
-                tok for tok in student_vocab.keys() | teacher_vocab.keys() if student_vocab.get(tok) != teacher_vocab.get(tok)
+                tok
+                for tok in student_vocab.keys() | teacher_vocab.keys()
+                if student_vocab.get(tok) != teacher_vocab.get(tok)
             )
             examples = ", ".join(
-                f"{tok!r}: student {student_vocab.get(tok)} / teacher {teacher_vocab.get(tok)}" for tok in differing[:3]
+                f"{tok!r}: student {student_vocab.get(tok)} / teacher {teacher_vocab.get(tok)}"
+                for tok in differing[:3]
             )
             raise ValueError(
                 f"{VOCAB_MISMATCH_MESSAGE}. The student's tokenizer has {len(student_vocab)} tokens and the teacher's "

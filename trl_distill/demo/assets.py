@@ -48,8 +48,10 @@ def write_recipe_assets(
     from .tiny import build_tiny_model, build_tokenizer, save_pretrained_pair
 
     output_dir = os.fspath(output_dir)
-    paths = {name: os.path.join(output_dir, sub) for name, sub in
-             (("teacher", "teacher-quick"), ("student", "student-init"), ("data", "data"))}  # fmt: skip
+    paths = {
+        name: os.path.join(output_dir, sub)
+        for name, sub in (("teacher", "teacher-quick"), ("student", "student-init"), ("data", "data"))
+    }
     budget = QUICK_BUDGET
     with demo_session():
         if train_teacher:
@@ -59,14 +61,20 @@ def write_recipe_assets(
         else:
             tokenizer = build_tokenizer(task_corpus(seed), vocab_size=budget.vocab_size)
             teacher = build_tiny_model(
-                tokenizer, hidden_size=budget.teacher_hidden_size, num_layers=budget.teacher_layers, num_heads=4,
+                tokenizer,
+                hidden_size=budget.teacher_hidden_size,
+                num_layers=budget.teacher_layers,
+                num_heads=4,
                 seed=seed,
-            )  # fmt: skip
+            )
             save_pretrained_pair(teacher, tokenizer, paths["teacher"])
             student = build_tiny_model(
-                tokenizer, hidden_size=budget.student_hidden_size, num_layers=budget.student_layers, num_heads=4,
+                tokenizer,
+                hidden_size=budget.student_hidden_size,
+                num_layers=budget.student_layers,
+                num_heads=4,
                 seed=seed + 1,
-            )  # fmt: skip
+            )
         save_pretrained_pair(student, tokenizer, paths["student"])
         os.makedirs(paths["data"], exist_ok=True)
         for split, n in (("train", n_train or budget.n_train), ("test", n_test or budget.n_test)):

@@ -24,8 +24,17 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from .runner import FULL_BUDGET, QUICK_BUDGET, DemoBudget, fit_trainer, load_or_train_teacher, measure_models
-from .runner import quiet_progress, torch_threads, training_kwargs
+from .runner import (
+    FULL_BUDGET,
+    QUICK_BUDGET,
+    DemoBudget,
+    fit_trainer,
+    load_or_train_teacher,
+    measure_models,
+    quiet_progress,
+    torch_threads,
+    training_kwargs,
+)
 
 
 @dataclass
@@ -67,8 +76,12 @@ def new_student(setup: DemoSetup, tokenizer=None, **shape):
     """The demo's student, with the demo's initial weights (`shape` overrides `hidden_size`/`num_layers`/...)."""
     from .tiny import build_tiny_model
 
-    shape = {"hidden_size": setup.budget.student_hidden_size, "num_layers": setup.budget.student_layers,
-             "num_heads": 4, **shape}  # fmt: skip
+    shape = {
+        "hidden_size": setup.budget.student_hidden_size,
+        "num_layers": setup.budget.student_layers,
+        "num_heads": 4,
+        **shape,
+    }
     return build_tiny_model(tokenizer or setup.tokenizer, seed=setup.seed + 1, **shape)
 
 

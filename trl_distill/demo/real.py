@@ -31,6 +31,7 @@ import zlib
 from dataclasses import dataclass
 from typing import Any
 
+
 TEACHER = "SmolLM2-135M-Instruct"
 
 
@@ -168,8 +169,12 @@ def format_real_table(results: dict[str, Any]) -> str:
     """The held-out comparison printed by [`run_real_demo`]."""
     header = f"{'model':<34}{'KL(teacher||student)':>22}{'perplexity':>12}{'top-1 agree':>13}{'train s':>9}"
     lines = [header, "-" * len(header)]
-    labels = [("teacher", f"teacher ({TEACHER})"), ("pruned", "pruned student, before training"),
-              ("sft", "student, SFT only"), ("kd", "student, KD (DistillTrainer)")]  # fmt: skip
+    labels = [
+        ("teacher", f"teacher ({TEACHER})"),
+        ("pruned", "pruned student, before training"),
+        ("sft", "student, SFT only"),
+        ("kd", "student, KD (DistillTrainer)"),
+    ]
     for key, label in labels:
         row = results[key]
         kl = f"{row['kl_teacher_student']:.4f}" if "kl_teacher_student" in row else "-"
@@ -256,20 +261,35 @@ def run_real_demo(
             return _training_kwargs(budget, seed, os.path.join(output_dir, name), verbose)
 
         log(f"[student/sft] SFTTrainer, {budget.steps} steps of {budget.batch_size} rows")
-        sft = SFTTrainer(model=copy.deepcopy(student_init), args=SFTConfig(**kwargs("sft")),
-                         train_dataset=train_dataset, processing_class=tokenizer)  # fmt: skip
+        sft = SFTTrainer(
+            model=copy.deepcopy(student_init),
+            args=SFTConfig(**kwargs("sft")),
+            train_dataset=train_dataset,
+            processing_class=tokenizer,
+        )
         timings["sft_s"] = _fit(sft, verbose)
         sft.model.eval()
         sft.save_model(os.path.join(output_dir, "sft"))
 
-        log(f"[student/kd] the same student, rows and steps, DistillTrainer (forward KL, T={budget.kd_temperature}, "
-            f"alpha={budget.alpha})")  # fmt: skip
-        kd_args = DistillConfig(**kwargs("kd"), objective="forward_kl", kd_temperature=budget.kd_temperature,
-                                alpha=budget.alpha, kd_top_k=None)  # fmt: skip
+        log(
+            f"[student/kd] the same student, rows and steps, DistillTrainer (forward KL, T={budget.kd_temperature}, "
+            f"alpha={budget.alpha})"
+        )
+        kd_args = DistillConfig(
+            **kwargs("kd"),
+            objective="forward_kl",
+            kd_temperature=budget.kd_temperature,
+            alpha=budget.alpha,
+            kd_top_k=None,
+        )
         kd = DistillTrainer(
-            model=copy.deepcopy(student_init), teacher_model=teacher, args=kd_args, train_dataset=train_dataset,
-            eval_dataset=test_dataset, processing_class=tokenizer,
-        )  # fmt: skip
+            model=copy.deepcopy(student_init),
+            teacher_model=teacher,
+            args=kd_args,
+            train_dataset=train_dataset,
+            eval_dataset=test_dataset,
+            processing_class=tokenizer,
+        )
         seconds = _fit(kd, verbose)
         heldout = find_heldout_callback(kd)  # its end-of-training measurement is evaluation, not training time
         timings["kd_s"] = seconds - (heldout.seconds if heldout is not None else 0.0)
@@ -282,10 +302,13 @@ def run_real_demo(
         for name, model in tqdm(students.items(), desc="held-out metrics", disable=not verbose, leave=False):
             metrics = heldout_metrics(model, teacher, tokenizer, test_dataset)
             results["teacher"] = {"perplexity": metrics["teacher_perplexity"]}
-            results[name] = {"kl_teacher_student": metrics["kl_teacher_student"],
-                             "kl_student_teacher": metrics["kl_student_teacher"],
-                             "top1_agreement": metrics["top1_agreement"], "perplexity": metrics["student_perplexity"],
-                             "num_tokens": metrics["num_tokens"]}  # fmt: skip
+            results[name] = {
+                "kl_teacher_student": metrics["kl_teacher_student"],
+                "kl_student_teacher": metrics["kl_student_teacher"],
+                "top1_agreement": metrics["top1_agreement"],
+                "perplexity": metrics["student_perplexity"],
+                "num_tokens": metrics["num_tokens"],
+            }
         prompts = test_dataset["prompt"][: budget.n_generations]
         generators = [("teacher", teacher), ("sft", sft.model), ("kd", kd.model)]
         continuations = {
@@ -311,16 +334,20 @@ def run_real_demo(
         json.dump(results, f, indent=2)
 
     log("")
-    log(f"Held-out comparison on {budget.n_test} paragraphs from Python Reference sections never trained on "
-        f"({results['kd']['num_tokens']} completion tokens):")  # fmt: skip
+    log(
+        f"Held-out comparison on {budget.n_test} paragraphs from Python Reference sections never trained on "
+        f"({results['kd']['num_tokens']} completion tokens):"
+    )
     log(results["table"])
     log("\nGreedy continuations of held-out prompts:\n")
     log(format_generations(results["generations"]))
     verdict = "lower" if results["kd_beats_sft_on_kl"] else "NOT lower"
-    log(f"\nThe KD student's KL to the teacher is {verdict} than the SFT student's "
+    log(
+        f"\nThe KD student's KL to the teacher is {verdict} than the SFT student's "
         f"({results['kd']['kl_teacher_student']:.4f} vs {results['sft']['kl_teacher_student']:.4f}). "
         f"Total {timings['total_s']:.0f} s; outputs in {output_dir} "
-        f"(check: trl-distill verify {os.path.join(output_dir, 'kd')} --replay)")  # fmt: skip
+        f"(check: trl-distill verify {os.path.join(output_dir, 'kd')} --replay)"
+    )
     return results
 
 

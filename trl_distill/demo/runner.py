@@ -64,8 +64,15 @@ class DemoBudget:
 
     def teacher_fingerprint(self, seed: int) -> dict[str, Any]:
         """What the cached teacher depends on: a cache whose fingerprint differs is retrained."""
-        keys = ("vocab_size", "n_train", "batch_size", "learning_rate", "teacher_hidden_size", "teacher_layers",
-                "teacher_steps")  # fmt: skip
+        keys = (
+            "vocab_size",
+            "n_train",
+            "batch_size",
+            "learning_rate",
+            "teacher_hidden_size",
+            "teacher_layers",
+            "teacher_steps",
+        )
         return {"demo_version": DEMO_VERSION, "seed": seed, **{k: getattr(self, k) for k in keys}}
 
 
@@ -75,9 +82,14 @@ class DemoBudget:
 # was 0.17 vs 0.25 for seed 0 but 0.33 vs 0.34 for seed 1; at 600 it is 0.05-0.09 vs 0.11-0.14 for seeds 0-2.
 FULL_BUDGET = DemoBudget()
 QUICK_BUDGET = DemoBudget(
-    n_train=1000, n_test=64, batch_size=16, teacher_hidden_size=64, teacher_steps=150, student_hidden_size=32,
+    n_train=1000,
+    n_test=64,
+    batch_size=16,
+    teacher_hidden_size=64,
+    teacher_steps=150,
+    student_hidden_size=32,
     student_steps=80,
-)  # fmt: skip
+)
 
 
 def training_kwargs(budget: DemoBudget, seed: int, max_steps: int, output_dir: str, verbose: bool) -> dict[str, Any]:
@@ -160,8 +172,9 @@ def load_or_train_teacher(
     return teacher, tokenizer, False
 
 
-def _train_students(budget: DemoBudget, seed: int, output_dir: str, teacher, tokenizer, train_dataset, verbose: bool,
-                    test_dataset=None):  # fmt: skip
+def _train_students(
+    budget: DemoBudget, seed: int, output_dir: str, teacher, tokenizer, train_dataset, verbose: bool, test_dataset=None
+):
     """Train the SFT baseline and the KD student from the same initial weights; return both and their times.
 
     The KD student is saved by `DistillTrainer.save_model`, so `<output_dir>/kd` is a verifiable artifact (model card,
@@ -346,9 +359,11 @@ def run_demo(
     log(f"Held-out comparison on {budget.n_test} test prompts never seen in training:")
     log(results["table"])
     verdict = "lower" if results["kd_beats_sft_on_kl"] else "NOT lower"
-    log(f"\nThe KD student's KL to the teacher is {verdict} than the SFT student's "
+    log(
+        f"\nThe KD student's KL to the teacher is {verdict} than the SFT student's "
         f"({results['kd']['kl_teacher_student']:.4f} vs {results['sft']['kl_teacher_student']:.4f}). "
-        f"Total {results['timings']['total_s']:.0f} s; outputs in {output_dir}")  # fmt: skip
+        f"Total {results['timings']['total_s']:.0f} s; outputs in {output_dir}"
+    )
     return results
 
 
@@ -391,4 +406,3 @@ def torch_threads(num_threads: int | None):
 
 def _millions(model) -> str:
     return f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}"
-

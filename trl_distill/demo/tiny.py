@@ -223,9 +223,7 @@ def build_tiny_model(
     return model
 
 
-def save_pretrained_pair(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, path: str | os.PathLike
-) -> str:
+def save_pretrained_pair(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, path: str | os.PathLike) -> str:
     """
     Save `model` and `tokenizer` in one directory, loadable offline by `from_pretrained`.
 

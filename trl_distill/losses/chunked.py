@@ -12,7 +12,8 @@ when the `lm_head` is trained.
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
@@ -55,7 +56,7 @@ def _run_chunks(
     num_rows: int,
     chunk_size: int,
     student_logits_fn: Callable[[slice], torch.Tensor],
-    teacher_fn: Callable[[slice], "torch.Tensor | TopKTargets"],
+    teacher_fn: Callable[[slice], torch.Tensor | TopKTargets],
     labels: torch.Tensor | None,
     spec: KDSpec,
     grad_fn: Callable[[slice, torch.Tensor], None] | None,
@@ -214,7 +215,9 @@ def row_selection(
     """Flat indices of the positions in the loss, and their labels (checked to lie in `[0, num_classes)` when the
     cross-entropy reads them)."""
     if mask is not None and tuple(mask.shape) != tuple(leading_shape):
-        raise ValueError(f"`mask` must have shape {tuple(leading_shape)} (the inputs without the last dim), got {tuple(mask.shape)}.")
+        raise ValueError(
+            f"`mask` must have shape {tuple(leading_shape)} (the inputs without the last dim), got {tuple(mask.shape)}."
+        )
     if labels is not None and tuple(labels.shape) != tuple(leading_shape):
         raise ValueError(f"`labels` must have shape {tuple(leading_shape)}, got {tuple(labels.shape)}.")
     if spec.needs_ce and labels is None:
@@ -427,7 +430,10 @@ def check_linear_shapes(student_hidden, student_weight, teacher_hidden, teacher_
             f"`student_hidden` {tuple(student_hidden.shape)} and `teacher_hidden` {tuple(teacher_hidden.shape)} must "
             "agree on every dimension but the last (the hidden sizes may differ)."
         )
-    for name, hidden, weight in (("student", student_hidden, student_weight), ("teacher", teacher_hidden, teacher_weight)):
+    for name, hidden, weight in (
+        ("student", student_hidden, student_weight),
+        ("teacher", teacher_hidden, teacher_weight),
+    ):
         if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
             raise ValueError(
                 f"`{name}_weight` must have shape (vocab, {hidden.shape[-1]}) to match `{name}_hidden`, got "
@@ -470,9 +476,18 @@ def _student_side_sums(h_s, student_weight, student_bias, width, teacher_fn, row
 
 
 def apply_linear(
-    h_s, student_weight, student_bias, width, teacher_fn, flat_labels, spec, chunk_size,
-    reduction, num_items_in_batch, return_components,
-):  # fmt: skip
+    h_s,
+    student_weight,
+    student_bias,
+    width,
+    teacher_fn,
+    flat_labels,
+    spec,
+    chunk_size,
+    reduction,
+    num_items_in_batch,
+    return_components,
+):
     """[`_student_side_sums`] reduced to a [`DistillationLossOutput`] (the stored-teacher loss's entry)."""
     total, kd_sum, ce_sum = _student_side_sums(
         h_s, student_weight, student_bias, width, teacher_fn, flat_labels, spec, chunk_size

@@ -53,9 +53,13 @@ class KDSpec:
             raise ValueError(f"`objective` must be one of {OBJECTIVES}, got {self.objective!r}.")
         if not 0.0 <= float(self.beta) <= 1.0:
             raise ValueError(f"`beta` must be in [0, 1] (0 = forward KL, 1 = reverse KL), got {self.beta}.")
-        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature) and self.temperature > 0):
+        if not (
+            isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature) and self.temperature > 0
+        ):
             raise ValueError(f"`temperature` must be a finite number > 0, got {self.temperature!r}.")
-        if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1):
+        if self.top_k is not None and (
+            isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1
+        ):
             raise ValueError(f"`top_k` must be None (full vocabulary) or an integer >= 1, got {self.top_k!r}.")
         if not 0.0 <= float(self.alpha) <= 1.0:
             raise ValueError(f"`alpha` (weight of the KD term against CE) must be in [0, 1], got {self.alpha}.")

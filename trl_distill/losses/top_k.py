@@ -17,10 +17,10 @@ import torch
 from .chunked import (
     DistillationLossOutput,
     apply_linear,
+    check_bias,
     chunk_rows,
     projected_teacher,
     row_selection,
-    check_bias,
 )
 from .divergences import KDSpec, TopKTargets, teacher_top_k
 from .reduction import check_reduction
@@ -105,9 +105,18 @@ def linear_top_k_distillation_loss(
         return TopKTargets(ids[rows], log_probs[rows].to(torch.float32, copy=True))
 
     return apply_linear(
-        h_s, student_weight, student_bias, width, teacher_fn, flat_labels, spec, chunk_size,
-        reduction, num_items_in_batch, return_components,
-    )  # fmt: skip
+        h_s,
+        student_weight,
+        student_bias,
+        width,
+        teacher_fn,
+        flat_labels,
+        spec,
+        chunk_size,
+        reduction,
+        num_items_in_batch,
+        return_components,
+    )
 
 
 @torch.no_grad()

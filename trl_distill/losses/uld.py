@@ -34,8 +34,14 @@ from dataclasses import dataclass
 
 import torch
 
-from .chunked import DistillationLossOutput, check_linear_shapes, check_logits_shapes, linear_loss_sums, logits_loss_sums
-from .divergences import KDSpec, divergence_terms, softmax_inplace, kd_chunk
+from .chunked import (
+    DistillationLossOutput,
+    check_linear_shapes,
+    check_logits_shapes,
+    linear_loss_sums,
+    logits_loss_sums,
+)
+from .divergences import KDSpec, divergence_terms, kd_chunk, softmax_inplace
 from .reduction import check_reduction, reduce_loss
 
 
@@ -68,11 +74,15 @@ class ULDSpec:
     def __post_init__(self):
         if self.distance not in ULD_DISTANCES:
             raise ValueError(f"`distance` must be one of {ULD_DISTANCES}, got {self.distance!r}.")
-        if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1):
+        if self.top_k is not None and (
+            isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1
+        ):
             raise ValueError(f"`top_k` must be None (whole vocabulary) or an integer >= 1, got {self.top_k!r}.")
         # The shared checks (temperature, alpha, objective, beta) live in KDSpec.
         object.__setattr__(
-            self, "_kd", KDSpec(objective=self.objective, beta=self.beta, temperature=self.temperature, alpha=self.alpha)
+            self,
+            "_kd",
+            KDSpec(objective=self.objective, beta=self.beta, temperature=self.temperature, alpha=self.alpha),
         )
         if self.exact_match_ids is not None:
             student_ids, teacher_ids = self.exact_match_ids
@@ -202,14 +212,18 @@ def _rows(labels, paired, leading_shape, spec, device):
         if value is not None and tuple(value.shape) != tuple(leading_shape):
             raise ValueError(f"`{name}` must have shape {tuple(leading_shape)}, got {tuple(value.shape)}.")
     if spec.alpha < 1.0 and labels is None:
-        raise ValueError(f"`alpha={spec.alpha}` mixes in cross-entropy, which needs `labels`; pass them or set alpha=1.")
+        raise ValueError(
+            f"`alpha={spec.alpha}` mixes in cross-entropy, which needs `labels`; pass them or set alpha=1."
+        )
     flat_labels = None if labels is None else labels.to(device).reshape(-1).long()
     keep = torch.ones(math.prod(leading_shape), dtype=torch.bool, device=device)
     if flat_labels is not None:
         keep &= flat_labels != -100
     index = keep.nonzero().squeeze(-1)
     label_col = torch.zeros_like(index) if flat_labels is None else flat_labels.index_select(0, index)
-    paired_col = torch.ones_like(index) if paired is None else paired.to(device).reshape(-1).long().index_select(0, index)
+    paired_col = (
+        torch.ones_like(index) if paired is None else paired.to(device).reshape(-1).long().index_select(0, index)
+    )
     return index, torch.stack([label_col, paired_col], dim=-1)
 
 
@@ -226,7 +240,12 @@ def _finish(total, kd_sum, ce_sum, rows, reduction, num_items_in_batch, return_c
 def _spec(reduction, distance, top_k, temperature, alpha, objective, beta, exact_match_ids) -> ULDSpec:
     check_reduction(reduction)
     return ULDSpec(
-        distance=distance, top_k=top_k, temperature=temperature, alpha=alpha, objective=objective, beta=beta,
+        distance=distance,
+        top_k=top_k,
+        temperature=temperature,
+        alpha=alpha,
+        objective=objective,
+        beta=beta,
         exact_match_ids=exact_match_ids,
     )
 
@@ -235,7 +254,9 @@ def _check_width(name: str, width: int, vocab_size: int | None) -> int:
     if vocab_size is None:
         return width
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or not 1 <= vocab_size <= width:
-        raise ValueError(f"`{name}` must be an integer in [1, {width}] (the real tokens of that model), got {vocab_size!r}.")
+        raise ValueError(
+            f"`{name}` must be an integer in [1, {width}] (the real tokens of that model), got {vocab_size!r}."
+        )
     return vocab_size
 
 

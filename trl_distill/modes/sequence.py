@@ -13,7 +13,11 @@ import torch.nn.functional as F
 
 from ..batch import model_inputs
 from ..losses import reduce_loss
-from ..teachers.generation import default_generation_cache_dir, generate_teacher_completions, teacher_generation_settings
+from ..teachers.generation import (
+    default_generation_cache_dir,
+    generate_teacher_completions,
+    teacher_generation_settings,
+)
 from .base import DistillMode, register_mode
 
 

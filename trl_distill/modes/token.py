@@ -91,6 +91,10 @@ class TokenMode(DistillMode):
             return result.loss, metrics
         # Feature KD (`feature_weight > 0`): `+ feature_weight * L_feat` on the same positions.
         return feature_term.add(
-            result.loss, metrics, outputs.hidden_states, teacher_outputs.hidden_states, shift_labels,
+            result.loss,
+            metrics,
+            outputs.hidden_states,
+            teacher_outputs.hidden_states,
+            shift_labels,
             num_items_in_batch,
-        )  # fmt: skip
+        )

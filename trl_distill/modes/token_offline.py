@@ -100,4 +100,3 @@ class OfflineTokenMode(DistillMode):
         result = call_with_lm_heads(loss_of, student_hidden[:, :-1], student_head)
         metrics = {"kd_loss": result.kd_loss, "ce_loss": result.ce_loss, "kd_tokens": result.num_tokens}
         return result.loss, metrics
-

@@ -8,9 +8,9 @@ positions are compared by sorted top-k matching ([`trl_distill.losses.linear_uld
 
 from __future__ import annotations
 
-import torch
-
 import warnings
+
+import torch
 
 from ..alignment import align_batch, shared_token_pairs
 from ..batch import model_inputs
@@ -39,9 +39,11 @@ class ULDMode(DistillMode):
     requires_shared_vocab = False
     label = "universal logit distillation (cross-tokenizer)"
     papers = (
-        {"arxiv": "2402.12030", "title": "Towards Cross-Tokenizer Distillation: the Universal Logit Distillation Loss "
-         "for LLMs"},
-    )  # fmt: skip
+        {
+            "arxiv": "2402.12030",
+            "title": "Towards Cross-Tokenizer Distillation: the Universal Logit Distillation Loss for LLMs",
+        },
+    )
 
     @classmethod
     def describe(cls, args) -> str:
@@ -94,7 +96,9 @@ class ULDMode(DistillMode):
                 )
         self.teacher_max_length = getattr(context.teacher.config, "max_position_embeddings", None)
         self.teacher_vocab_size = len(self.teacher_tokenizer)
-        self.exact_match_ids = shared_token_pairs(self.student_tokenizer, self.teacher_tokenizer) if args.uld_exact_match else None
+        self.exact_match_ids = (
+            shared_token_pairs(self.student_tokenizer, self.teacher_tokenizer) if args.uld_exact_match else None
+        )
 
     def compute_loss(self, model, inputs, num_items_in_batch):
         context, args = self.context, self.args

@@ -68,9 +68,11 @@ class CacheTeacherArguments:
     # A served teacher (trl_distill/teachers/served.py): scored by a vLLM server instead of loaded here.
     teacher_url: str | None = field(
         default=None,
-        metadata={"help": "A vLLM (OpenAI-compatible) server serving the teacher, e.g. http://host:8000; "
-                          "replaces `teacher_model_name_or_path`. Needs `kd_temperature: 1.0`."},
-    )  # fmt: skip
+        metadata={
+            "help": "A vLLM (OpenAI-compatible) server serving the teacher, e.g. http://host:8000; "
+            "replaces `teacher_model_name_or_path`. Needs `kd_temperature: 1.0`."
+        },
+    )
     teacher_served_model: str | None = field(
         default=None, metadata={"help": "The served model name; default the first one the server reports."}
     )
@@ -190,4 +192,3 @@ def run_cache_teacher_served(script_args, cache_args, args) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-

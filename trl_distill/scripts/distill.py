@@ -74,12 +74,18 @@ def run(script_args: DistillScriptArguments, model_args: ModelConfig, training_a
     elif rows and trainer.teacher_model is not None:
         # Every rank runs the same rows (cheap next to training; keeps the ranks in step). Under DeepSpeed ZeRO-3 both
         # models are gathered whole on every rank for it, as TRL does to generate; elsewhere this only unwraps them.
-        with (unwrap_model_for_generation(trainer.model_wrapped, trainer.accelerator) as student,
-              unwrap_model_for_generation(trainer.teacher_model, trainer.accelerator) as teacher):  # fmt: skip
+        with (
+            unwrap_model_for_generation(trainer.model_wrapped, trainer.accelerator) as student,
+            unwrap_model_for_generation(trainer.teacher_model, trainer.accelerator) as teacher,
+        ):
             figures = heldout_metrics(student, teacher, trainer.processing_class, rows, vocab_size=trainer.vocab_size)
         results.update({f"heldout_{key}": value for key, value in figures.items()})
-    models = stage.models_record(training_args.output_dir, model_args.model_name_or_path,
-                                 training_args.teacher_model_name_or_path, adapters=model_args.use_peft)  # fmt: skip
+    models = stage.models_record(
+        training_args.output_dir,
+        model_args.model_name_or_path,
+        training_args.teacher_model_name_or_path,
+        adapters=model_args.use_peft,
+    )
     method = f"DistillTrainer distill_mode={training_args.distill_mode} objective={training_args.objective}"
     record = stage.finish_stage("distill", method, (script_args, model_args, training_args), results, models, trainer)
     # The receipt and the card carry the held-out figures too (not only stage.json), and cover stage.json: the

@@ -62,10 +62,17 @@ def run(script_args: PairScriptArguments, model_args: ModelConfig, training_args
     prompts = train_dataset.select(range(min(script_args.max_prompts, len(train_dataset))))["prompt"]
     teacher_tokenizer = stage.load_tokenizer(script_args.teacher_model_name_or_path)
     pairs, pair_stats = teacher_ranked_pairs(
-        student, teacher, tokenizer, prompts, teacher_tokenizer=teacher_tokenizer,
-        num_samples=script_args.num_samples, max_new_tokens=script_args.max_new_tokens,
-        temperature=script_args.sample_temperature, min_margin=script_args.min_margin, seed=training_args.seed,
-    )  # fmt: skip
+        student,
+        teacher,
+        tokenizer,
+        prompts,
+        teacher_tokenizer=teacher_tokenizer,
+        num_samples=script_args.num_samples,
+        max_new_tokens=script_args.max_new_tokens,
+        temperature=script_args.sample_temperature,
+        min_margin=script_args.min_margin,
+        seed=training_args.seed,
+    )
     if len(pairs) == 0:
         raise ValueError(
             f"No preference pair: the student's {script_args.num_samples} samples per prompt were identical or closer "
@@ -73,12 +80,21 @@ def run(script_args: PairScriptArguments, model_args: ModelConfig, training_args
         )
     results.update({f"pairs_{key}": value for key, value in pair_stats.items()})
     pairs_dataset = pairs.select_columns(["prompt", "chosen", "rejected"])
-    trainer = DPOTrainer(model=student, args=training_args, train_dataset=pairs_dataset, processing_class=tokenizer,
-                         peft_config=get_peft_config(model_args))  # fmt: skip
+    trainer = DPOTrainer(
+        model=student,
+        args=training_args,
+        train_dataset=pairs_dataset,
+        processing_class=tokenizer,
+        peft_config=get_peft_config(model_args),
+    )
     results.update(stage.train_and_save(trainer, training_args.output_dir))
     results.update(stage.measure(trainer.model, teacher, tokenizer, rows, prefix="after_"))
-    models = stage.models_record(training_args.output_dir, model_args.model_name_or_path,
-                                 script_args.teacher_model_name_or_path, adapters=model_args.use_peft)  # fmt: skip
+    models = stage.models_record(
+        training_args.output_dir,
+        model_args.model_name_or_path,
+        script_args.teacher_model_name_or_path,
+        adapters=model_args.use_peft,
+    )
     method = "DPOTrainer on student samples ranked by the teacher (mean log-prob per completion token)"
     return stage.finish_stage("dpo", method, (script_args, model_args, training_args), results, models, trainer)
 

@@ -80,15 +80,25 @@ def run(script_args: RewardScriptArguments, model_args: ModelConfig, training_ar
         teacher = AutoModelForCausalLM.from_pretrained(script_args.teacher_model_name_or_path).to(training_args.device)
     results = stage.measure(student, teacher, tokenizer, rows, prefix="before_")
     prompts = train_dataset.select(range(min(script_args.max_prompts, len(train_dataset)))).select_columns(["prompt"])
-    trainer = GRPOTrainer(model=student, reward_funcs=rewards, args=training_args, train_dataset=prompts,
-                          processing_class=tokenizer, peft_config=get_peft_config(model_args))  # fmt: skip
+    trainer = GRPOTrainer(
+        model=student,
+        reward_funcs=rewards,
+        args=training_args,
+        train_dataset=prompts,
+        processing_class=tokenizer,
+        peft_config=get_peft_config(model_args),
+    )
     results.update(stage.train_and_save(trainer, training_args.output_dir))
     rewards_logged = [entry for entry in trainer.state.log_history if "reward" in entry]
     if rewards_logged:
         results.update(first_reward=rewards_logged[0]["reward"], last_reward=rewards_logged[-1]["reward"])
     results.update(stage.measure(trainer.model, teacher, tokenizer, rows, prefix="after_"))
-    models = stage.models_record(training_args.output_dir, model_args.model_name_or_path,
-                                 script_args.teacher_model_name_or_path, adapters=model_args.use_peft)  # fmt: skip
+    models = stage.models_record(
+        training_args.output_dir,
+        model_args.model_name_or_path,
+        script_args.teacher_model_name_or_path,
+        adapters=model_args.use_peft,
+    )
     method = f"GRPOTrainer with rewards {script_args.reward_funcs}"
     return stage.finish_stage("grpo", method, (script_args, model_args, training_args), results, models, trainer)
 

@@ -51,8 +51,9 @@ def load_plan(path: str, output_dir: str | None = None) -> tuple[str, list[str],
     for key in config:
         if key not in PIPELINE_KEYS and key not in stages:
             hint = f" (add {key!r} to `stages` to run it)" if key in STAGES else ""
-            raise ValueError(f"{path}: unknown key `{key}`{hint}; a pipeline has {list(PIPELINE_KEYS)} and one "
-                             "section per stage.")  # fmt: skip
+            raise ValueError(
+                f"{path}: unknown key `{key}`{hint}; a pipeline has {list(PIPELINE_KEYS)} and one section per stage."
+            )
     output_dir = output_dir or config.get("output_dir")
     if not output_dir:
         raise ValueError(f"{path}: `output_dir` is required (each stage writes into `<output_dir>/<index>-<stage>`).")
@@ -73,8 +74,14 @@ def stage_mapping(name: str, index: int, output_dir: str, common: dict, section:
     mapping["output_dir"] = os.path.join(output_dir, f"{index}-{name}")
     if records:
         mapping["model_name_or_path"] = records[-1]["models"]["student"]["name_or_path"]
-    first_teacher = next((r["models"]["teacher"]["name_or_path"] for r in records
-                          if r["name"] == "distill" and "teacher" in r["models"]), None)  # fmt: skip
+    first_teacher = next(
+        (
+            r["models"]["teacher"]["name_or_path"]
+            for r in records
+            if r["name"] == "distill" and "teacher" in r["models"]
+        ),
+        None,
+    )
     if first_teacher and name in ("dpo", "grpo"):
         mapping["teacher_model_name_or_path"] = first_teacher
     if first_teacher and name == "qat":

@@ -38,6 +38,7 @@ from trl_distill import DistillConfig, DistillTrainer, heldout_metrics, save_art
 from . import stage
 from .data import load_splits
 
+
 PRUNE_SCORINGS = ("cosine", "kl")
 PRUNING_FILE = "pruning.json"
 _SCORING_METHODS = {
@@ -63,9 +64,11 @@ class PruneDistillScriptArguments(ScriptArguments):
     )
     prune_scoring: str = field(
         default="cosine",
-        metadata={"help": "'cosine' (ShortGPT block influence) or 'kl' (KL each single-layer removal causes).",
-                  "choices": PRUNE_SCORINGS},
-    )  # fmt: skip
+        metadata={
+            "help": "'cosine' (ShortGPT block influence) or 'kl' (KL each single-layer removal causes).",
+            "choices": PRUNE_SCORINGS,
+        },
+    )
     prune_keep_first: int = field(default=1, metadata={"help": "First layers always kept (>= 0)."})
     prune_keep_last: int = field(default=1, metadata={"help": "Last layers always kept (>= 0)."})
     calibration_rows: int = field(default=32, metadata={"help": "Training rows the layers are scored on (>= 1)."})
@@ -84,9 +87,10 @@ class PruneDistillScriptArguments(ScriptArguments):
                 f"remove); got prune_num_keep={self.prune_num_keep!r}, prune_ratio={self.prune_ratio!r}."
             )
         if self.prune_ratio is not None and not (
-            isinstance(self.prune_ratio, (int, float)) and not isinstance(self.prune_ratio, bool)
+            isinstance(self.prune_ratio, (int, float))
+            and not isinstance(self.prune_ratio, bool)
             and 0 < self.prune_ratio < 1
-        ):  # fmt: skip
+        ):
             raise ValueError(
                 f"`prune_ratio` must be a fraction of the layers to remove, strictly between 0 and 1, got "
                 f"{self.prune_ratio!r} (e.g. 0.5 removes half the layers)."
@@ -204,12 +208,14 @@ def prune(script_args: PruneDistillScriptArguments, teacher, tokenizer, train_da
     num_layers = len(decoder_layers(teacher))
     num_keep = resolve_num_keep(script_args, num_layers)
     texts = calibration_texts(train_dataset, script_args.calibration_rows, tokenizer)
-    batches = calibration_batches(tokenizer, texts, batch_size=script_args.calibration_batch_size,
-                                  max_length=script_args.calibration_max_length)  # fmt: skip
+    batches = calibration_batches(
+        tokenizer, texts, batch_size=script_args.calibration_batch_size, max_length=script_args.calibration_max_length
+    )
     scorer = score_layers_by_kl if script_args.prune_scoring == "kl" else score_layers
     scores = [float(s) for s in scorer(teacher, batches)]
-    keep = select_layers(scores, num_keep, keep_first=script_args.prune_keep_first,
-                         keep_last=script_args.prune_keep_last)  # fmt: skip
+    keep = select_layers(
+        scores, num_keep, keep_first=script_args.prune_keep_first, keep_last=script_args.prune_keep_last
+    )
     return {
         "scoring": script_args.prune_scoring,
         "method": _SCORING_METHODS[script_args.prune_scoring],
@@ -219,9 +225,12 @@ def prune(script_args: PruneDistillScriptArguments, teacher, tokenizer, train_da
         "removed_layers": [i for i in range(num_layers) if i not in keep],
         "keep_first": script_args.prune_keep_first,
         "keep_last": script_args.prune_keep_last,
-        "calibration": {"rows": len(texts), "tokens": sum(int(b["attention_mask"].sum()) for b in batches),
-                        "max_length": script_args.calibration_max_length},
-    }  # fmt: skip
+        "calibration": {
+            "rows": len(texts),
+            "tokens": sum(int(b["attention_mask"].sum()) for b in batches),
+            "max_length": script_args.calibration_max_length,
+        },
+    }
 
 
 def pruned_dir(script_args: PruneDistillScriptArguments, output_dir: str) -> str:
@@ -244,15 +253,23 @@ def save_pruned(student, tokenizer, pruning: dict, directory: str, source: str, 
     prune_stage = {
         "name": "prune",
         "method": f"depth pruning: {kept} of {total} decoder layers kept, scored by {pruning['method']}",
-        "papers": [{"arxiv": "2407.14679", "title": "Compact Language Models via Pruning and Knowledge Distillation"},
-                   {"arxiv": "2403.03853", "title": "ShortGPT: Layers in Large Language Models are More Redundant "
-                                                    "Than You Expect"}],
+        "papers": [
+            {"arxiv": "2407.14679", "title": "Compact Language Models via Pruning and Knowledge Distillation"},
+            {
+                "arxiv": "2403.03853",
+                "title": "ShortGPT: Layers in Large Language Models are More Redundant Than You Expect",
+            },
+        ],
         "models": {"source": {"name_or_path": source}, "student": {"name_or_path": directory, "initial": source}},
         "settings": {key: pruning[key] for key in ("scoring", "keep_first", "keep_last", "calibration")},
-        "results": {"num_layers": total, "kept_layers": pruning["kept_layers"],
-                    "removed_layers": pruning["removed_layers"], "scores": pruning["scores"],
-                    "heldout": heldout},
-    }  # fmt: skip
+        "results": {
+            "num_layers": total,
+            "kept_layers": pruning["kept_layers"],
+            "removed_layers": pruning["removed_layers"],
+            "scores": pruning["scores"],
+            "heldout": heldout,
+        },
+    }
     append_stage(directory, prune_stage)
     return prune_stage
 
@@ -296,8 +313,11 @@ def run(script_args: PruneDistillScriptArguments, model_args: ModelConfig, train
     before = heldout_metrics(pruned, teacher, tokenizer, rows) if rows else None
     if main_process:
         prune_stage = save_pruned(pruned, tokenizer, pruning, directory, source, before)
-        print(f"[prune] {prune_stage['method']}; removed layers {pruning['removed_layers']}; saved to {directory}"
-              + (f"; held-out KL {before['kl_teacher_student']:.4g}" if before else ""), flush=True)  # fmt: skip
+        print(
+            f"[prune] {prune_stage['method']}; removed layers {pruning['removed_layers']}; saved to {directory}"
+            + (f"; held-out KL {before['kl_teacher_student']:.4g}" if before else ""),
+            flush=True,
+        )
     del pruned
     _wait_for_everyone()
     student = stage.load_model(model_args, training_args, path=directory)  # what is on disk, named by its directory
@@ -307,10 +327,15 @@ def run(script_args: PruneDistillScriptArguments, model_args: ModelConfig, train
     training_args.teacher_model_name_or_path = source  # the receipt and the card name the teacher
     eval_dataset = test_dataset.select(range(len(rows))) if training_args.eval_strategy != "no" and rows else None
     trainer = DistillTrainer(
-        model=student, teacher_model=teacher, args=training_args, train_dataset=train_dataset,
-        eval_dataset=eval_dataset, processing_class=tokenizer, teacher_processing_class=tokenizer,
+        model=student,
+        teacher_model=teacher,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        teacher_processing_class=tokenizer,
         peft_config=get_peft_config(model_args),
-    )  # fmt: skip
+    )
     results = stage.train_and_save(trainer, training_args.output_dir)
     runtime = [log["train_runtime"] for log in trainer.state.log_history if "train_runtime" in log]
     results["train_runtime_s"] = float(runtime[-1]) if runtime else None
@@ -322,10 +347,13 @@ def run(script_args: PruneDistillScriptArguments, model_args: ModelConfig, train
     results.update(kept_layers=pruning["kept_layers"], removed_layers=pruning["removed_layers"])
     models = stage.models_record(training_args.output_dir, directory, source, adapters=model_args.use_peft)
     models["source"] = {"name_or_path": source}
-    method = (f"prune ({len(pruning['kept_layers'])}/{pruning['num_layers']} layers, {script_args.prune_scoring}) "
-              f"then DistillTrainer distill_mode={training_args.distill_mode} objective={training_args.objective}")
-    record = stage.finish_stage("prune_distill", method, (script_args, model_args, training_args), results, models,
-                                trainer)  # fmt: skip
+    method = (
+        f"prune ({len(pruning['kept_layers'])}/{pruning['num_layers']} layers, {script_args.prune_scoring}) "
+        f"then DistillTrainer distill_mode={training_args.distill_mode} objective={training_args.objective}"
+    )
+    record = stage.finish_stage(
+        "prune_distill", method, (script_args, model_args, training_args), results, models, trainer
+    )
     if trainer.accelerator.is_main_process:
         save_artifact(trainer, training_args.output_dir, heldout=figures, heldout_rows=rows if figures else None)
         chain_receipt(training_args.output_dir, directory, training_args.receipt_signing_key)

@@ -45,9 +45,11 @@ QUANTIZATIONS = ("qlora", "qat")
 class QATScriptArguments(DistillScriptArguments):
     quantization: str = field(
         default="qlora",
-        metadata={"help": "'qlora': bitsandbytes 4-bit student + LoRA adapters; 'qat': torchao fake-quantization.",
-                  "choices": QUANTIZATIONS},
-    )  # fmt: skip
+        metadata={
+            "help": "'qlora': bitsandbytes 4-bit student + LoRA adapters; 'qat': torchao fake-quantization.",
+            "choices": QUANTIZATIONS,
+        },
+    )
     qat_scheme: str = field(
         default="int8_dynact_int4_weight",
         metadata={"help": "torchao scheme for quantization='qat': 'int8_dynact_int4_weight' or 'int4_weight_only'."},
@@ -70,8 +72,11 @@ def make_parser(prog: str | None = None) -> TrlParser:
 
 def _kl(student, teachers: dict, tokenizer, rows, when: str) -> dict[str, float]:
     """Held-out KL(teacher‖student) against each named teacher, keyed `<when>_kl_to_<name>`."""
-    return {f"{when}_kl_to_{name}": stage.measure(student, teacher, tokenizer, rows)["kl_teacher_student"]
-            for name, teacher in teachers.items() if teacher is not None and rows is not None}  # fmt: skip
+    return {
+        f"{when}_kl_to_{name}": stage.measure(student, teacher, tokenizer, rows)["kl_teacher_student"]
+        for name, teacher in teachers.items()
+        if teacher is not None and rows is not None
+    }
 
 
 def run(script_args: QATScriptArguments, model_args: ModelConfig, training_args: DistillConfig) -> dict:
@@ -91,22 +96,29 @@ def run(script_args: QATScriptArguments, model_args: ModelConfig, training_args:
 
     peft_config = None
     if script_args.quantization == "qlora":
-        student = stage.load_model(dataclasses.replace(model_args, load_in_4bit=True, load_in_8bit=False),
-                                   training_args)  # fmt: skip
+        student = stage.load_model(
+            dataclasses.replace(model_args, load_in_4bit=True, load_in_8bit=False), training_args
+        )
         results.update(_kl(student, teachers, tokenizer, rows, "after_quant"))
         peft_config = get_peft_config(dataclasses.replace(model_args, use_peft=True))
         method = "QLoRA recovery: bitsandbytes 4-bit student + LoRA, distilled from the full-precision model"
     else:
         quant = {"scheme": script_args.qat_scheme, "group_size": script_args.qat_group_size}
-        results.update(_kl(qat_convert(copy.deepcopy(full_precision), **quant), teachers, tokenizer, rows,
-                           "after_quant"))  # fmt: skip
+        results.update(
+            _kl(qat_convert(copy.deepcopy(full_precision), **quant), teachers, tokenizer, rows, "after_quant")
+        )
         student = qat_prepare(copy.deepcopy(full_precision), **quant)
         method = f"QAT (torchao {script_args.qat_scheme}, group {script_args.qat_group_size}), distilled from fp"
 
     trainer = DistillTrainer(
-        model=student, teacher_model=teacher, args=training_args, train_dataset=train_dataset,
-        processing_class=tokenizer, teacher_processing_class=tokenizer, peft_config=peft_config,
-    )  # fmt: skip
+        model=student,
+        teacher_model=teacher,
+        args=training_args,
+        train_dataset=train_dataset,
+        processing_class=tokenizer,
+        teacher_processing_class=tokenizer,
+        peft_config=peft_config,
+    )
     train_result = trainer.train()
     results.update(train_loss=train_result.training_loss, train_steps=train_result.global_step)
     recovered = trainer.model
@@ -120,8 +132,12 @@ def run(script_args: QATScriptArguments, model_args: ModelConfig, training_args:
             json.dump({"library": "torchao", "function": "trl_distill.qat_convert", "skip": ["lm_head"], **quant}, f)
 
     teacher_path = training_args.teacher_model_name_or_path or model_args.model_name_or_path
-    models = stage.models_record(training_args.output_dir, model_args.model_name_or_path, teacher_path,
-                                 adapters=script_args.quantization == "qlora")  # fmt: skip
+    models = stage.models_record(
+        training_args.output_dir,
+        model_args.model_name_or_path,
+        teacher_path,
+        adapters=script_args.quantization == "qlora",
+    )
     if script_args.reference_teacher:
         models["reference_teacher"] = {"name_or_path": script_args.reference_teacher}
     return stage.finish_stage("qat", method, (script_args, model_args, training_args), results, models, trainer)

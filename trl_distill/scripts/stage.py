@@ -138,8 +138,11 @@ def load_model(model_args, training_args, path: str | None = None):
 
     from trl_distill import disable_bnb_cpu_repack
 
-    kwargs = {"revision": model_args.model_revision, "attn_implementation": model_args.attn_implementation,
-              "trust_remote_code": getattr(training_args, "trust_remote_code", False)}  # fmt: skip
+    kwargs = {
+        "revision": model_args.model_revision,
+        "attn_implementation": model_args.attn_implementation,
+        "trust_remote_code": getattr(training_args, "trust_remote_code", False),
+    }
     if model_args.dtype not in (None, "auto"):
         import torch
 
@@ -208,8 +211,11 @@ def write_stage(output_dir: str, stage: dict, trainer=None) -> dict:
         os.makedirs(output_dir, exist_ok=True)
         with open(os.path.join(output_dir, STAGE_FILE), "w", encoding="utf-8") as f:
             json.dump(stage, f, indent=2, sort_keys=True, default=str)
-        print(f"[{stage['name']}] " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                                for k, v in stage["results"].items()), flush=True)  # fmt: skip
+        print(
+            f"[{stage['name']}] "
+            + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in stage["results"].items()),
+            flush=True,
+        )
     return stage
 
 
@@ -222,8 +228,13 @@ def train_and_save(trainer, output_dir: str) -> dict:
 
 def finish_stage(name: str, method: str, args: tuple, results: dict, models: dict, trainer) -> dict:
     """Build the stage record (settings: what `args` change from the defaults) and write it (see `write_stage`)."""
-    record = {"name": name, "method": method, "settings": changed_settings(*args), "results": results,
-              "models": models}  # fmt: skip
+    record = {
+        "name": name,
+        "method": method,
+        "settings": changed_settings(*args),
+        "results": results,
+        "models": models,
+    }
     return write_stage(args[-1].output_dir, record, trainer)
 
 

@@ -24,8 +24,12 @@ import torch
 from torch import nn
 
 from ..inference import eval_mode
-from ..teachers.generation import eos_token_ids, generate_completion_ids, generation_kwargs
-from ..teachers.generation import teacher_generation_settings
+from ..teachers.generation import (
+    eos_token_ids,
+    generate_completion_ids,
+    generation_kwargs,
+    teacher_generation_settings,
+)
 
 
 def on_policy_coin(seed: int, step: int, lmbda: float) -> bool:
@@ -80,8 +84,10 @@ def completion_batch(
         input_ids[row, : len(ids)] = ids
         attention_mask[row, : len(ids)] = 1
         labels[row, len(prompt) : len(ids)] = ids[len(prompt) :]
-    return {k: v.to(device) for k, v in
-            {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}.items()}  # fmt: skip
+    return {
+        k: v.to(device)
+        for k, v in {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}.items()
+    }
 
 
 class CompletionSource:
@@ -109,9 +115,12 @@ class CompletionSource:
         pad_id = tokenizer.pad_token_id
         self.pad_id = pad_id if pad_id is not None else tokenizer.eos_token_id
         self.student_kwargs = generation_kwargs(
-            max_completion_length=args.max_completion_length, do_sample=True, temperature=args.temperature,
-            top_p=args.top_p, top_k=args.top_k,
-        )  # fmt: skip
+            max_completion_length=args.max_completion_length,
+            do_sample=True,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            top_k=args.top_k,
+        )
         self.teacher_kwargs = generation_kwargs(**teacher_generation_settings(args))
 
     def resample(self, batches: list[dict], *, step: int, student: nn.Module) -> list[dict]:
@@ -157,9 +166,12 @@ class CompletionSource:
     def _generate_in(self, context, prompts: list[list[int]], kwargs: dict[str, Any], device) -> dict:
         with context as model, eval_mode(model):
             completions, _ = generate_completion_ids(
-                model, prompts, pad_token_id=self.pad_id, eos_ids=eos_token_ids(model, self.tokenizer),
+                model,
+                prompts,
+                pad_token_id=self.pad_id,
+                eos_ids=eos_token_ids(model, self.tokenizer),
                 generation_kwargs=kwargs,
-            )  # fmt: skip
+            )
         return completion_batch(prompts, completions, pad_token_id=self.pad_id, device=device)
 
     def _log(self, batches: list[dict], *, on_policy: bool, teacher: bool) -> None:

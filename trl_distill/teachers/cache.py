@@ -102,7 +102,10 @@ def cache_teacher(
         raise ValueError(f"`process_index={rank}` must be in [0, `num_processes`={world}).")
 
     teacher, source = load_teacher(
-        teacher_model, args.teacher_model_init_kwargs, trust_remote_code=args.trust_remote_code, distributed=distributed
+        teacher_model,
+        args.teacher_model_init_kwargs,
+        trust_remote_code=args.trust_remote_code,
+        distributed=distributed,
     )
     # TRL's own dataset preparation and collator, with the training run's settings (not a re-implementation), after
     # the split of `messages` rows that `DistillTrainer` applies too (trl_distill/conversation.py).

@@ -126,9 +126,13 @@ def generation_kwargs(
 def teacher_generation_settings(args) -> dict[str, Any]:
     """The teacher's generation settings of a `DistillConfig`, as keyword arguments of [`generation_kwargs`]."""
     return dict(
-        max_completion_length=args.max_completion_length, do_sample=args.teacher_do_sample,
-        num_beams=args.teacher_num_beams, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-    )  # fmt: skip
+        max_completion_length=args.max_completion_length,
+        do_sample=args.teacher_do_sample,
+        num_beams=args.teacher_num_beams,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+    )
 
 
 def weights_digest(model: nn.Module) -> str:
@@ -314,8 +318,12 @@ def generate_teacher_completions(
             "assistant turn, see `trl_distill.conversation`), or name the prompt column with this function's "
             "`prompt_column` argument."
         )
-    for name, value in (("max_completion_length", max_completion_length), ("batch_size", batch_size),
-                        ("save_every", save_every), ("num_beams", num_beams)):  # fmt: skip
+    for name, value in (
+        ("max_completion_length", max_completion_length),
+        ("batch_size", batch_size),
+        ("save_every", save_every),
+        ("num_beams", num_beams),
+    ):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
     if isinstance(teacher, str):
@@ -327,14 +335,22 @@ def generate_teacher_completions(
 
     prompts = dataset[prompt_column]
     kwargs = generation_kwargs(
-        max_completion_length=max_completion_length, do_sample=do_sample, num_beams=num_beams,
-        temperature=temperature, top_p=top_p, top_k=top_k,
-    )  # fmt: skip
+        max_completion_length=max_completion_length,
+        do_sample=do_sample,
+        num_beams=num_beams,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+    )
     save_every = -(-save_every // batch_size) * batch_size
     # The shard layout is part of the key (a resumed run must cut shards where the first did); sampled completions
     # also depend on the seed and on how prompts are batched.
-    settings = {**kwargs, "save_every": save_every, "seed": seed if do_sample else None,
-                "batch_size": batch_size if do_sample else None}  # fmt: skip
+    settings = {
+        **kwargs,
+        "save_every": save_every,
+        "seed": seed if do_sample else None,
+        "batch_size": batch_size if do_sample else None,
+    }
 
     directory = None
     if cache_dir is not None:
@@ -363,8 +379,10 @@ def generate_teacher_completions(
         logger.warning(
             "%d of %d teacher completions reached `max_completion_length=%d` without an end-of-sequence token; they "
             "are kept as they are (training appends EOS to them). Raise `max_completion_length` if they were cut.",
-            truncated, len(prompts), max_completion_length,
-        )  # fmt: skip
+            truncated,
+            len(prompts),
+            max_completion_length,
+        )
     outputs = [
         text if isinstance(prompt, str) else [{"role": "assistant", "content": text}]
         for prompt, text in zip(prompts, stored["text"])
@@ -376,13 +394,16 @@ def generate_teacher_completions(
 
 def _generate_missing(
     teacher, tokenizer, prompts, directory, kwargs, seed, batch_size, save_every, pad_id, show, tqdm
-):  # fmt: skip
+):
     """Generate every shard not yet stored (all of them without a cache); return the texts when not cached."""
     eos_ids = eos_token_ids(teacher, tokenizer)
     done = set()
     if directory is not None:
-        done = {int(n[len(_SHARD_PREFIX):]) for n in os.listdir(directory)
-                if n.startswith(_SHARD_PREFIX) and not n.endswith(".tmp")}  # fmt: skip
+        done = {
+            int(n[len(_SHARD_PREFIX) :])
+            for n in os.listdir(directory)
+            if n.startswith(_SHARD_PREFIX) and not n.endswith(".tmp")
+        }
     starts = range(0, len(prompts), save_every)
     already = sum(min(save_every, len(prompts) - s) for s in starts if s in done)
     if already:
@@ -390,8 +411,10 @@ def _generate_missing(
     all_texts, all_ended = [], []
     device = next(teacher.parameters()).device
     devices = [device] if device.type == "cuda" else []
-    with eval_mode(teacher), tqdm(total=len(prompts), initial=already, desc="Teacher completions",
-                                          disable=not show) as bar:  # fmt: skip
+    with (
+        eval_mode(teacher),
+        tqdm(total=len(prompts), initial=already, desc="Teacher completions", disable=not show) as bar,
+    ):
         for start in starts:
             if start in done:
                 continue
@@ -404,8 +427,9 @@ def _generate_missing(
                     ids, stopped = generate_completion_ids(
                         teacher, batch, pad_token_id=pad_id, eos_ids=eos_ids, generation_kwargs=kwargs
                     )
-                    texts += [tokenizer.decode([t for t in row if t not in eos_ids], skip_special_tokens=True)
-                              for row in ids]  # fmt: skip
+                    texts += [
+                        tokenizer.decode([t for t in row if t not in eos_ids], skip_special_tokens=True) for row in ids
+                    ]
                     ended += stopped
                     bar.update(len(batch))
             if directory is not None:

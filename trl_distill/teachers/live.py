@@ -24,7 +24,9 @@ def _init_kwargs(kwargs: dict[str, Any] | None) -> dict[str, Any]:
     dtype = kwargs.get("dtype")
     if isinstance(dtype, str) and dtype != "auto":
         if not isinstance(getattr(torch, dtype, None), torch.dtype):
-            raise ValueError(f"`teacher_model_init_kwargs['dtype']` must be a torch dtype name or 'auto', got {dtype!r}.")
+            raise ValueError(
+                f"`teacher_model_init_kwargs['dtype']` must be a torch dtype name or 'auto', got {dtype!r}."
+            )
         kwargs["dtype"] = getattr(torch, dtype)
     return kwargs
 
@@ -70,10 +72,14 @@ def teacher_tokenizer_source(source: str | None) -> str | None:
     if not source:
         return None
     if os.path.isdir(source):
-        return source if any(
-            os.path.exists(os.path.join(source, name))
-            for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
-        ) else None
+        return (
+            source
+            if any(
+                os.path.exists(os.path.join(source, name))
+                for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+            )
+            else None
+        )
     # A Hub id (namespace/name or name); an absolute path that does not exist is not one.
     return None if os.path.isabs(source) else source
 
@@ -92,7 +98,9 @@ def lm_head_and_backbone(model: nn.Module) -> tuple[nn.Module, nn.Module]:
         raise ValueError(f"{type(inner).__name__} has no output embeddings (`lm_head`); token-level KD needs one.")
     backbone = getattr(inner, inner.base_model_prefix, None)
     if backbone is None or backbone is inner:
-        raise ValueError(f"Cannot find the backbone of {type(inner).__name__} (attribute {inner.base_model_prefix!r}).")
+        raise ValueError(
+            f"Cannot find the backbone of {type(inner).__name__} (attribute {inner.base_model_prefix!r})."
+        )
     return head, backbone
 
 
@@ -144,9 +152,10 @@ def _gathered(head: nn.Module | None) -> Iterator[None]:
     """All-gather `head.weight` and `head.bias` under ZeRO-3 for reading only; whole parameters are left alone (ZeRO-3
     keeps small "persistent" ones whole, and an outer gather may hold one: gathering it again would raise)."""
     params = [
-        param for param in (getattr(head, "weight", None), getattr(head, "bias", None))
+        param
+        for param in (getattr(head, "weight", None), getattr(head, "bias", None))
         if _is_zero3_param(param) and param.ds_status.name != "AVAILABLE"
-    ]  # fmt: skip
+    ]
     if not params:
         yield
         return
@@ -160,7 +169,13 @@ def _is_zero3_param(param) -> bool:
     return isinstance(param, torch.Tensor) and hasattr(param, "ds_id")  # set on every parameter ZeRO-3 partitions
 
 
-_LOGIT_MODIFIERS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier", "lm_head_multiplier")
+_LOGIT_MODIFIERS = (
+    "final_logit_softcapping",
+    "logit_scale",
+    "logits_scaling",
+    "output_multiplier",
+    "lm_head_multiplier",
+)
 
 
 def check_plain_lm_head(model: nn.Module, role: str) -> None:

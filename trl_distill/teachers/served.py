@@ -46,10 +46,11 @@ from typing import Any
 
 import torch
 
+from ..digests import tokenizer_sha256
 from ..losses import TopKTargets
 from . import codec
-from ..digests import tokenizer_sha256
 from .store import batch_row_keys, tokenization_settings, write_json, write_shard
+
 
 logger = logging.getLogger(__name__)
 
@@ -110,8 +111,11 @@ class ServedTeacher:
     ):
         if not isinstance(url, str) or not url.startswith(("http://", "https://")):
             raise ValueError(f"`teacher_url` must be an http(s) URL such as 'http://host:8000', got {url!r}.")
-        for name, value in (("top_k", top_k), ("prompts_per_request", prompts_per_request),
-                            ("max_concurrency", max_concurrency)):  # fmt: skip
+        for name, value in (
+            ("top_k", top_k),
+            ("prompts_per_request", prompts_per_request),
+            ("max_concurrency", max_concurrency),
+        ):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
         if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
@@ -332,10 +336,16 @@ def _tokenization_model(tokenizer):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=1,
-        num_key_value_heads=1, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=8,
+        intermediate_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=1,
+        num_key_value_heads=1,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
-    )  # fmt: skip
+    )
     return LlamaForCausalLM(config)
 
 
@@ -391,13 +401,17 @@ def cache_teacher_served(
         raise ValueError("`processing_class` (the student's tokenizer) is required with a served teacher.")
     if not isinstance(rows_per_shard, int) or rows_per_shard < 1:
         raise ValueError(f"`rows_per_shard` must be a positive integer, got {rows_per_shard!r}.")
-    client = ServedTeacher(teacher_url, top_k=top_k, temperature=args.kd_temperature, model=teacher_model,
-                           **client_kwargs)  # fmt: skip
+    client = ServedTeacher(
+        teacher_url, top_k=top_k, temperature=args.kd_temperature, model=teacher_model, **client_kwargs
+    )
     tokenizer = getattr(processing_class, "tokenizer", processing_class)
     sft = SFTTrainer(
-        model=_tokenization_model(tokenizer), args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+        model=_tokenization_model(tokenizer),
+        args=args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
         processing_class=processing_class,
-    )  # fmt: skip
+    )
     vocab_size = len(tokenizer)
     if not top_k < vocab_size:
         raise ValueError(f"`kd_top_k={top_k}` must be below the vocabulary size ({vocab_size}).")

@@ -26,7 +26,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 
@@ -161,8 +162,11 @@ def _edited_fields(path: str, manifest: dict) -> str:
             plan = json.load(handle)
     except (OSError, ValueError):
         return ""
-    changed = [f"`{key}` {plan[key]!r} -> {manifest.get(key)!r}" for key in sorted(plan)
-               if key != "shards" and manifest.get(key) != plan[key]]  # fmt: skip
+    changed = [
+        f"`{key}` {plan[key]!r} -> {manifest.get(key)!r}"
+        for key in sorted(plan)
+        if key != "shards" and manifest.get(key) != plan[key]
+    ]
     return f"; fields that differ from {PLAN}: {', '.join(changed)}" if changed else ""
 
 
@@ -190,8 +194,13 @@ def write_shard(directory: str, index: int, keys: list[bytes], counts: list[int]
     # One metadata key: safetensors writes a map's keys in no fixed order, and a resumed shard must be byte-identical.
     save_file(tensors, tmp, metadata={"format": f"{STORE_FORMAT}/{STORE_VERSION}"})
     os.replace(tmp, path)
-    return {"file": shard_name(index), "rows": len(keys), "positions": int(offsets[-1]),
-            "bytes": os.path.getsize(path), "sha256": file_sha256(path)}  # fmt: skip
+    return {
+        "file": shard_name(index),
+        "rows": len(keys),
+        "positions": int(offsets[-1]),
+        "bytes": os.path.getsize(path),
+        "sha256": file_sha256(path),
+    }
 
 
 class TeacherStore:
@@ -221,9 +230,12 @@ class TeacherStore:
         record = dict(self.manifest.get("teacher") or {})
         record["tokenizer_sha256"] = self.manifest.get("tokenizer_sha256")
         record["vocab_size"] = self.vocab_size
-        record["store"] = {"manifest_sha256": self.manifest[MANIFEST_DIGEST], "top_k": self.top_k,
-                           "temperature": self.manifest.get("temperature"),
-                           "splits": {name: info.get("fingerprint") for name, info in self.manifest["splits"].items()}}
+        record["store"] = {
+            "manifest_sha256": self.manifest[MANIFEST_DIGEST],
+            "top_k": self.top_k,
+            "temperature": self.manifest.get("temperature"),
+            "splits": {name: info.get("fingerprint") for name, info in self.manifest["splits"].items()},
+        }
         return record
 
     def verify_files(self, *, progress: bool = True) -> None:
@@ -313,7 +325,9 @@ class TeacherStore:
         keys = list(dataset_row_keys(dataset))
         missing = [row for row, key in enumerate(keys) if key not in self.index]
         if missing:
-            splits = ", ".join(f"{split!r}: {info['fingerprint'][:12]}..." for split, info in self.manifest["splits"].items())
+            splits = ", ".join(
+                f"{split!r}: {info['fingerprint'][:12]}..." for split, info in self.manifest["splits"].items()
+            )
             raise ValueError(
                 f"{len(missing)} of the {len(keys)} rows of the {name} dataset are not in the teacher store at "
                 f"{self.path!r} (first: row {missing[0]}). The store was computed on another dataset or tokenization "

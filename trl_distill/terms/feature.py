@@ -184,9 +184,13 @@ class FeatureTerm:
         mask = (shift_labels != -100).to(student_hidden_states[-1].device)
         student, teacher = self.projector(student_hidden_states, teacher_hidden_states, mask)
         result = feature_distillation_loss(
-            student, teacher, loss=self.loss, reduction=self.reduction, num_items_in_batch=num_items_in_batch,
+            student,
+            teacher,
+            loss=self.loss,
+            reduction=self.reduction,
+            num_items_in_batch=num_items_in_batch,
             return_components=True,
-        )  # fmt: skip
+        )
         return loss + self.weight * result.loss, {**metrics, "feature_kd_loss": result.feature_loss}
 
     def add_param_groups(self, optimizer: torch.optim.Optimizer, *, weight_decay: float) -> None:
@@ -245,9 +249,12 @@ def build_feature_term(
         args.feature_layer_map, student_config.num_hidden_layers, teacher_config.num_hidden_layers
     )
     projector = FeatureProjector(
-        layer_map, student_config.hidden_size, teacher_config.hidden_size, projection=args.feature_projection,
+        layer_map,
+        student_config.hidden_size,
+        teacher_config.hidden_size,
+        projection=args.feature_projection,
         seed=args.seed,
-    )  # fmt: skip
+    )
     projector.to(next(student.parameters()).device)
     _reuse_saved_projections(projector, student)
     add_callback(FeatureProjectionCallback(projector))

@@ -92,7 +92,9 @@ def resolve_layer_map(
             )
         resolved.append((s % student_layers, t % teacher_layers))
     if len(set(resolved)) != len(resolved):
-        raise ValueError(f"`feature_layer_map` {format_layer_map(resolved)!r} lists the same pair twice; remove the duplicate.")
+        raise ValueError(
+            f"`feature_layer_map` {format_layer_map(resolved)!r} lists the same pair twice; remove the duplicate."
+        )
     return tuple(resolved)
 
 
