@@ -2,8 +2,9 @@
 
 Each subcommand is one `_add_<name>(subparsers)` function that registers its parser and sets `func`, the callable that
 runs it; `main` only dispatches. Subcommands import what they need inside `func`. The recipe subcommands (`train`,
-`qat`, `dpo`, `grpo`, `pipeline`, `cache-teacher`) come from `trl_distill.scripts.COMMANDS`: their options go to the
-recipe's TRL parser and to `accelerate launch` (see `trl_distill.scripts.launch`), and `--help` is their concise help.
+`qat`, `dpo`, `grpo`, `pipeline`, `prune-distill`, `cache-teacher`) come from `trl_distill.scripts.COMMANDS`: their
+options go to the recipe's TRL parser and to `accelerate launch` (see `trl_distill.scripts.launch`), and `--help` is
+their concise help.
 
 ```
 trl-distill train --config x.yaml [--<field> VALUE ...] [accelerate launch flags]   (also: qat, dpo, grpo, pipeline)
@@ -129,7 +130,7 @@ def _add_recipe(subparsers, name: str) -> None:
 
 
 def _add_recipes(subparsers) -> None:
-    for name in ("train", "qat", "dpo", "grpo", "pipeline"):
+    for name in ("train", "qat", "dpo", "grpo", "pipeline", "prune-distill"):
         _add_recipe(subparsers, name)
 
 

@@ -10,6 +10,7 @@ the same way as its input changes little, so its *block influence* `1 - cos(h_in
 from trl_distill.pruning import calibration_batches, depth_prune, score_layers, select_layers
 
 scores = score_layers(model, calibration_batches(tokenizer, texts, max_length=128))  # (num_layers,)
+# or score_layers_by_kl(model, batches): the KL each single-layer removal causes (num_layers + 1 forwards per batch)
 keep = select_layers(scores, num_keep=20)  # first and last layers always kept
 student = depth_prune(copy.deepcopy(model), keep)  # student layer i is teacher layer keep[i]
 ```
@@ -25,7 +26,14 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 
-__all__ = ["calibration_batches", "decoder_layers", "depth_prune", "score_layers", "select_layers"]
+__all__ = [
+    "calibration_batches",
+    "decoder_layers",
+    "depth_prune",
+    "score_layers",
+    "score_layers_by_kl",
+    "select_layers",
+]
 
 
 def decoder_layers(model) -> Any:
@@ -175,6 +183,79 @@ def score_layers(model, batches: Iterable[dict]):
     if count == 0:
         raise ValueError("`batches` held no (non-padding) tokens to score the layers on.")
     return sums / count
+
+
+def score_layers_by_kl(model, batches: Iterable[dict]):
+    """
+    The KL divergence each single-layer removal causes: `KL(p_full ‖ p_without_layer_i)` per token, averaged.
+
+    For every decoder layer `i`, the model is run with that layer skipped (its output replaced by its input, the
+    residual stream passing through unchanged, which is what `depth_prune` without layer `i` computes) and the
+    forward KL from the full model's next-token distribution, `Σ_v p(v) (log p(v) - log q_i(v))`, is averaged over the
+    non-padding positions of `batches`. A direct measure of what removing one layer costs (ShortGPT's cosine is a
+    cheaper proxy); `num_layers + 1` forwards per batch, in float32 without gradients, the model in eval mode.
+
+    Args:
+        model (`transformers.PreTrainedModel`): A decoder-only causal LM.
+        batches (`Iterable[dict]`): Batches with `input_ids` `(batch, seq)` and optionally `attention_mask`, e.g. from
+            [`calibration_batches`].
+
+    Returns:
+        `torch.Tensor` of shape `(num_layers,)`, float64, nats per token: higher means removing the layer costs more
+        (keep it), so it goes to [`select_layers`] like [`score_layers`]'s output.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    layers = decoder_layers(model)
+    sums = torch.zeros(len(layers), dtype=torch.float64)
+    count = 0
+    skipped: dict[str, int | None] = {"index": None}
+
+    def skip_hook(index):
+        def hook(module, args, kwargs, output):
+            if skipped["index"] != index:
+                return None
+            h_in = args[0] if args else kwargs["hidden_states"]
+            return (h_in, *output[1:]) if isinstance(output, tuple) else h_in
+
+        return hook
+
+    handles = [layer.register_forward_hook(skip_hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                input_ids = batch["input_ids"].to(device)
+                attention_mask = batch.get("attention_mask")
+                attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)
+                mask = attention_mask.bool()
+                count += int(mask.sum())
+                skipped["index"] = None
+                full = _log_probs(model, input_ids, attention_mask)
+                for index in range(len(layers)):
+                    skipped["index"] = index
+                    # kl_div(input=log q, target=log p, log_target=True) = p (log p - log q), 0 where p underflows
+                    log_q = _log_probs(model, input_ids, attention_mask)
+                    kl = F.kl_div(log_q, full, reduction="none", log_target=True).sum(-1)
+                    sums[index] += kl.double().sum()
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    if count == 0:
+        raise ValueError("`batches` held no (non-padding) tokens to score the layers on.")
+    return sums / count
+
+
+def _log_probs(model, input_ids, attention_mask):
+    """Float32 next-token log-probabilities at the non-padding positions: `(tokens, vocab)`."""
+    import torch.nn.functional as F
+
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    return F.log_softmax(logits[attention_mask.bool()].float(), dim=-1)
 
 
 def select_layers(scores, num_keep: int, *, keep_first: int = 1, keep_last: int = 1) -> list[int]:

@@ -7,6 +7,7 @@
 | `trl-distill dpo` | `trl_distill.scripts.dpo` | `recipes/distill_dpo.py` |
 | `trl-distill grpo` | `trl_distill.scripts.grpo` | `recipes/distill_grpo.py` |
 | `trl-distill pipeline` | `trl_distill.scripts.pipeline` | `recipes/pipeline.py` |
+| `trl-distill prune-distill` | `trl_distill.scripts.prune_distill` | `recipes/prune_distill.py` |
 | `trl-distill cache-teacher` | `trl_distill.scripts.cache_teacher` | `recipes/precompute_teacher.py` |
 
 Three equivalent ways to run one (`--config x.yaml` parsed by TRL's parser, unknown keys fail):
@@ -122,6 +123,29 @@ COMMANDS = {
         "Run stages (distill, qat, dpo, grpo) in order, each from the previous stage's model, with one receipt.",
         ("trl-distill pipeline --config recipes/configs/tiny_pipeline.yaml",),
         (("--output_dir DIR", "overrides the YAML's output_dir"),),
+    ),
+    "prune-distill": Command(
+        "prune-distill",
+        "trl_distill.scripts.prune_distill",
+        "recipes/prune_distill.py",
+        "Depth-prune a model, then distill the pruned copy from the original (one receipt).",
+        "Prune, then distill from the original (Minitron): score the model's decoder layers on calibration rows "
+        "(ShortGPT cosine or single-removal KL), save a copy keeping the most useful ones, distill it from the "
+        "unpruned model with DistillTrainer; one receipt lists both stages.",
+        (
+            "trl-distill prune-distill --config recipes/configs/tiny_prune_distill.yaml",
+            "trl-distill prune-distill --config recipes/configs/smollm2-prune-distill.yaml --prune_num_keep 15",
+        ),
+        (
+            ("--model_name_or_path PATH", "the model to prune; it is also the teacher"),
+            ("--prune_num_keep N / --prune_ratio R", "layers to keep / fraction of layers to remove"),
+            ("--prune_scoring cosine|kl", "ShortGPT block influence, or the KL each single-layer removal causes"),
+            ("--calibration_rows N", "training rows the layers are scored on"),
+            ("--pruned_output_dir DIR", "where the pruned student goes (default: OUTPUT_DIR-pruned)"),
+            ("--dataset_name NAME", "Hub id, local file, or save_to_disk directory"),
+            ("--distill_mode MODE / --feature_weight W", "how to distill (feature KD maps layer i to keep[i])"),
+            *_TRAIN,
+        ),
     ),
     "cache-teacher": Command(
         "cache-teacher",
