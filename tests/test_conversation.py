@@ -7,8 +7,6 @@ its completion mask: the prepared rows and the tokens in the loss must be the sa
 """
 
 import copy
-import os
-import pathlib
 
 import pytest
 import torch
@@ -372,19 +370,26 @@ def test_error_for_rows_without_a_final_assistant_turn(
 
 # --- the real SmolLM2 -----------------------------------------------------------------------------------------
 
-SMOLLM2 = pathlib.Path(os.path.expanduser("~/.cache/trl_distill/models/SmolLM2-135M-Instruct"))
+
+def _real_model(name):
+    """The converted real model (fetched once, `trl_distill.real_models`); skipped only when the index is unreachable."""
+    from trl_distill.real_models import IndexUnreachableError, real_model_path
+
+    try:
+        return real_model_path(name, progress=False)
+    except IndexUnreachableError as error:
+        pytest.skip(f"{name} is not cached and the package index is unreachable: {error}")
 
 
 @pytest.fixture(scope="module")
 def smollm2():
-    if not (SMOLLM2 / "config.json").is_file():
-        pytest.skip(f"SmolLM2-135M-Instruct is not converted at {SMOLLM2} (see trl_distill/real_models.py).")
+    smollm2_dir = _real_model("SmolLM2-135M-Instruct")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(SMOLLM2)
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
 
     def load(layers):
-        model = AutoModelForCausalLM.from_pretrained(SMOLLM2, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
         model.model.layers = model.model.layers[:layers]
         model.config.num_hidden_layers = layers
         return model
@@ -439,18 +444,14 @@ def test_smollm2_distills_only_the_assistant_answer(tmp_path, smollm2):
     assert _kd_tokens(trainer) == [after]
 
 
-GEMMA = pathlib.Path(os.path.expanduser("~/.cache/trl_distill/models/gemma-3-270m"))
-
-
 def test_base_gemma_teacher_gets_the_named_error_for_messages(smollm2):
     """Gemma-3-270m is a base model without a chat template: sequence-level KD on `messages` says how to fix it."""
-    if not (GEMMA / "tokenizer.json").is_file():
-        pytest.skip(f"gemma-3-270m is not converted at {GEMMA} (see trl_distill/real_models.py).")
+    gemma_dir = _real_model("gemma-3-270m")
     from transformers import AutoTokenizer
 
     from trl_distill import generate_teacher_completions
 
-    gemma = AutoTokenizer.from_pretrained(GEMMA)
+    gemma = AutoTokenizer.from_pretrained(gemma_dir)
     assert not gemma.chat_template
     _, load = smollm2
     with pytest.raises(ValueError, match=r"has no chat template.*chat_template = student_tokenizer.chat_template"):
