@@ -38,6 +38,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from .cache_home import cache_home
+
 
 __all__ = [
     "REAL_MODELS",
@@ -148,8 +150,8 @@ class IndexUnreachableError(ModelFetchError):
 
 
 def default_cache_dir() -> Path:
-    """`$TRL_DISTILL_CACHE` if set, else `~/.cache/trl_distill`."""
-    return Path(os.environ.get("TRL_DISTILL_CACHE") or Path.home() / ".cache" / "trl_distill")
+    """`$TRL_DISTILL_CACHE` if set, else `$XDG_CACHE_HOME/trl_distill`, else `~/.cache/trl_distill`."""
+    return cache_home()
 
 
 def real_model_path(name: str, cache_dir: str | os.PathLike | None = None, progress: bool = True) -> Path:

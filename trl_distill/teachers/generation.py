@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..cache_home import cache_home
 from ..conversation import as_prompt_completion, prompt_token_ids
 from ..inference import eval_mode, left_pad
 
@@ -40,12 +41,11 @@ _KEY_FILE = "fingerprint.json"
 def default_generation_cache_dir() -> str:
     """Where teacher completions are cached when `teacher_generation_cache_dir` is unset.
 
-    `$XDG_CACHE_HOME/trl_distill/teacher_generations` (default `~/.cache/...`): never inside `output_dir`, whose
+    `cache_home()/teacher_generations` (`$TRL_DISTILL_CACHE`, else `$XDG_CACHE_HOME/trl_distill`, else `~/.cache/trl_distill`): never inside `output_dir`, whose
     content is the model that `push_to_hub` uploads (the completions are training data). The fingerprinted
     sub-directories make a shared cache safe: another teacher, tokenizer, dataset or setting writes elsewhere.
     """
-    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(root, "trl_distill", "teacher_generations")
+    return str(cache_home() / "teacher_generations")
 
 
 def eos_token_ids(model: nn.Module, tokenizer) -> set[int]:
