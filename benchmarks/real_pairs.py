@@ -61,8 +61,10 @@ PAIRS = {
     "gemma": ("gemma-3-270m", "gemma-3-270m", 14),
     "gemma_to_smollm2": ("gemma-3-270m", "SmolLM2-135M-Instruct", 23),
 }
+# Gemma-3's turn format, starting with the BOS token as Gemma's own template does: TRL's GKD/GOLD collators render
+# the template and tokenize with `add_special_tokens=False`, so a template without it trains them without a BOS.
 GEMMA_TEMPLATE = (
-    "{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
+    "{{ bos_token }}{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
     "{{ m['content'] }}<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
 )
 DEFAULT_RECIPE = {"objective": "forward_kl", "kd_temperature": 2.0, "alpha": 0.9}  # DistillConfig's defaults
@@ -140,10 +142,17 @@ def chat_rows(seed: int, n_train: int, n_eval: int, max_chars: int = 200) -> tup
 
 
 def prompt_completion(tokenizer, rows: list[dict]) -> list[dict]:
-    """The chat rows rendered with `tokenizer`'s chat template as prompt/completion strings (the EOS is added by TRL)."""
+    """The chat rows rendered with `tokenizer`'s chat template as prompt/completion strings (the EOS is added by TRL).
+
+    A BOS the template writes is dropped from the text: `tokenizer(text=prompt)` adds it again (one BOS, not two).
+    """
     out = []
+    adds_bos = tokenizer.bos_token_id is not None and tokenizer(text="x")["input_ids"][:1] == [tokenizer.bos_token_id]
+    bos = tokenizer.bos_token if adds_bos else None
     for row in rows:
         prompt = tokenizer.apply_chat_template(row["messages"][:-1], tokenize=False, add_generation_prompt=True)
+        if bos and prompt.startswith(bos):
+            prompt = prompt[len(bos) :]
         out.append({"prompt": prompt, "completion": row["messages"][-1]["content"]})
     return out
 

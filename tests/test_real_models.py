@@ -13,7 +13,8 @@ import pytest
 import torch
 from datasets import Dataset
 
-from trl_distill import DistillConfig, DistillTrainer
+from tests import helpers
+from trl_distill import DistillTrainer
 from trl_distill.pruning import calibration_batches, depth_prune, score_layers, select_layers
 
 
@@ -96,24 +97,9 @@ def rows(kind):
 
 
 def config(tmp_path, **kwargs):
-    defaults = dict(
-        output_dir=str(tmp_path / "out"),
-        use_cpu=True,
-        bf16=False,
-        activation_checkpointing=False,
-        max_steps=2,
-        per_device_train_batch_size=2,
-        learning_rate=1e-4,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        seed=0,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
-        max_length=64,
-        max_completion_length=12,
-    )
-    return DistillConfig(**{**defaults, **kwargs})
+    """`tests.helpers.config` with a real-model budget: 2 steps of 2 short rows."""
+    settings = dict(max_steps=2, per_device_train_batch_size=2, learning_rate=1e-4, max_length=64)
+    return helpers.config(tmp_path, **{**settings, "disable_tqdm": True, "max_completion_length": 12, **kwargs})
 
 
 def train(tmp_path, student_dir, teacher, tokenizer, dataset, *, teacher_tokenizer=None, **settings):

@@ -496,3 +496,65 @@ def test_float16_weight_gradient_does_not_overflow_per_chunk():
     assert ref_gw.abs().max() < 60000 and (ref_gw.abs() * N).max() > 65504  # the test's premise
     assert torch.isfinite(ws.grad).all()
     torch.testing.assert_close(ws.grad.double(), ref_gw, rtol=2e-2, atol=0.5)
+
+
+@pytest.mark.parametrize("fn", ["linear", "logits"])
+def test_upstream_gradient_scales_the_saved_gradient(fn):
+    # backward scales the gradient computed during forward in place: a non-unit upstream gradient (here 3.7 and a
+    # second term reusing the loss) must still give the reference's gradient, for both paths.
+    h_s, w_s, h_t, w_t, labels, b_s, b_t = make_inputs(seed=11, bias=True)
+    kwargs = dict(labels=labels, objective="jsd", temperature=2.0, alpha=0.8)
+    ref, ref_gh, ref_gw, _ = reference_with_grads(h_s, w_s, b_s, h_t, w_t, b_t, **kwargs)
+    hs, ws = leaves(h_s, w_s)
+    if fn == "linear":
+        loss = linear_distillation_loss(hs, ws, h_t, w_t, student_bias=b_s, teacher_bias=b_t, chunk_size=4, **kwargs)
+    else:
+        z_s = hs @ ws.T + b_s
+        loss = distillation_loss(z_s, h_t @ w_t.T + b_t, chunk_size=4, **kwargs)
+    (3.7 * loss + loss.detach() * loss).backward()
+    scale = 3.7 + float(ref)
+    torch.testing.assert_close(hs.grad.double(), scale * ref_gh, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ws.grad.double(), scale * ref_gw, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("fn", ["linear", "logits"])
+def test_a_second_backward_is_a_named_error(fn):
+    h_s, w_s, h_t, w_t, labels, _, _ = make_inputs(seed=12)
+    hs, ws = leaves(h_s, w_s)
+    if fn == "linear":
+        loss = linear_distillation_loss(hs, ws, h_t, w_t, labels=labels)
+    else:
+        loss = distillation_loss(hs @ ws.T, h_t @ w_t.T, labels=labels)
+    loss.backward(retain_graph=True)
+    first = ws.grad.clone()
+    with pytest.raises(RuntimeError, match="backpropagated once only"):
+        loss.backward()
+    torch.testing.assert_close(ws.grad, first)  # the refused backward accumulated nothing
+
+
+def _node_named(fn, name):
+    seen, stack = set(), [fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if name in type(node).__name__:
+            return node
+        stack.extend(next_fn for next_fn, _ in node.next_functions)
+    raise AssertionError(f"no {name} node in the graph")
+
+
+@pytest.mark.parametrize("pad_s", [0, 3])
+def test_the_weight_gradient_is_adopted_not_copied(pad_s):
+    # The lm_head weight's `.grad` is the very buffer the forward pass filled: no second (V, H) tensor at the peak of
+    # backward (671 MB at Gemma's V = 262144). A scaled copy (`saved * grad`), or the backward of a `weight[:V]` view
+    # for a padded vocabulary, would live in a different storage.
+    h_s, w_s, h_t, w_t, labels, _, _ = make_inputs(seed=13, pad_s=pad_s)
+    hs, ws = leaves(h_s, w_s)
+    loss = linear_distillation_loss(hs, ws, h_t, w_t, labels=labels, vocab_size=53)
+    filled = _node_named(loss.grad_fn, "_LinearKD").saved_tensors[1].data_ptr()
+    loss.backward()
+    assert ws.grad.data_ptr() == filled
+    if pad_s:
+        assert ws.grad[53:].abs().max() == 0  # the padded rows are not in the vocabulary

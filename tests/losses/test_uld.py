@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from tests import helpers
 from tests.reference import per_token_loss
 from tests.reference_uld import uld_reference
 from trl_distill import DistillConfig, DistillTrainer
@@ -302,23 +303,7 @@ def test_spec_validation():
 
 
 def _config(tmp_path, **kwargs):
-    defaults = dict(
-        output_dir=str(tmp_path / "out"),
-        use_cpu=True,
-        bf16=False,
-        activation_checkpointing=False,
-        max_steps=2,
-        per_device_train_batch_size=4,
-        learning_rate=1e-2,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        seed=0,
-        dataloader_num_workers=0,
-        distill_mode="uld",
-        kd_temperature=1.0,
-    )
-    return DistillConfig(**{**defaults, **kwargs})
+    return helpers.config(tmp_path, **{"max_steps": 2, "distill_mode": "uld", "kd_temperature": 1.0, **kwargs})
 
 
 @pytest.fixture

@@ -10,8 +10,9 @@ import sys
 import pytest
 import torch
 
+from tests import helpers
 from tests.reference import divergence
-from trl_distill import DistillConfig, DistillTrainer, TeacherStore, cache_teacher
+from trl_distill import DistillTrainer, TeacherStore, cache_teacher
 from trl_distill.demo.task import make_task_dataset
 from trl_distill.demo.tiny import build_tiny_model
 from trl_distill.losses import linear_distillation_loss, linear_top_k_distillation_loss, teacher_top_k_targets
@@ -183,25 +184,8 @@ K, TEMPERATURE = 16, 2.0
 
 
 def config(tmp_path, **kwargs):
-    defaults = dict(
-        output_dir=str(tmp_path / "out"),
-        use_cpu=True,
-        bf16=False,
-        activation_checkpointing=False,
-        max_steps=2,
-        per_device_train_batch_size=4,
-        learning_rate=1e-2,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        seed=0,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
-        kd_top_k=K,
-        kd_temperature=TEMPERATURE,
-        max_length=48,
-    )
-    return DistillConfig(**{**defaults, **kwargs})
+    settings = dict(max_steps=2, disable_tqdm=True, kd_top_k=K, kd_temperature=TEMPERATURE, max_length=48)
+    return helpers.config(tmp_path, **{**settings, **kwargs})
 
 
 @pytest.fixture(scope="module")

@@ -84,6 +84,26 @@ def _run_chunks(
     return kd_sum, ce_sum
 
 
+def _scaled_saved_gradients(ctx, grad_total: torch.Tensor, dtypes) -> list[torch.Tensor | None]:
+    """The gradients computed during forward, scaled by the incoming gradient *in place*, in the inputs' dtypes.
+
+    In place, because a `(V, H)` weight gradient (671 MB at V = 262144, H = 640) would otherwise exist twice at the
+    peak of backward, and the autograd engine can then adopt the returned tensor as `.grad` without a copy. The cost:
+    one backward per forward (`retain_graph=True` and a second backward are refused with an error, never a wrong
+    gradient).
+    """
+    if getattr(ctx, "backward_done", False):
+        raise RuntimeError(
+            "The chunked distillation loss computes its gradient during the forward pass and scales it in place in "
+            "backward, so it can be backpropagated once only; compute the loss again for a second backward."
+        )
+    ctx.backward_done = True
+    grads = []
+    for saved, dtype in zip(ctx.saved_tensors, dtypes):
+        grads.append(None if saved is None else saved.mul_(grad_total).to(dtype))
+    return grads
+
+
 def _outputs(ctx, spec: KDSpec, kd_sum: torch.Tensor, ce_sum: torch.Tensor):
     total = spec.alpha * kd_sum + (1.0 - spec.alpha) * ce_sum
     ctx.mark_non_differentiable(kd_sum, ce_sum)
@@ -117,22 +137,24 @@ class _LogitsKD(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_total, _grad_kd, _grad_ce):
-        (grad,) = ctx.saved_tensors
-        if grad is None:
-            return (None,) * 6
-        return (grad * grad_total).to(ctx.student_dtype), None, None, None, None, None
+        (grad,) = _scaled_saved_gradients(ctx, grad_total, (ctx.student_dtype,))
+        return grad, None, None, None, None, None
 
 
 class _LinearKD(torch.autograd.Function):
     """Sum of the per-token loss of `h_s @ W_s^T (+ b_s)` against the teacher's side of the given rows.
 
     `teacher_fn(rows)` gives the teacher's float32 logits (projected by [`projected_teacher`]) or its stored
-    [`TopKTargets`]; it is called with autocast disabled.
+    [`TopKTargets`]; it is called with autocast disabled. Only the first `width` rows of `w_s` / `b_s` are the
+    vocabulary; the gradient of the padded rows after them is zero. The whole (padded) weight is the input, not a
+    `w_s[:width]` view, whose backward would allocate and copy another `(V, H)` gradient.
     """
 
     @staticmethod
-    def forward(ctx, h_s, w_s, b_s, teacher_fn, labels, spec, chunk_size, needs):
+    def forward(ctx, h_s, w_s_full, b_s_full, teacher_fn, labels, spec, chunk_size, needs, width):
         need_h, need_w, need_b = needs
+        w_s = w_s_full[:width]
+        b_s = None if b_s_full is None else b_s_full[:width]
         # Under autocast, project in the autocast dtype like the model's own `lm_head` would; accumulate in float32.
         device_type = h_s.device.type
         if torch.is_autocast_enabled(device_type):
@@ -144,8 +166,10 @@ class _LinearKD(torch.autograd.Function):
             b_s_c = None if b_s is None else b_s.to(compute_dtype)
 
             grad_h = torch.empty(h_s.shape, dtype=torch.float32, device=h_s.device) if need_h else None
-            grad_w = torch.zeros(w_s.shape, dtype=torch.float32, device=w_s.device) if need_w else None
-            grad_b = torch.zeros(w_s.shape[0], dtype=torch.float32, device=w_s.device) if need_b else None
+            grad_w_full = torch.zeros(w_s_full.shape, dtype=torch.float32, device=w_s.device) if need_w else None
+            grad_b_full = torch.zeros(w_s_full.shape[0], dtype=torch.float32, device=w_s.device) if need_b else None
+            grad_w = None if grad_w_full is None else grad_w_full[:width]
+            grad_b = None if grad_b_full is None else grad_b_full[:width]
 
             def student_logits(rows):
                 z = h_s[rows].to(compute_dtype) @ w_s_c.T
@@ -178,17 +202,14 @@ class _LinearKD(torch.autograd.Function):
                 grad_fn if any(needs) else None,
                 h_s.device,
             )
-        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        ctx.save_for_backward(grad_h, grad_w_full, grad_b_full)
         ctx.dtypes = (h_s.dtype, w_s.dtype, None if b_s is None else b_s.dtype)
         return _outputs(ctx, spec, kd_sum, ce_sum)
 
     @staticmethod
     def backward(ctx, grad_total, _grad_kd, _grad_ce):
-        grads = []
-        for saved, dtype in zip(ctx.saved_tensors, ctx.dtypes):
-            grads.append(None if saved is None else (saved * grad_total).to(dtype))
-        grad_h, grad_w, grad_b = grads
-        return grad_h, grad_w, grad_b, None, None, None, None, None
+        grad_h, grad_w, grad_b = _scaled_saved_gradients(ctx, grad_total, ctx.dtypes)
+        return grad_h, grad_w, grad_b, None, None, None, None, None, None
 
 
 def projected_teacher(h_t: torch.Tensor, w_t: torch.Tensor, b_t: torch.Tensor | None):
@@ -464,15 +485,15 @@ def linear_loss_sums(student, teacher, index, widths, row_data, spec, chunk_size
 
 def _student_side_sums(h_s, student_weight, student_bias, width, teacher_fn, row_data, spec, chunk_size):
     """Run [`_LinearKD`] on the selected student rows against `teacher_fn`'s side, over `width` vocabulary rows."""
-    w_s = student_weight[:width]
-    b_s = None if student_bias is None else student_bias[:width]
     grad_on = torch.is_grad_enabled()
     needs = (
         grad_on and h_s.requires_grad,
-        grad_on and w_s.requires_grad,
-        grad_on and b_s is not None and b_s.requires_grad,
+        grad_on and student_weight.requires_grad,
+        grad_on and student_bias is not None and student_bias.requires_grad,
     )
-    return _LinearKD.apply(h_s, w_s, b_s, teacher_fn, row_data, spec, chunk_rows(chunk_size, width), needs)
+    return _LinearKD.apply(
+        h_s, student_weight, student_bias, teacher_fn, row_data, spec, chunk_rows(chunk_size, width), needs, width
+    )
 
 
 def apply_linear(
