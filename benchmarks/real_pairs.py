@@ -661,7 +661,7 @@ def print_table(args, results: list[dict]) -> None:
     rows = []
     for r in results:
         if "error" in r:
-            rows.append((r["case"], r["error"][:200], "", "", "", "", "", ""))
+            rows.append((r["case"], "failed: " + r["error"].split(" | ")[-1][:240], "", "", "", "", "", "", "", ""))
             continue
         a = r["after"]
         kl = a.get("kl_teacher_student")
@@ -676,6 +676,7 @@ def print_table(args, results: list[dict]) -> None:
                 else "n/a",
                 f"{r['tokens_per_second']:.0f}",
                 f"{r['step_seconds']:.2f}",
+                f"{r['train_seconds'] / len(r['step_times']):.2f}",
                 f"{r['peak_growth_bytes'] / 2**20:,.0f}",
                 f"{r['peak_rss_bytes'] / 2**20:,.0f}",
             )
@@ -688,11 +689,16 @@ def print_table(args, results: list[dict]) -> None:
         "KL / first row",
         "train tok/s",
         "step s (median)",
+        "s/step incl. generation",
         "train peak growth MiB",
         "peak RSS MiB",
     ]
     print(harness.markdown_table(headers, rows))
-    print("\nTime ratios within ±30% are noise on this shared 2-core machine.")
+    print(
+        "\n`step s (median)` is the optimizer step alone; on-policy (`lmbda > 0`) and `seq_kd` samples are generated "
+        "before it (`get_batch_samples`), so `s/step incl. generation` (`trainer.train()`'s wall time / steps) is the "
+        "cost of a step there. Ratios of times are comparable only within one quiet run."
+    )
 
 
 def make_parser() -> argparse.ArgumentParser:
