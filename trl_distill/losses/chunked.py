@@ -496,6 +496,35 @@ def _student_side_sums(h_s, student_weight, student_bias, width, teacher_fn, row
     )
 
 
+def stored_teacher_rows(student_hidden, student_weight, student_bias, teacher_ids, vocab_size, labels, mask, spec):
+    """What the stored-teacher losses (top-k, sampled) share before the chunks: the student `lm_head`'s shape,
+    `vocab_size` and bias checked, the positions in the loss selected, and the teacher's `(..., K)` ids at those
+    positions range-checked.
+
+    Returns:
+        `(width, index, flat_labels, h_s, ids)`: the vocabulary rows, the selected flat positions (to select the
+        teacher's other tensors with), their labels, the student's hidden states and the teacher's ids there (int64).
+    """
+    if student_weight.dim() != 2 or student_weight.shape[1] != student_hidden.shape[-1]:
+        raise ValueError(
+            f"`student_weight` must have shape (vocab, {student_hidden.shape[-1]}), got {tuple(student_weight.shape)}."
+        )
+    width = student_weight.shape[0] if vocab_size is None else vocab_size
+    if isinstance(width, bool) or not isinstance(width, int) or not 1 <= width <= student_weight.shape[0]:
+        raise ValueError(f"`vocab_size` must be an integer in [1, {student_weight.shape[0]}], got {vocab_size!r}.")
+    device = student_hidden.device
+    check_bias("student", student_bias, student_weight)
+    index, flat_labels = row_selection(student_hidden.shape[:-1], labels, mask, spec, device, num_classes=width)
+    h_s = student_hidden.reshape(-1, student_hidden.shape[-1]).index_select(0, index)
+    ids = teacher_ids.reshape(-1, teacher_ids.shape[-1]).to(device).index_select(0, index).long()
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= width):
+        raise ValueError(
+            f"`teacher_ids` must be token ids in [0, {width}) (the vocabulary), got values in "
+            f"[{int(ids.min())}, {int(ids.max())}]."
+        )
+    return width, index, flat_labels, h_s, ids
+
+
 def apply_linear(
     h_s,
     student_weight,

@@ -17,10 +17,9 @@ import torch
 from .chunked import (
     DistillationLossOutput,
     apply_linear,
-    check_bias,
     chunk_rows,
     projected_teacher,
-    row_selection,
+    stored_teacher_rows,
 )
 from .divergences import KDSpec, TopKTargets, teacher_top_k
 from .reduction import check_reduction
@@ -81,24 +80,11 @@ def linear_top_k_distillation_loss(
             f"plus the 'other' bucket) to match `student_hidden` {tuple(student_hidden.shape)}; got "
             f"{tuple(teacher_ids.shape)} and {tuple(teacher_log_probs.shape)}."
         )
-    if student_weight.dim() != 2 or student_weight.shape[1] != student_hidden.shape[-1]:
-        raise ValueError(
-            f"`student_weight` must have shape (vocab, {student_hidden.shape[-1]}), got {tuple(student_weight.shape)}."
-        )
-    width = student_weight.shape[0] if vocab_size is None else vocab_size
-    if isinstance(width, bool) or not isinstance(width, int) or not 1 <= width <= student_weight.shape[0]:
-        raise ValueError(f"`vocab_size` must be an integer in [1, {student_weight.shape[0]}], got {vocab_size!r}.")
-    device = student_hidden.device
-    check_bias("student", student_bias, student_weight)
-    index, flat_labels = row_selection(leading, labels, mask, spec, device, num_classes=width)
-    h_s = student_hidden.reshape(-1, student_hidden.shape[-1]).index_select(0, index)
-    ids = teacher_ids.reshape(-1, k).to(device).index_select(0, index).long()
+    width, index, flat_labels, h_s, ids = stored_teacher_rows(
+        student_hidden, student_weight, student_bias, teacher_ids, vocab_size, labels, mask, spec
+    )
+    device = h_s.device
     log_probs = teacher_log_probs.detach().reshape(-1, k + 1).to(device).index_select(0, index)
-    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= width):
-        raise ValueError(
-            f"`teacher_ids` must be token ids in [0, {width}) (the vocabulary), got values in "
-            f"[{int(ids.min())}, {int(ids.max())}]."
-        )
 
     def teacher_fn(rows):
         # A copy: the kernel consumes its buffers.
