@@ -77,13 +77,21 @@ class OfflineTokenMode(DistillMode):
         return f"{cls.label} ({args.objective})"
 
     def compute_loss(self, model, inputs, num_items_in_batch):
-        args = self.args
         outputs = model(**model_inputs(inputs), use_cache=False, output_hidden_states=True, logits_to_keep=1)
         student_hidden = outputs.hidden_states[-1]
         student_head, _ = lm_head_and_backbone(model)
+        loss_of = self.stored_loss(student_head, inputs, num_items_in_batch)
+        result = call_with_lm_heads(loss_of, student_hidden[:, :-1], student_head)
+        metrics = {"kd_loss": result.kd_loss, "ce_loss": result.ce_loss, "kd_tokens": result.num_tokens}
+        return result.loss, metrics
+
+    def stored_loss(self, student_head, inputs, num_items_in_batch):
+        """`hidden -> DistillationLossOutput` against this batch's stored targets (top-k here; the sampled store's
+        mode overrides it). It reads the head's weight when called: whole under ZeRO-3 (`call_with_lm_heads`)."""
+        args = self.args
         teacher = self.store.targets(inputs, args.kd_top_k)
 
-        def loss_of(hidden):  # reads the head's weight when called: whole under ZeRO-3 (`call_with_lm_heads`)
+        def loss_of(hidden):
             return linear_top_k_distillation_loss(
                 hidden,
                 student_head.weight,
@@ -102,6 +110,4 @@ class OfflineTokenMode(DistillMode):
                 return_components=True,
             )
 
-        result = call_with_lm_heads(loss_of, student_hidden[:, :-1], student_head)
-        metrics = {"kd_loss": result.kd_loss, "ce_loss": result.ce_loss, "kd_tokens": result.num_tokens}
-        return result.loss, metrics
+        return loss_of

@@ -10,9 +10,7 @@ the top-k loss (a biased target for the full one).
 
 from __future__ import annotations
 
-from ..batch import model_inputs
 from ..losses import linear_sampled_distillation_loss
-from ..teachers.live import call_with_lm_heads, lm_head_and_backbone
 from ..teachers.store import TeacherStore
 from .token_offline import OfflineTokenMode
 
@@ -49,14 +47,11 @@ class SampledOfflineTokenMode(OfflineTokenMode):
         self.check_datasets(store, context)
         return store
 
-    def compute_loss(self, model, inputs, num_items_in_batch):
+    def stored_loss(self, student_head, inputs, num_items_in_batch):
         args = self.args
-        outputs = model(**model_inputs(inputs), use_cache=False, output_hidden_states=True, logits_to_keep=1)
-        student_hidden = outputs.hidden_states[-1]
-        student_head, _ = lm_head_and_backbone(model)
         teacher = self.store.sampled_targets(inputs)
 
-        def loss_of(hidden):  # reads the head's weight when called: whole under ZeRO-3 (`call_with_lm_heads`)
+        def loss_of(hidden):
             return linear_sampled_distillation_loss(
                 hidden,
                 student_head.weight,
@@ -75,6 +70,4 @@ class SampledOfflineTokenMode(OfflineTokenMode):
                 return_components=True,
             )
 
-        result = call_with_lm_heads(loss_of, student_hidden[:, :-1], student_head)
-        metrics = {"kd_loss": result.kd_loss, "ce_loss": result.ce_loss, "kd_tokens": result.num_tokens}
-        return result.loss, metrics
+        return loss_of
