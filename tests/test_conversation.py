@@ -13,8 +13,8 @@ import torch
 from datasets import Dataset, IterableDataset
 from trl import SFTConfig, SFTTrainer
 
+from tests import helpers
 from trl_distill import (
-    DistillConfig,
     DistillTrainer,
     as_prompt_completion,
     cache_teacher,
@@ -84,23 +84,8 @@ def chat_rows():
 
 
 def config(tmp_path, **kwargs):
-    defaults = dict(
-        output_dir=str(tmp_path / "out"),
-        use_cpu=True,
-        bf16=False,
-        activation_checkpointing=False,
-        max_steps=2,
-        per_device_train_batch_size=N_ROWS,
-        learning_rate=1e-2,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        seed=0,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
-        max_completion_length=4,
-    )
-    return DistillConfig(**{**defaults, **kwargs})
+    settings = dict(max_steps=2, per_device_train_batch_size=N_ROWS, disable_tqdm=True, max_completion_length=4)
+    return helpers.config(tmp_path, **{**settings, **kwargs})
 
 
 def loss_tokens(dataset):

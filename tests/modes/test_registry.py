@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests import helpers
 from trl_distill import (
     DistillConfig,
     DistillMode,
@@ -22,21 +23,7 @@ from trl_distill.modes import OfflineTokenMode, SequenceMode, TokenMode, ULDMode
 
 
 def config(tmp_path, **kwargs):
-    defaults = dict(
-        output_dir=str(tmp_path / "out"),
-        use_cpu=True,
-        bf16=False,
-        activation_checkpointing=False,
-        max_steps=3,
-        per_device_train_batch_size=4,
-        learning_rate=1e-2,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        seed=0,
-        dataloader_num_workers=0,
-    )
-    return DistillConfig(**{**defaults, **kwargs})
+    return helpers.config(tmp_path, **kwargs)
 
 
 # A mode as a user would write it: cross-entropy toward the teacher's greedy token at every response position.

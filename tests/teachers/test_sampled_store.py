@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+from tests import helpers
 from tests.reference import divergence
 from trl_distill import DistillConfig, DistillTrainer, TeacherStore, cache_teacher
 from trl_distill.demo.tiny import build_tiny_model
@@ -241,27 +242,9 @@ NUM_SAMPLES, TEMPERATURE = 12, 2.0
 
 
 def config(tmp_path, **kwargs):
-    defaults = dict(
-        output_dir=str(tmp_path / "out"),
-        use_cpu=True,
-        bf16=False,
-        activation_checkpointing=False,
-        max_steps=2,
-        per_device_train_batch_size=4,
-        learning_rate=1e-2,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        seed=0,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
-        kd_temperature=TEMPERATURE,
-        max_length=48,
-        teacher_cache_kind="sampled",
-        teacher_cache_num_samples=NUM_SAMPLES,
-        teacher_cache_seed=7,
-    )
-    return DistillConfig(**{**defaults, **kwargs})
+    settings = dict(max_steps=2, disable_tqdm=True, kd_temperature=TEMPERATURE, max_length=48)
+    sampled = dict(teacher_cache_kind="sampled", teacher_cache_num_samples=NUM_SAMPLES, teacher_cache_seed=7)
+    return helpers.config(tmp_path, **{**settings, **sampled, **kwargs})
 
 
 @pytest.fixture(scope="module")

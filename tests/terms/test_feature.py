@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 
+from tests import helpers
 from tests.reference_features import reference_feature_loss
 from trl_distill import DistillConfig, DistillTrainer
 from trl_distill.losses import feature_distillation_loss
@@ -268,22 +269,7 @@ def test_config_refuses_other_modes_and_warns_on_an_unused_map(tmp_path):
 
 # --------------------------------------------------------------------------------------------------------- trainer
 def args(tmp_path, **kwargs):
-    defaults = dict(
-        output_dir=str(tmp_path / "out"),
-        use_cpu=True,
-        bf16=False,
-        activation_checkpointing=False,
-        max_steps=3,
-        per_device_train_batch_size=4,
-        learning_rate=1e-2,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        seed=0,
-        dataloader_num_workers=0,
-        feature_weight=1.0,
-    )
-    return DistillConfig(**{**defaults, **kwargs})
+    return helpers.config(tmp_path, **{"feature_weight": 1.0, **kwargs})
 
 
 @pytest.fixture
