@@ -109,27 +109,9 @@ def sft_recovery(pruned_dir: str, output_dir: str, train, test_rows, teacher, to
     from trl import SFTConfig, SFTTrainer
 
     from trl_distill import heldout_metrics
+    from trl_distill.demo.real import training_kwargs
 
-    args = SFTConfig(
-        output_dir=output_dir,
-        use_cpu=True,
-        bf16=False,
-        activation_checkpointing=False,
-        max_steps=budget.steps,
-        per_device_train_batch_size=budget.batch_size,
-        learning_rate=budget.learning_rate,
-        lr_scheduler_type="cosine",
-        warmup_steps=0.05,
-        weight_decay=0.0,
-        max_length=budget.max_length,
-        logging_steps=8,
-        save_strategy="no",
-        report_to="none",
-        seed=seed,
-        data_seed=seed,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
-    )
+    args = SFTConfig(**training_kwargs(budget, seed, output_dir, verbose=False))
     model = AutoModelForCausalLM.from_pretrained(pruned_dir, dtype=torch.float32)
     trainer = SFTTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer)
     start = time.perf_counter()

@@ -142,7 +142,8 @@ def pruned_student(teacher, tokenizer, calibration_texts: list[str], num_keep: i
     return depth_prune(copy.deepcopy(teacher), keep), keep
 
 
-def _training_kwargs(budget: RealDemoBudget, seed: int, output_dir: str, verbose: bool) -> dict[str, Any]:
+def training_kwargs(budget: RealDemoBudget, seed: int, output_dir: str, verbose: bool) -> dict[str, Any]:
+    """The `TrainingArguments` fields both students share (and `benchmarks/prune_distill.py`'s SFT recovery)."""
     return dict(
         output_dir=output_dir,
         use_cpu=True,
@@ -258,7 +259,7 @@ def run_real_demo(
         log(f"[student] layers {keep} of 30 kept ({_millions(student_init)}M of {_millions(teacher)}M parameters)")
 
         def kwargs(name):
-            return _training_kwargs(budget, seed, os.path.join(output_dir, name), verbose)
+            return training_kwargs(budget, seed, os.path.join(output_dir, name), verbose)
 
         log(f"[student/sft] SFTTrainer, {budget.steps} steps of {budget.batch_size} rows")
         sft = SFTTrainer(
