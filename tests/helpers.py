@@ -91,3 +91,26 @@ def train_and_save(tokenizer, output_dir, teacher, train_dataset, eval_dataset, 
     trainer.train()
     trainer.save_model()
     return trainer
+
+
+def tiny_gemma3(num_layers=4, seed=0, vocab_size=101):
+    """A random Gemma-3 text model (sliding and full attention layers alternating), in eval mode."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(seed)
+    config = Gemma3TextConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=num_layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        sliding_window=4,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=2,
+        layer_types=["sliding_attention", "full_attention"] * (num_layers // 2),
+    )
+    return Gemma3ForCausalLM(config).eval()

@@ -6,30 +6,9 @@ import copy
 import pytest
 import torch
 
+from tests.helpers import tiny_gemma3
 from trl_distill.demo.tiny import build_tiny_model
 from trl_distill.pruning import calibration_batches, depth_prune, score_layers, select_layers
-
-
-def tiny_gemma3(num_layers=4, seed=0):
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-
-    torch.manual_seed(seed)
-    config = Gemma3TextConfig(
-        vocab_size=101,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=num_layers,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=16,
-        sliding_window=4,
-        max_position_embeddings=64,
-        pad_token_id=0,
-        eos_token_id=1,
-        bos_token_id=2,
-        layer_types=["sliding_attention", "full_attention"] * (num_layers // 2),
-    )
-    return Gemma3ForCausalLM(config).eval()
 
 
 def tiny_llama(tokenizer, num_layers=4):

@@ -17,6 +17,7 @@ import pytest
 import torch
 import yaml
 
+from tests.helpers import tiny_gemma3
 from trl_distill.demo.tiny import build_tiny_model
 from trl_distill.pruning import calibration_batches, depth_prune, score_layers_by_kl, select_layers
 
@@ -45,28 +46,6 @@ def _reference_kl_scores(model, batches):
     return torch.tensor(scores, dtype=torch.float64)
 
 
-def _tiny_gemma3(num_layers=4):
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-
-    torch.manual_seed(0)
-    config = Gemma3TextConfig(
-        vocab_size=1000,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=num_layers,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=16,
-        sliding_window=4,
-        max_position_embeddings=64,
-        pad_token_id=0,
-        eos_token_id=2,
-        bos_token_id=1,
-        layer_types=["sliding_attention", "full_attention"] * (num_layers // 2),
-    )
-    return Gemma3ForCausalLM(config).eval()
-
-
 def _sharpen(model, scale=4.0):
     """Random tiny models are near-uniform; scaling the LM head makes the KL values large enough to compare."""
     with torch.no_grad():
@@ -79,7 +58,7 @@ def test_kl_scores_match_a_float64_reference_of_each_removal(tokenizer, arch):
     model = (
         build_tiny_model(tokenizer, hidden_size=32, num_layers=4, num_heads=2, seed=3)
         if arch == "llama"
-        else _tiny_gemma3()
+        else tiny_gemma3(vocab_size=1000)
     )
     model = _sharpen(model.eval())
     texts = ["Ada has 3 apples and buys 4 more.", "Bo sells pens.", "How many pears does Cy keep after lunch?"]
