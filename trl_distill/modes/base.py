@@ -128,6 +128,23 @@ class DistillMode(ABC):
         """
         return dataset
 
+    def kd_loss_settings(self, num_items_in_batch) -> dict:
+        """The [`~trl_distill.losses.linear_distillation_loss`] keywords that come from the config (divergence,
+        temperature, top-k, alpha, vocabulary, reduction, chunking), the same for every mode with a live teacher."""
+        args = self.args
+        return dict(
+            objective=args.objective,
+            beta=args.beta,
+            temperature=args.kd_temperature,
+            top_k=args.kd_top_k,
+            alpha=args.alpha,
+            vocab_size=self.context.vocab_size,
+            reduction=args.loss_reduction,
+            num_items_in_batch=num_items_in_batch,
+            chunk_size=args.kd_chunk_size,
+            return_components=True,
+        )
+
     def callbacks(self) -> list:
         """`transformers.TrainerCallback`s the trainer adds for this mode, for work between optimizer steps (e.g. context
         distillation's `teacher_update_steps` refresh); the default has none."""

@@ -327,7 +327,6 @@ class ContextDistillMode(DistillMode):
 
     # ---------------------------------------------------------------------------------------------------- the loss
     def compute_loss(self, model, inputs, num_items_in_batch):
-        args, context = self.args, self.context
         labels = inputs["labels"]
         if "attention_mask" not in inputs:
             raise ValueError(
@@ -355,16 +354,7 @@ class ContextDistillMode(DistillMode):
                 student_bias=getattr(student_head, "bias", None),
                 teacher_bias=getattr(teacher_head, "bias", None),
                 labels=labels.to(device)[rows, positions + 1],
-                objective=args.objective,
-                beta=args.beta,
-                temperature=args.kd_temperature,
-                top_k=args.kd_top_k,
-                alpha=args.alpha,
-                vocab_size=context.vocab_size,
-                reduction=args.loss_reduction,
-                num_items_in_batch=num_items_in_batch,
-                chunk_size=args.kd_chunk_size,
-                return_components=True,
+                **self.kd_loss_settings(num_items_in_batch),
             )
 
         teacher_head_arg = None if teacher_head is student_head else teacher_head

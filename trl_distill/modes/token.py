@@ -52,7 +52,7 @@ class TokenMode(DistillMode):
         return SampledOfflineTokenMode
 
     def compute_loss(self, model, inputs, num_items_in_batch):
-        context, args = self.context, self.args
+        context = self.context
         labels = inputs["labels"]
         batch = model_inputs(inputs)
         batch["use_cache"] = False
@@ -83,16 +83,7 @@ class TokenMode(DistillMode):
                 student_bias=getattr(student_head, "bias", None),
                 teacher_bias=getattr(teacher_head, "bias", None),
                 labels=shift_labels,
-                objective=args.objective,
-                beta=args.beta,
-                temperature=args.kd_temperature,
-                top_k=args.kd_top_k,
-                alpha=args.alpha,
-                vocab_size=context.vocab_size,
-                reduction=args.loss_reduction,
-                num_items_in_batch=num_items_in_batch,
-                chunk_size=args.kd_chunk_size,
-                return_components=True,
+                **self.kd_loss_settings(num_items_in_batch),
             )
 
         result = call_with_lm_heads(loss_of, student_hidden[:, :-1], student_head, teacher_head)
