@@ -21,6 +21,7 @@ Supported: decoders whose `model.get_decoder().layers` is the stack of layers an
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -164,22 +165,11 @@ def score_layers(model, batches: Iterable[dict]):
     for index, layer in enumerate(layers):
         handles.append(layer.register_forward_pre_hook(pre_hook(index), with_kwargs=True))
         handles.append(layer.register_forward_hook(post_hook(index), with_kwargs=True))
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                input_ids = batch["input_ids"].to(device)
-                attention_mask = batch.get("attention_mask")
-                attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)
-                mask_holder["mask"] = attention_mask.bool()
-                count += int(attention_mask.sum())
-                model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
+    with _measuring(model, handles):
+        for input_ids, attention_mask in _on_device(model, batches):
+            mask_holder["mask"] = attention_mask.bool()
+            count += int(attention_mask.sum())
+            model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     if count == 0:
         raise ValueError("`batches` held no (non-padding) tokens to score the layers on.")
     return sums / count
@@ -222,32 +212,48 @@ def score_layers_by_kl(model, batches: Iterable[dict]):
         return hook
 
     handles = [layer.register_forward_hook(skip_hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    with _measuring(model, handles):
+        for input_ids, attention_mask in _on_device(model, batches):
+            count += int(attention_mask.bool().sum())
+            skipped["index"] = None
+            full = _log_probs(model, input_ids, attention_mask)
+            for index in range(len(layers)):
+                skipped["index"] = index
+                # kl_div(input=log q, target=log p, log_target=True) = p (log p - log q), 0 where p underflows
+                log_q = _log_probs(model, input_ids, attention_mask)
+                kl = F.kl_div(log_q, full, reduction="none", log_target=True).sum(-1)
+                sums[index] += kl.double().sum()
+    if count == 0:
+        raise ValueError("`batches` held no (non-padding) tokens to score the layers on.")
+    return sums / count
+
+
+@contextlib.contextmanager
+def _measuring(model, handles):
+    """Eval mode and no gradients for a measurement; afterwards the hooks (`handles`) are removed and the mode
+    restored, whatever happens."""
+    import torch
+
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
     try:
         with torch.no_grad():
-            for batch in batches:
-                input_ids = batch["input_ids"].to(device)
-                attention_mask = batch.get("attention_mask")
-                attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)
-                mask = attention_mask.bool()
-                count += int(mask.sum())
-                skipped["index"] = None
-                full = _log_probs(model, input_ids, attention_mask)
-                for index in range(len(layers)):
-                    skipped["index"] = index
-                    # kl_div(input=log q, target=log p, log_target=True) = p (log p - log q), 0 where p underflows
-                    log_q = _log_probs(model, input_ids, attention_mask)
-                    kl = F.kl_div(log_q, full, reduction="none", log_target=True).sum(-1)
-                    sums[index] += kl.double().sum()
+            yield
     finally:
         for handle in handles:
             handle.remove()
         model.train(was_training)
-    if count == 0:
-        raise ValueError("`batches` held no (non-padding) tokens to score the layers on.")
-    return sums / count
+
+
+def _on_device(model, batches: Iterable[dict]):
+    """`(input_ids, attention_mask)` of each batch on the model's device (an all-ones mask when a batch has none)."""
+    import torch
+
+    device = next(model.parameters()).device
+    for batch in batches:
+        input_ids = batch["input_ids"].to(device)
+        attention_mask = batch.get("attention_mask")
+        yield input_ids, torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)
 
 
 def _log_probs(model, input_ids, attention_mask):
