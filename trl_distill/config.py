@@ -3,84 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
-import numbers
-import types
-import typing
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 from trl import SFTConfig
 
-from .gate import load_release_check, parse_release_gate, wrong_direction
+from .field_types import check_field_types, positive_int
+from .gate import check_gate_settings
 from .losses import FEATURE_LOSSES, OBJECTIVES, REDUCTIONS, ULD_DISTANCES, check_sampled_objective
 from .modes import available_modes, get_mode
 from .terms.layer_map import FEATURE_PROJECTION_MODES, parse_layer_map
-
-
-def _positive_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
-
-
-# What a field's annotation admits, for the type check of the fields `DistillConfig` adds (`_check_field_types`).
-_TYPE_CHECKS = {
-    "float": (lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool), "a number", "2.0"),
-    # A non-integral number is left to the field's own range check (a `ValueError` naming it).
-    "int": (lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool), "an integer", "8"),
-    "bool": (lambda v: isinstance(v, bool), "True or False", "True"),
-    "str": (lambda v: isinstance(v, str), "a string", "'forward_kl'"),
-}
-
-
-@functools.cache
-def _own_field_kinds(cls) -> dict[str, tuple[str, bool]]:
-    """`{field: (kind, optional)}` for the simple-typed fields `cls` adds to `SFTConfig` (kind: a `_TYPE_CHECKS` key).
-
-    Read from the resolved annotations, not `Field.type`: `HfArgumentParser` replaces the latter in place.
-    """
-    hints = typing.get_type_hints(cls)
-    inherited = {f.name for f in dataclasses.fields(SFTConfig)}
-    kinds = {}
-    for f in dataclasses.fields(cls):
-        if f.name in inherited or f.name not in hints:
-            continue
-        hint = hints[f.name]
-        args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
-        named = [getattr(arg, "__name__", None) for arg in args if arg is not type(None)]
-        if len(named) == 1 and named[0] in _TYPE_CHECKS:
-            kinds[f.name] = (named[0], type(None) in args)
-    return kinds
-
-
-def _check_field_types(config) -> None:
-    """`TypeError` naming the field when a field `DistillConfig` adds holds a value of another type.
-
-    Command-line and YAML values are converted by TRL's parser from the annotations before they get here; this catches
-    Python calls such as `DistillConfig(kd_temperature="2")`, which would otherwise fail deep inside a comparison (or,
-    for a boolean, silently count as true). Fields of compound types (`list | str | None`, dicts) are checked by their
-    own validation.
-    """
-    defaults = {f.name: f.default for f in dataclasses.fields(config)}
-    for name, (kind, optional) in _own_field_kinds(type(config)).items():
-        value = getattr(config, name)
-        accepts, expected, example = _TYPE_CHECKS[kind]
-        if (value is None and optional) or accepts(value):
-            continue
-        if defaults[name] is not None and defaults[name] is not dataclasses.MISSING and accepts(defaults[name]):
-            example = repr(defaults[name])
-        hint = f"For example `{name}={example}`."
-        if isinstance(value, str) and kind in ("float", "int"):
-            try:
-                number = int(value) if kind == "int" else float(value)
-                hint = f"Pass the number, `{name}={number!r}`, not a string."
-            except ValueError:
-                pass
-        raise TypeError(
-            f"`{name}` must be {expected}{' or None' if optional else ''}, got {value!r} "
-            f"({type(value).__name__}). {hint}"
-        )
 
 
 def _default_bf16(config) -> bool:
@@ -563,7 +497,7 @@ class DistillConfig(SFTConfig):
     )
 
     def __post_init__(self):
-        _check_field_types(self)  # before any comparison: `kd_temperature="2"` must name the field
+        check_field_types(self, SFTConfig)  # before any comparison: `kd_temperature="2"` must name the field
         if self.bf16 is None:
             self.bf16 = _default_bf16(self)
         super().__post_init__()
@@ -593,11 +527,11 @@ class DistillConfig(SFTConfig):
             )
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"`alpha` must be in [0, 1] (1 = pure KD, 0 = plain SFT), got {self.alpha}.")
-        if self.kd_top_k is not None and not _positive_int(self.kd_top_k):
+        if self.kd_top_k is not None and not positive_int(self.kd_top_k):
             raise ValueError(f"`kd_top_k` must be None (full vocabulary) or an integer >= 1, got {self.kd_top_k!r}.")
         if self.loss_reduction not in REDUCTIONS:
             raise ValueError(f"`loss_reduction` must be one of {REDUCTIONS}, got {self.loss_reduction!r}.")
-        if self.kd_chunk_size is not None and not _positive_int(self.kd_chunk_size):
+        if self.kd_chunk_size is not None and not positive_int(self.kd_chunk_size):
             raise ValueError(f"`kd_chunk_size` must be None or a positive integer, got {self.kd_chunk_size!r}.")
         # Offline teacher (issue 6): the store holds top-k targets of padded, unpacked rows.
         self._check_teacher_cache_kind()
@@ -618,7 +552,7 @@ class DistillConfig(SFTConfig):
                 "distillation loss; leave `loss_type='nll'`."
             )
         # Held-out measurement and receipt (issue 7)
-        if self.heldout_max_rows is not None and not _positive_int(self.heldout_max_rows):
+        if self.heldout_max_rows is not None and not positive_int(self.heldout_max_rows):
             raise ValueError(
                 f"`heldout_max_rows` must be None (all rows) or a positive integer, got {self.heldout_max_rows!r}."
             )
@@ -628,7 +562,7 @@ class DistillConfig(SFTConfig):
                 f"{self.heldout_plateau_patience!r}."
             )
         # Cross-tokenizer distillation (issue 4).
-        if self.uld_top_k is not None and not _positive_int(self.uld_top_k):
+        if self.uld_top_k is not None and not positive_int(self.uld_top_k):
             raise ValueError(
                 f"`uld_top_k` must be None (whole vocabulary) or an integer >= 1, got {self.uld_top_k!r}."
             )
@@ -665,7 +599,7 @@ class DistillConfig(SFTConfig):
         self._check_completion_sources()
         self._check_context_distillation()
         self._check_served_teacher()  # issue 16: live scoring through a vLLM server
-        self._check_release_gate()  # issue 16: a bad threshold or check path fails now, not after training
+        check_gate_settings(self)  # issue 16: a bad threshold or check path fails now, not after training
         # What the mode itself needs (feature term, generated completions, teacher store, its own fields): the mode
         # class owns those checks, so a mode registered by the user validates its settings too.
         get_mode(self.distill_mode).validate_config(self)
@@ -676,7 +610,7 @@ class DistillConfig(SFTConfig):
             self.teacher_cache_kind = "topk" if self.kd_top_k is not None else "sampled"
         if self.teacher_cache_kind not in (None, "topk", "sampled"):
             raise ValueError(f"`teacher_cache_kind` must be 'topk' or 'sampled', got {self.teacher_cache_kind!r}.")
-        if not _positive_int(self.teacher_cache_num_samples):
+        if not positive_int(self.teacher_cache_num_samples):
             raise ValueError(
                 f"`teacher_cache_num_samples` must be a positive integer, got {self.teacher_cache_num_samples!r}."
             )
@@ -716,7 +650,7 @@ class DistillConfig(SFTConfig):
 
     def _check_served_teacher(self) -> None:
         for name in ("teacher_prompts_per_request", "teacher_max_concurrency"):
-            if not _positive_int(getattr(self, name)):
+            if not positive_int(getattr(self, name)):
                 raise ValueError(f"`{name}` must be a positive integer, got {getattr(self, name)!r}.")
         if isinstance(self.teacher_max_retries, bool) or not (
             isinstance(self.teacher_max_retries, int) and self.teacher_max_retries >= 0
@@ -764,44 +698,6 @@ class DistillConfig(SFTConfig):
                 "loaded teacher. Set `feature_weight=0` and `seq_kd=False`."
             )
 
-    def _check_release_gate(self) -> None:
-        self.release_gate = parse_release_gate(self.release_gate, field="release_gate")
-        for item in wrong_direction(self.release_gate):
-            warnings.warn(
-                f"`release_gate` entry {item!r} bounds the figure on the side where it improves (lower KL and "
-                "perplexity, higher agreement are better): a better student would fail it. Flip the operator if this "
-                "is a typo.",
-                UserWarning,
-                stacklevel=4,
-            )
-        if self.release_gate and not self.heldout_eval:
-            raise ValueError(
-                f"`release_gate={self.release_gate}` is judged on the held-out figures, which `heldout_eval=False` "
-                "turns off. Set `heldout_eval=True` (and pass a teacher and an `eval_dataset`), or drop "
-                "`release_gate`."
-            )
-        if self.release_gate_check is not None:
-            load_release_check(self.release_gate_check, field="release_gate_check")  # import now, not after training
-        minimum = self.release_gate_min_pass
-        if isinstance(minimum, bool) or not (isinstance(minimum, (int, float)) and 0.0 <= minimum <= 1.0):
-            raise ValueError(
-                f"`release_gate_min_pass` must be a number in [0, 1] (the fraction of answers `release_gate_check` "
-                f"must pass), got {minimum!r}."
-            )
-        if self.release_gate_check is None and minimum != 1.0:
-            warnings.warn(
-                f"`release_gate_min_pass={minimum}` is ignored because `release_gate_check` is not set.",
-                UserWarning,
-                stacklevel=4,
-            )
-        if self.release_gate_override is not None and not (
-            isinstance(self.release_gate_override, str) and self.release_gate_override.strip()
-        ):
-            raise ValueError(
-                f"`release_gate_override` must be a non-empty reason (it is recorded in the receipt), got "
-                f"{self.release_gate_override!r}."
-            )
-
     def _check_completion_sources(self) -> None:
         if not (isinstance(self.lmbda, (int, float)) and 0.0 <= self.lmbda <= 1.0):
             raise ValueError(
@@ -811,10 +707,10 @@ class DistillConfig(SFTConfig):
             raise ValueError(f"`temperature` (sampling) must be a finite number > 0, got {self.temperature}.")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"`top_p` must be in (0, 1] (1 = no nucleus filtering), got {self.top_p}.")
-        if self.top_k is not None and not _positive_int(self.top_k):
+        if self.top_k is not None and not positive_int(self.top_k):
             raise ValueError(f"`top_k` (sampling) must be None (no limit) or an integer >= 1, got {self.top_k!r}.")
         for name in ("max_completion_length", "teacher_num_beams", "teacher_generation_batch_size"):
-            if not _positive_int(getattr(self, name)):
+            if not positive_int(getattr(self, name)):
                 raise ValueError(f"`{name}` must be a positive integer, got {getattr(self, name)!r}.")
         if self.teacher_cache is not None and (self.lmbda > 0 or self.seq_kd):
             raise ValueError(

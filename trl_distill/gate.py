@@ -33,6 +33,7 @@ import inspect
 import json
 import math
 import re
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -442,3 +443,45 @@ def record_problems(
             f"{'all pass' if expected['passed'] else 'do not all pass'}"
         )
     return problems
+
+
+def check_gate_settings(config) -> None:
+    """Validate a config's `release_gate*` fields now, not after training (called by `DistillConfig.__post_init__`):
+    `release_gate` parsed in place, `release_gate_check` imported, errors naming the field, warnings for a bound on
+    the wrong side and an ignored `release_gate_min_pass`."""
+    config.release_gate = parse_release_gate(config.release_gate, field="release_gate")
+    for item in wrong_direction(config.release_gate):
+        warnings.warn(
+            f"`release_gate` entry {item!r} bounds the figure on the side where it improves (lower KL and "
+            "perplexity, higher agreement are better): a better student would fail it. Flip the operator if this "
+            "is a typo.",
+            UserWarning,
+            stacklevel=4,
+        )
+    if config.release_gate and not config.heldout_eval:
+        raise ValueError(
+            f"`release_gate={config.release_gate}` is judged on the held-out figures, which `heldout_eval=False` "
+            "turns off. Set `heldout_eval=True` (and pass a teacher and an `eval_dataset`), or drop "
+            "`release_gate`."
+        )
+    if config.release_gate_check is not None:
+        load_release_check(config.release_gate_check, field="release_gate_check")  # import now, not after training
+    minimum = config.release_gate_min_pass
+    if isinstance(minimum, bool) or not (isinstance(minimum, (int, float)) and 0.0 <= minimum <= 1.0):
+        raise ValueError(
+            f"`release_gate_min_pass` must be a number in [0, 1] (the fraction of answers `release_gate_check` "
+            f"must pass), got {minimum!r}."
+        )
+    if config.release_gate_check is None and minimum != 1.0:
+        warnings.warn(
+            f"`release_gate_min_pass={minimum}` is ignored because `release_gate_check` is not set.",
+            UserWarning,
+            stacklevel=4,
+        )
+    if config.release_gate_override is not None and not (
+        isinstance(config.release_gate_override, str) and config.release_gate_override.strip()
+    ):
+        raise ValueError(
+            f"`release_gate_override` must be a non-empty reason (it is recorded in the receipt), got "
+            f"{config.release_gate_override!r}."
+        )
