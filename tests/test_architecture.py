@@ -122,6 +122,7 @@ THIRD_PARTY = {
     "inference": {"torch"},
     "terms.layer_map": set(),
     "gate": set(),
+    "field_types": set(),
 }
 # layer -> the package's own layers it may import (besides itself)
 INTERNAL = {
@@ -134,6 +135,7 @@ INTERNAL = {
     "inference": set(),
     "terms.layer_map": set(),
     "gate": set(),  # the release gate's pure logic (issue 16), read by config, callbacks, artifact and verify
+    "field_types": set(),  # the config fields' type check: a stdlib-only leaf
     "terms": {"losses", "inference"},
     "teachers": {
         "losses",
@@ -148,8 +150,8 @@ INTERNAL = {
     "sources": {"teachers", "inference", "batch", "conversation", "losses"},
     # sources: MiniLLM samples from the teacher-mixed policy itself (sources/mixture.py); sources never import modes.
     "modes": {"losses", "alignment", "teachers", "batch", "conversation", "inference", "terms", "sources"},
-    # terms.layer_map and gate: stdlib-only leaves (the terms package's init comes along)
-    "config": {"losses", "modes", "terms", "gate"},
+    # terms.layer_map, gate and field_types: stdlib-only leaves (the terms package's init comes along)
+    "config": {"losses", "modes", "terms", "gate", "field_types"},
 }
 
 
