@@ -128,11 +128,12 @@ class DistillMode(ABC):
         """
         return dataset
 
-    def kd_loss_settings(self, num_items_in_batch) -> dict:
+    def kd_loss_settings(self, num_items_in_batch, *, without: tuple[str, ...] = ()) -> dict:
         """The [`~trl_distill.losses.linear_distillation_loss`] keywords that come from the config (divergence,
-        temperature, top-k, alpha, vocabulary, reduction, chunking), the same for every mode with a live teacher."""
+        temperature, top-k, alpha, vocabulary, reduction, chunking); `without` drops those a loss does not take (the
+        stored-teacher losses get `k` from their targets, the sampled one has no `beta`)."""
         args = self.args
-        return dict(
+        settings = dict(
             objective=args.objective,
             beta=args.beta,
             temperature=args.kd_temperature,
@@ -144,6 +145,7 @@ class DistillMode(ABC):
             chunk_size=args.kd_chunk_size,
             return_components=True,
         )
+        return {key: value for key, value in settings.items() if key not in without}
 
     def callbacks(self) -> list:
         """`transformers.TrainerCallback`s the trainer adds for this mode, for work between optimizer steps (e.g. context

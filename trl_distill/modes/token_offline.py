@@ -99,15 +99,7 @@ class OfflineTokenMode(DistillMode):
                 teacher.log_probs,
                 student_bias=getattr(student_head, "bias", None),
                 labels=inputs["labels"][:, 1:],
-                objective=args.objective,
-                beta=args.beta,
-                temperature=args.kd_temperature,
-                alpha=args.alpha,
-                vocab_size=self.context.vocab_size,
-                reduction=args.loss_reduction,
-                num_items_in_batch=num_items_in_batch,
-                chunk_size=args.kd_chunk_size,
-                return_components=True,
+                **self.kd_loss_settings(num_items_in_batch, without=("top_k",)),
             )
 
         return loss_of

@@ -48,7 +48,6 @@ class SampledOfflineTokenMode(OfflineTokenMode):
         return store
 
     def stored_loss(self, student_head, inputs, num_items_in_batch):
-        args = self.args
         teacher = self.store.sampled_targets(inputs)
 
         def loss_of(hidden):
@@ -60,14 +59,7 @@ class SampledOfflineTokenMode(OfflineTokenMode):
                 teacher.entropy,
                 student_bias=getattr(student_head, "bias", None),
                 labels=inputs["labels"][:, 1:],
-                objective=args.objective,
-                temperature=args.kd_temperature,
-                alpha=args.alpha,
-                vocab_size=self.context.vocab_size,
-                reduction=args.loss_reduction,
-                num_items_in_batch=num_items_in_batch,
-                chunk_size=args.kd_chunk_size,
-                return_components=True,
+                **self.kd_loss_settings(num_items_in_batch, without=("top_k", "beta")),
             )
 
         return loss_of
